@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.gatelab-installed
+# CPU machines get the pinned CPU build of torch (an unpinned torch pulls a multi-GB CUDA build).
+TORCH_CPU := torch==2.13.0
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch>=2.4"; \
+	else \
+		$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+			|| $(BIN)/python -m pip install -q "$(TORCH_CPU)"; \
+	fi
+	@$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/python examples/quickstart.py
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check gatelab tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

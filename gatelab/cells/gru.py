@@ -1,0 +1,66 @@
+"""Gated recurrent unit cell, reset-after (torch, cuDNN) or reset-before (Cho 2014)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..activations import ActivationSpec
+from .base import GateActivationSpec, RecurrentCell, unbatch
+
+
+class GRUCell(RecurrentCell):
+    r"""One step of a GRU with pluggable gate activations σ_r, σ_z and candidate activation φ:
+
+    .. code-block:: text
+
+        r  = σ_r(W_ir x + b_ir + W_hr h + b_hr)
+        z  = σ_z(W_iz x + b_iz + W_hz h + b_hz)
+        n  = φ(W_in x + b_in + r ⊙ (W_hn h + b_hn))        reset_after=True (torch)
+        n  = φ(W_in x + b_in + W_hn (r ⊙ h) + b_hn)        reset_after=False (Cho 2014)
+        h' = (1 − z) ⊙ n + z ⊙ h
+
+    Weights and gate order ``r, z, n`` are torch's; with default activations and ``reset_after``
+    it equals ``torch.nn.GRUCell``. ``gate_activation`` is one activation or a mapping
+    ``{"r": ..., "z": ...}``.
+    """
+
+    blocks = ("r", "z", "n")
+    gate_names = ("r", "z")
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        *,
+        gate_activation: GateActivationSpec | None = None,
+        candidate_activation: ActivationSpec = "tanh",
+        reset_after: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.reset_after = bool(reset_after)
+        self._gate_slots(gate_activation, self.gate_names)
+        self._slot("phi", candidate_activation, "candidate_activation")
+        self.reset_parameters()
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x, batched = self._check_input(input)
+        h = self._check_state("hx", hx, x.shape[0], self.hidden_size, batched, x)
+        gi_r, gi_z, gi_n = F.linear(x, self.weight_ih, self.bias_ih).chunk(3, 1)
+        W_hr, W_hz, W_hn = self.weight_hh.chunk(3, 0)
+        b_hr, b_hz, b_hn = self.bias_hh.chunk(3, 0) if self.bias else (None, None, None)
+        r = self.sigma_r(gi_r + F.linear(h, W_hr, b_hr))
+        z = self.sigma_z(gi_z + F.linear(h, W_hz, b_hz))
+        if self.reset_after:
+            n = self.phi(gi_n + r * F.linear(h, W_hn, b_hn))
+        else:
+            n = self.phi(gi_n + F.linear(r * h, W_hn, b_hn))
+        h = (1 - z) * n + z * h
+        return unbatch(h, batched)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
