@@ -1,8 +1,14 @@
 """gatelab: gated recurrent networks in which every activation inside every gate is pluggable."""
 
-from . import activations
+from . import activations, engines, init
 from .cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell
+from .layers import GRU, LSTM, RNN, GatedStateRNN
 
 __version__ = "0.1.0"
 
-__all__ = ["activations", "ElmanCell", "LSTMCell", "GRUCell", "GatedStateCell", "__version__"]
+__all__ = [
+    "activations", "engines", "init",
+    "ElmanCell", "LSTMCell", "GRUCell", "GatedStateCell",
+    "RNN", "LSTM", "GRU", "GatedStateRNN",
+    "__version__",
+]

@@ -56,6 +56,17 @@ class RecurrentCell(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
 
+    state_names: tuple[str, ...] = ("h",)
+
+    def state_sizes(self) -> tuple[int, ...]:
+        """Feature size of each state tensor, in :attr:`state_names` order."""
+        return (self.hidden_size,)
+
+    @property
+    def output_size(self) -> int:
+        """Feature size of the per-step output (``proj_size`` for a projected LSTM)."""
+        return self.recurrent_size
+
     # -- parameters ------------------------------------------------------------------------------
 
     def _uniform_parameters(self) -> list[Tensor]:

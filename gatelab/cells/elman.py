@@ -43,5 +43,13 @@ class ElmanCell(RecurrentCell):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, batched = self._check_input(input)
         h = self._check_state("hx", hx, x.shape[0], self.hidden_size, batched, x)
-        h = self.phi(F.linear(x, self.weight_ih, self.bias_ih) + F.linear(h, self.weight_hh, self.bias_hh))
-        return unbatch(h, batched)
+        return unbatch(self.step(x, (h,))[0], batched)
+
+    def step(
+        self, x: Tensor, state: tuple[Tensor, ...], rec_mask: Tensor | None = None, weight_hh: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        (h,) = state
+        h_rec = h if rec_mask is None else h * rec_mask
+        W_hh = self.weight_hh if weight_hh is None else weight_hh
+        h = self.phi(F.linear(x, self.weight_ih, self.bias_ih) + F.linear(h_rec, W_hh, self.bias_hh))
+        return h, (h,)

@@ -26,6 +26,7 @@ class GatedStateCell(RecurrentCell):
 
     blocks = ("f", "i", "o", "n")
     gate_names = ("f", "i", "o")
+    state_names = ("s",)
 
     def __init__(
         self,
@@ -46,10 +47,19 @@ class GatedStateCell(RecurrentCell):
     def forward(self, input: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x, batched = self._check_input(input)
         s = self._check_state("state", state, x.shape[0], self.hidden_size, batched, x)
+        y, (s,) = self.step(x, (s,))
+        return unbatch(y, batched), unbatch(s, batched)
+
+    def step(
+        self, x: Tensor, state: tuple[Tensor, ...], rec_mask: Tensor | None = None, weight_hh: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        (s,) = state
+        s_rec = s if rec_mask is None else s * rec_mask
+        W_hh = self.weight_hh if weight_hh is None else weight_hh
         pre_f, pre_i, pre_o, pre_n = (
-            F.linear(x, self.weight_ih, self.bias_ih) + F.linear(s, self.weight_hh, self.bias_hh)
+            F.linear(x, self.weight_ih, self.bias_ih) + F.linear(s_rec, W_hh, self.bias_hh)
         ).chunk(4, 1)
         f, i, o = self.sigma_f(pre_f), self.sigma_i(pre_i), self.sigma_o(pre_o)
         s = f * s + i * self.phi(pre_n)
         y = o * s
-        return unbatch(y, batched), unbatch(s, batched)
+        return y, (s,)

@@ -50,17 +50,24 @@ class GRUCell(RecurrentCell):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, batched = self._check_input(input)
         h = self._check_state("hx", hx, x.shape[0], self.hidden_size, batched, x)
+        return unbatch(self.step(x, (h,))[0], batched)
+
+    def step(
+        self, x: Tensor, state: tuple[Tensor, ...], rec_mask: Tensor | None = None, weight_hh: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        (h,) = state
+        h_rec = h if rec_mask is None else h * rec_mask  # variational dropout: recurrent products only
         gi_r, gi_z, gi_n = F.linear(x, self.weight_ih, self.bias_ih).chunk(3, 1)
-        W_hr, W_hz, W_hn = self.weight_hh.chunk(3, 0)
+        W_hr, W_hz, W_hn = (self.weight_hh if weight_hh is None else weight_hh).chunk(3, 0)
         b_hr, b_hz, b_hn = self.bias_hh.chunk(3, 0) if self.bias else (None, None, None)
-        r = self.sigma_r(gi_r + F.linear(h, W_hr, b_hr))
-        z = self.sigma_z(gi_z + F.linear(h, W_hz, b_hz))
+        r = self.sigma_r(gi_r + F.linear(h_rec, W_hr, b_hr))
+        z = self.sigma_z(gi_z + F.linear(h_rec, W_hz, b_hz))
         if self.reset_after:
-            n = self.phi(gi_n + r * F.linear(h, W_hn, b_hn))
+            n = self.phi(gi_n + r * F.linear(h_rec, W_hn, b_hn))
         else:
-            n = self.phi(gi_n + F.linear(r * h, W_hn, b_hn))
+            n = self.phi(gi_n + F.linear(r * h_rec, W_hn, b_hn))
         h = (1 - z) * n + z * h
-        return unbatch(h, batched)
+        return h, (h,)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")

@@ -167,7 +167,16 @@ class LSTMCell(RecurrentCell):
             self._check_state(n, s, B, size, batched, x)
             for n, s, size in zip(self.state_names, state, self.state_sizes())
         )
-        pre = dict(zip(self.blocks, self.preactivations(x, h).chunk(len(self.blocks), 1)))
+        h, state = self.step(x, (h, c, *prev))
+        return tuple(unbatch(t, batched) for t in state)
+
+    def step(
+        self, x: Tensor, state: tuple[Tensor, ...], rec_mask: Tensor | None = None, weight_hh: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One step on batched, validated tensors; the engines call this. Returns ``(h', state')``."""
+        h, c, *prev = state
+        h_rec = h if rec_mask is None else h * rec_mask
+        pre = dict(zip(self.blocks, self.preactivations(x, h_rec, weight_hh).chunk(len(self.blocks), 1)))
         if self.full_gate_recurrence:
             rec = dict(zip("ifo", F.linear(prev[0], self.weight_gr).chunk(3, 1)))
             pre = {b: v + rec[b] if b in rec else v for b, v in pre.items()}
@@ -185,18 +194,19 @@ class LSTMCell(RecurrentCell):
         if self.proj_size:
             h_new = F.linear(h_new, self.weight_hr)
 
-        out = (h_new, c_new)
-        if self.full_gate_recurrence:
-            ones = torch.ones_like(c_new)
-            out += (torch.cat([v if isinstance(v, Tensor) else ones for v in (i, f, o)], 1),)
-        return tuple(unbatch(t, batched) for t in out)
+        if not self.full_gate_recurrence:
+            return h_new, (h_new, c_new)
+        ones = torch.ones_like(c_new)
+        gates = torch.cat([v if isinstance(v, Tensor) else ones for v in (i, f, o)], 1)
+        return h_new, (h_new, c_new, gates)
 
-    def preactivations(self, x: Tensor, h: Tensor) -> Tensor:
+    def preactivations(self, x: Tensor, h: Tensor, weight_hh: Tensor | None = None) -> Tensor:
         """``W_ih x + b_ih + W_hh h + b_hh`` (B, G·H), with LayerNorm on each product if enabled."""
+        W_hh = self.weight_hh if weight_hh is None else weight_hh
         if not self.layer_norm:
-            return F.linear(x, self.weight_ih, self.bias_ih) + F.linear(h, self.weight_hh, self.bias_hh)
+            return F.linear(x, self.weight_ih, self.bias_ih) + F.linear(h, W_hh, self.bias_hh)
         gi = self._ln(F.linear(x, self.weight_ih), self.ln_ih_weight)
-        gh = self._ln(F.linear(h, self.weight_hh), self.ln_hh_weight)
+        gh = self._ln(F.linear(h, W_hh), self.ln_hh_weight)
         pre = gi + gh
         return pre + self.bias_ih + self.bias_hh if self.bias else pre
 

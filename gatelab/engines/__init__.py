@@ -1,0 +1,18 @@
+"""Engines run a recurrent layer over a sequence; the layer chooses one and can say why.
+
+* ``reference``: a plain autograd loop over the cell's ``step``; the readable specification.
+* ``native``: torch's own fused kernels (cuDNN, oneDNN, ATen), for configurations that are exactly
+  torch's.
+
+Each engine has ``unsupported(layer) -> list[str]`` (why it cannot run that layer as configured, in
+its current train/eval mode; empty when it can) and ``forward(layer, batch, hx)``.
+"""
+
+from __future__ import annotations
+
+from . import native, reference
+
+ENGINES = {"reference": reference, "native": native}
+BACKENDS = ("auto", *ENGINES)
+
+__all__ = ["ENGINES", "BACKENDS", "native", "reference"]

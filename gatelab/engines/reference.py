@@ -1,0 +1,69 @@
+"""The reference engine: an autograd loop over ``cell.step``. Slow, obviously correct."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..cells import RecurrentCell
+
+if TYPE_CHECKING:
+    from ..layers.base import RecurrentLayer
+    from ..layers.sequence import SequenceBatch
+
+name = "reference"
+
+
+def unsupported(layer: RecurrentLayer) -> list[str]:
+    return []
+
+
+def forward(layer: RecurrentLayer, batch: SequenceBatch, hx: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    return layer.run_stack(batch, hx, run_direction)
+
+
+def run_direction(
+    cell: RecurrentCell,
+    x: Tensor,
+    state: tuple[Tensor, ...],
+    lengths: Tensor | None,
+    reverse: bool,
+    *,
+    rec_mask: Tensor | None = None,
+    weight_hh: Tensor | None = None,
+    zoneout: tuple[float, ...] | None = None,
+    training: bool = False,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Run ``cell`` over ``x (T, B, I)`` from ``state``; return ``(out (T, B, O), final state)``.
+
+    With ``lengths``, sequence ``b`` runs steps ``0 .. lengths[b]-1`` only (in reverse order when
+    ``reverse``): its state is held and its output is zero elsewhere, as torch does for packed input.
+    ``zoneout`` gives one rate per state tensor: in training each unit keeps its previous value with
+    that probability, in eval the update is the expectation ``p·old + (1−p)·new``.
+    """
+    T = x.shape[0]
+    outputs: list[Tensor] = [x.new_empty(0)] * T
+    output_is_state = cell.state_names[0] == "h"
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        out, new = cell.step(x[t], state, rec_mask=rec_mask, weight_hh=weight_hh)
+        if zoneout is not None:
+            new = tuple(_zoneout(old, s, p, training) for old, s, p in zip(state, new, zoneout))
+            out = new[0] if output_is_state else out
+        if lengths is not None:
+            live = (lengths > t).unsqueeze(1)  # (B, 1)
+            new = tuple(torch.where(live, s, old) for s, old in zip(new, state))
+            out = out * live
+        state = new
+        outputs[t] = out
+    return torch.stack(outputs), state
+
+
+def _zoneout(old: Tensor, new: Tensor, p: float, training: bool) -> Tensor:
+    if p == 0.0:
+        return new
+    if not training:
+        return p * old + (1 - p) * new
+    keep = torch.bernoulli(torch.full_like(new, p))
+    return keep * old + (1 - keep) * new
