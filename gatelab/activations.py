@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -245,8 +245,8 @@ class ModuleActivation(nn.Module):
 
 
 # What a slot holds once resolved: a stateless entry or a module with parameters.
-Bound = Union[Activation, LearnableActivation, ModuleActivation]
-ActivationSpec = Union[str, Activation, Callable[[Tensor], Tensor], nn.Module]
+Bound = Activation | LearnableActivation | ModuleActivation
+ActivationSpec = str | Activation | Callable[[Tensor], Tensor] | nn.Module
 
 
 def _autograd_derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
