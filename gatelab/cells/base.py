@@ -90,6 +90,8 @@ class RecurrentCell(nn.Module):
             act = activations.resolve(spec, self.hidden_size)
         except TypeError as e:
             raise TypeError(f"{type(self).__name__}: {role}: {e}") from None
+        if isinstance(act, nn.Module) and self.weight_ih is not None:
+            act = act.to(device=self.weight_ih.device, dtype=self.weight_ih.dtype)
         setattr(self, attr, act)
         return act
 

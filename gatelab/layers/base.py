@@ -151,8 +151,12 @@ class RecurrentLayer(nn.Module):
         native_blockers = engines.native.unsupported(self)
         if self.backend == "auto":
             if not native_blockers:
-                return "native", "backend='auto': activations and options are exactly torch's, so torch's fused kernel runs"
-            return "reference", "backend='auto'; torch's kernel does not apply: " + "; ".join(native_blockers)
+                return "native", "backend='auto': activations and options are exactly torch's, so torch's kernel runs"
+            why = "backend='auto'; torch's kernel does not apply: " + "; ".join(native_blockers)
+            fused_blockers = engines.fused.unsupported(self)
+            if not fused_blockers:
+                return "fused", why
+            return "reference", why + "; the fused engine does not apply either: " + "; ".join(fused_blockers)
         blockers = engines.ENGINES[self.backend].unsupported(self)
         if not blockers:
             return self.backend, f"backend={self.backend!r} was asked for"

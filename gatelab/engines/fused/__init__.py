@@ -1,0 +1,76 @@
+"""The fused engine: one input GEMM for all steps, one fused elementwise step per time step for any
+registered activation, and hand-written backpropagation through time with the weight gradients as
+GEMMs after the loop.
+
+Two implementations of the same algorithm: C++ kernels (compiled at first use and cached; see
+:mod:`.cpp`) and a pure-PyTorch twin (:mod:`.function`, :mod:`.steps`), which always works and is
+what the C++ is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from ...activations import ModuleActivation
+from ...cells import LSTMCell, RecurrentCell
+from .function import FusedDirection
+from .steps import STEPS
+
+if TYPE_CHECKING:
+    from ...layers.base import RecurrentLayer
+    from ...layers.sequence import SequenceBatch
+
+name = "fused"
+
+
+def cell_blockers(cell: RecurrentCell) -> list[str]:
+    """Why the fused engine cannot run ``cell`` (empty when it can)."""
+    out = []
+    if type(cell) not in STEPS:
+        out.append(f"the fused engine has no step for {type(cell).__name__}")
+    if isinstance(cell, LSTMCell):
+        if cell.layer_norm:
+            out.append("layer_norm=True is not fused yet")
+        if cell.full_gate_recurrence:
+            out.append("full_gate_recurrence (FGR) is not fused yet")
+    for slot, act in cell.activation_slots().items():
+        if isinstance(act, ModuleActivation):
+            out.append(f"{slot} is an nn.Module ({act.name}) whose parameter derivatives the fused engine does not know")
+    return out
+
+
+def unsupported(layer: RecurrentLayer) -> list[str]:
+    out = cell_blockers(layer.cells[0])
+    if any(layer.zoneout):
+        out.append("zoneout is not fused yet")
+    return out
+
+
+def forward(layer: RecurrentLayer, batch: SequenceBatch, hx: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    return layer.run_stack(batch, hx, run_direction)
+
+
+def run_direction(
+    cell: RecurrentCell,
+    x: Tensor,
+    state: tuple[Tensor, ...],
+    lengths: Tensor | None,
+    reverse: bool,
+    *,
+    rec_mask: Tensor | None = None,
+    weight_hh: Tensor | None = None,
+    zoneout: tuple[float, ...] | None = None,
+    training: bool = False,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Same contract as :func:`gatelab.engines.reference.run_direction`."""
+    if zoneout is not None:
+        raise ValueError("the fused engine does not run zoneout")
+    W_hh = cell.weight_hh if weight_hh is None else weight_hh
+    step = STEPS[type(cell)](cell, W_hh)
+    out, *final = FusedDirection.apply(
+        step, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh,
+        *state, *step.extra_params(),
+    )
+    return out, tuple(final)

@@ -1,0 +1,88 @@
+"""Tasks and offline data: one registry from names to :class:`Task` objects.
+
+>>> task = gatelab.tasks.get("adding", length=100)          # or "ucr:GunPoint", "charlm:shakespeare"
+>>> train, val, test = task.splits()                        # Datasets of (x (T, input_size), y)
+>>> loader = DataLoader(train, batch_size=32, collate_fn=gatelab.tasks.collate)
+>>> task.baseline("test")                                   # {"mse": 0.1667...}
+
+Names: ``adding``, ``adding_1997``, ``copy``, ``digits``, ``ucr:NAME`` (sets shipped inside aeon),
+``forecast:NAME`` (Airline, Lynx, ShampooSales, sunspots, co2), ``charlm:shakespeare`` or
+``charlm:/path/to/file.txt``. Keyword arguments go to the task's constructor. Nothing here touches
+the network; the data packages (aeon, scikit-learn, statsmodels) are the ``data`` extra and are
+imported only when a task that needs them is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .base import Batch, MissingExtraError, SequenceDataset, Task, collate, data_dir
+from .charlm import CharLMTask
+from .digits import ClassificationTask, DigitsTask
+from .forecast import SERIES, ForecastTask
+from .synthetic import Adding1997Task, AddingTask, CopyTask
+from .ucr import UCRClassificationTask, UCRRegressionTask, shipped, ucr_task
+
+__all__ = [
+    "get",
+    "available",
+    "register",
+    "Task",
+    "Batch",
+    "collate",
+    "SequenceDataset",
+    "MissingExtraError",
+    "data_dir",
+    "AddingTask",
+    "Adding1997Task",
+    "CopyTask",
+    "ClassificationTask",
+    "DigitsTask",
+    "UCRClassificationTask",
+    "UCRRegressionTask",
+    "ForecastTask",
+    "CharLMTask",
+]
+
+# A plain name maps to a factory taking keyword arguments; a "family:" name to one taking the part
+# after the colon first.
+_TASKS: dict[str, Callable[..., Task]] = {}
+_FAMILIES: dict[str, Callable[..., Task]] = {}
+
+
+def register(name: str, factory: Callable[..., Task], family: bool = False) -> None:
+    """Add a task (``family=True``: a ``name:ARG`` family) to the registry."""
+    (_FAMILIES if family else _TASKS)[name] = factory
+
+
+register("adding", AddingTask)
+register("adding_1997", Adding1997Task)
+register("copy", CopyTask)
+register("digits", DigitsTask)
+register("ucr", ucr_task, family=True)
+register("forecast", ForecastTask, family=True)
+register("charlm", CharLMTask, family=True)
+
+
+def available() -> list[str]:
+    """Every task name that :func:`get` accepts here (``ucr:`` names: the sets the installed aeon ships;
+    ``charlm:`` also takes any text file path)."""
+    return [
+        *_TASKS,
+        *(f"ucr:{n}" for n in shipped()),
+        *(f"forecast:{n}" for n in SERIES),
+        "charlm:shakespeare",
+    ]
+
+
+def get(name: str, **kwargs) -> Task:
+    """Build the task called ``name`` (see :func:`available`) with ``kwargs`` for its constructor."""
+    family, sep, arg = name.partition(":")
+    if not sep and name in _TASKS:
+        return _TASKS[name](**kwargs)
+    if sep and family in _FAMILIES and arg:
+        return _FAMILIES[family](arg, **kwargs)
+    raise ValueError(
+        f"unknown task {name!r}; available: {', '.join(available())}; "
+        f"also 'charlm:/path/to/file.txt' for any UTF-8 text file"
+    )

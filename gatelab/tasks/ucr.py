@@ -1,0 +1,192 @@
+"""``ucr:NAME``: the UCR/UEA time-series sets that ship inside the ``aeon`` package, never downloaded.
+
+gatelab reads ``aeon/datasets/data/*/NAME_TRAIN.ts`` and ``NAME_TEST.ts`` with
+``aeon.datasets.load_from_ts_file``; names that aeon would have to fetch from the network
+(``aeon.datasets.load_classification``) are refused. In aeon 1.6 these are ACSF1, ArrowHead,
+BasicMotions, Covid3Month_disc, GunPoint, ItalyPowerDemand, JapaneseVowels (and ``_eq``), OSULeaf,
+PickupGestureWiimoteZ (and ``_eq``) and UnitTest, plus two regression sets from the TSER archive
+(CardanoSentiment, Covid3Month), which load as ``kind == "regression"``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import metrics as M
+from .base import SequenceDataset, Task, require, stratified_split
+from .digits import ClassificationTask
+
+__all__ = ["UCRClassificationTask", "UCRRegressionTask", "shipped", "ucr_task"]
+
+NORMALIZE = (None, "series", "train")
+
+
+def _aeon_data_dir() -> Path | None:
+    """aeon's shipped data folder, found without importing aeon (None when aeon is not installed)."""
+    try:
+        spec = importlib.util.find_spec("aeon")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "datasets" / "data"
+
+
+def shipped() -> list[str]:
+    """Names of the train/test ``.ts`` sets inside the installed aeon (empty if aeon is absent)."""
+    root = _aeon_data_dir()
+    if root is None or not root.is_dir():
+        return []
+    names = []
+    for train in root.glob("*/*_TRAIN.ts"):
+        name = train.name.removesuffix("_TRAIN.ts")
+        if (train.parent / f"{name}_TEST.ts").is_file():
+            names.append(name)
+    return sorted(names, key=str.lower)
+
+
+def _files(name: str) -> tuple[str, Path, Path]:
+    require("aeon.datasets", f"the task 'ucr:{name}'")
+    by_lower = {n.lower(): n for n in shipped()}
+    if name.lower() not in by_lower:
+        raise ValueError(
+            f"UCR/UEA set {name!r} is not shipped inside the installed aeon package, and gatelab never downloads "
+            f"data; shipped sets: {', '.join(by_lower.values())}"
+        )
+    name = by_lower[name.lower()]
+    root = _aeon_data_dir()
+    assert root is not None
+    (train,) = root.glob(f"*/{name}_TRAIN.ts")
+    return name, train, train.with_name(f"{name}_TEST.ts")
+
+
+@lru_cache(maxsize=32)
+def _load(path: Path) -> tuple[tuple[np.ndarray, ...], np.ndarray, dict]:
+    """One ``.ts`` file as (series ``(C, T_i)`` each, targets, aeon's metadata)."""
+    datasets = require("aeon.datasets", "the ucr tasks")
+    X, y, meta = datasets.load_from_ts_file(str(path), return_meta_data=True)
+    return tuple(np.asarray(s, dtype=np.float64) for s in X), np.asarray(y), meta
+
+
+def _label_order(labels: np.ndarray) -> list[str]:
+    """Classes in numeric order when every label is a number, else in string order."""
+    classes = sorted({str(v) for v in labels})
+    try:
+        return sorted(classes, key=float)
+    except ValueError:
+        return classes
+
+
+def _normalize(series: list[np.ndarray], mode: str | None, train_idx: np.ndarray) -> list[np.ndarray]:
+    """z-normalise every series ``(C, T_i)`` per channel ("series") or with train-split channel statistics."""
+    if mode is None:
+        return series
+    if mode == "series":
+        out = []
+        for s in series:
+            std = s.std(axis=1, keepdims=True)
+            out.append((s - s.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0))
+        return out
+    steps = np.concatenate([series[i] for i in train_idx], axis=1)  # (C, sum T_i)
+    mean, std = steps.mean(axis=1, keepdims=True), steps.std(axis=1, keepdims=True)
+    return [(s - mean) / np.where(std > 0, std, 1.0) for s in series]
+
+
+class _UCRMixin:
+    """Shared loading for both kinds: official train/test files, validation drawn from train only."""
+
+    def _load_sets(self, name: str, val_fraction: float, normalize: str | None, seed: int) -> None:
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        self.dataset, train_path, test_path = _files(name)
+        self.name = f"ucr:{self.dataset}"
+        self.val_fraction, self.normalize, self.seed = val_fraction, normalize, seed
+        X_train, self._y_train, self.meta = _load(train_path)
+        X_test, self._y_test, _ = _load(test_path)
+        self._series = list(X_train) + list(X_test)
+        self._n_official_train = len(X_train)
+        self.input_size = int(X_train[0].shape[0])
+        self.equal_length = len({s.shape[1] for s in self._series}) == 1
+
+    def _datasets(self, y: Tensor, keep: np.ndarray, val: np.ndarray) -> dict[str, SequenceDataset]:
+        series = _normalize(self._series, self.normalize, keep)
+        xs = [torch.from_numpy(s.T.astype(np.float32)) for s in series]  # (T_i, C)
+        test = np.arange(self._n_official_train, len(xs))
+        return {
+            split: SequenceDataset([xs[i] for i in idx], y[torch.from_numpy(idx)])
+            for split, idx in (("train", keep), ("val", val), ("test", test))
+        }
+
+
+class UCRClassificationTask(_UCRMixin, ClassificationTask):
+    """A UCR/UEA classification set shipped in aeon; labels mapped to ``0 .. k-1`` (see ``classes``).
+
+    ``x`` is ``(T_i, channels)``; unequal-length sets keep their lengths (batch them with
+    :func:`gatelab.tasks.collate`). ``val_fraction`` of the official training set, stratified and
+    drawn with ``seed``, becomes the validation split; the official test set is the test split.
+    ``normalize``: None (as shipped), ``"series"`` (z-normalise each series per channel) or
+    ``"train"`` (per-channel mean and std of the training split).
+    """
+
+    def __init__(self, name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0) -> None:
+        ClassificationTask.__init__(self)
+        self._load_sets(name, val_fraction, normalize, seed)
+        self.classes = _label_order(self._y_train)
+        unknown = {str(v) for v in self._y_test} - set(self.classes)
+        if unknown:
+            raise ValueError(f"{self.name}: test labels {sorted(unknown)} do not occur in the training set")
+        self.output_size = len(self.classes)
+
+    def _build(self) -> dict[str, SequenceDataset]:
+        index = {c: k for k, c in enumerate(self.classes)}
+        labels = np.array([index[str(v)] for v in np.concatenate([self._y_train, self._y_test])], dtype=np.int64)
+        keep, val = stratified_split(labels[: self._n_official_train], self.val_fraction, self.seed)
+        return self._datasets(torch.from_numpy(labels), keep, val)
+
+
+class UCRRegressionTask(_UCRMixin, Task):
+    """A time-series extrinsic regression set shipped in aeon (target ``(1,)``; metric RMSE).
+
+    Validation is a random ``val_fraction`` of the training set (seeded); the trivial baseline
+    predicts the training-split mean.
+    """
+
+    kind = "regression"
+    output_size = 1
+    metrics = ("rmse", "mse")
+    primary_baseline = "predict_mean"
+
+    def __init__(self, name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0) -> None:
+        Task.__init__(self)
+        self._load_sets(name, val_fraction, normalize, seed)
+
+    def _build(self) -> dict[str, SequenceDataset]:
+        y = np.concatenate([self._y_train, self._y_test]).astype(np.float32)[:, None]  # (N, 1)
+        keep, val = stratified_split(np.zeros(self._n_official_train), self.val_fraction, self.seed)
+        return self._datasets(torch.from_numpy(y), keep, val)
+
+    def _targets(self, split: str) -> Tensor:
+        return self.split(split).ys
+
+    def baselines(self, split: str = "test") -> dict[str, dict[str, float]]:
+        y = self._targets(split)
+        return {"predict_mean": self.evaluate(torch.full_like(y, float(self._targets("train").mean())), split)}
+
+    def evaluate(self, predictions: Tensor, split: str) -> dict[str, float]:
+        y = self._targets(split)
+        return {"rmse": M.rmse(y, predictions), "mse": M.mse(y, predictions)}
+
+
+def ucr_task(name: str, **kwargs) -> Task:
+    """``ucr:NAME``: a classification or regression task, whichever the shipped ``.ts`` file declares."""
+    _, train_path, _ = _files(name)
+    _, _, meta = _load(train_path)
+    if meta.get("classlabel", True):
+        return UCRClassificationTask(name, **kwargs)
+    return UCRRegressionTask(name, **kwargs)
