@@ -155,7 +155,7 @@ class RecurrentLayer(nn.Module):
             why = "backend='auto'; torch's kernel does not apply: " + "; ".join(native_blockers)
             fused_blockers = engines.fused.unsupported(self)
             if not fused_blockers:
-                return "fused", why
+                return "fused", why + ". Runs the " + engines.fused.describe(self)
             return "reference", why + "; the fused engine does not apply either: " + "; ".join(fused_blockers)
         blockers = engines.ENGINES[self.backend].unsupported(self)
         if not blockers:

@@ -9,13 +9,16 @@ what the C++ is tested against.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from ...activations import ModuleActivation
 from ...cells import LSTMCell, RecurrentCell
-from .function import FusedDirection
+from . import cpp
+from .function import FusedDirection, PyLoop
 from .steps import STEPS
 
 if TYPE_CHECKING:
@@ -49,7 +52,15 @@ def unsupported(layer: RecurrentLayer) -> list[str]:
 
 
 def forward(layer: RecurrentLayer, batch: SequenceBatch, hx: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-    return layer.run_stack(batch, hx, run_direction)
+    return layer.run_stack(batch, hx, partial(run_direction, strict=layer.strict))
+
+
+def describe(layer: RecurrentLayer) -> str:
+    """Which loop the fused engine runs for ``layer``: the C++ one, or the pure-PyTorch one and why."""
+    blockers = cpp.cell_blockers(layer.cells[0])
+    if blockers:
+        return "fused engine, pure-PyTorch loop: " + "; ".join(blockers)
+    return "fused engine, C++ loop" + ("" if cpp.load() else " unavailable, pure-PyTorch loop: " + cpp.status())
 
 
 def run_direction(
@@ -63,14 +74,29 @@ def run_direction(
     weight_hh: Tensor | None = None,
     zoneout: tuple[float, ...] | None = None,
     training: bool = False,
+    strict: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Same contract as :func:`gatelab.engines.reference.run_direction`."""
+    """Same contract as :func:`gatelab.engines.reference.run_direction`; runs the C++ loop when the
+    cell allows it and the kernels load, else the pure-PyTorch loop."""
     if zoneout is not None:
         raise ValueError("the fused engine does not run zoneout")
     W_hh = cell.weight_hh if weight_hh is None else weight_hh
     step = STEPS[type(cell)](cell, W_hh)
+    if not cpp.cell_blockers(cell) and cpp.load(strict=strict):
+        loop = cpp.CppLoop(step)
+        state = tuple(s.contiguous() for s in state)
+        x, W_hh = x.contiguous(), W_hh.contiguous()
+        rec_mask = cpp.contiguous(rec_mask)
+        lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
+    else:
+        loop = PyLoop(step)
     out, *final = FusedDirection.apply(
-        step, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh,
+        loop, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh,
         *state, *step.extra_params(),
     )
     return out, tuple(final)
+
+
+def implementation() -> str:
+    """Which implementation of the fused engine's loop runs here: ``"C++"`` or ``"PyTorch"``."""
+    return "C++" if cpp.load() else "PyTorch"

@@ -1,15 +1,15 @@
 """The fused engine's autograd function: one direction of one layer with hand-written BPTT.
 
-Forward: the input projection of all steps as one matrix product, then per step one recurrent
-product and one elementwise step. Backward: per step (in reverse) the elementwise backward and one
-product with ``W_hh``; the weight gradients are matrix products over all steps after the loop.
-
-This file is the pure-PyTorch implementation; ``kernels.cpp`` runs the same loop in C++.
+Forward: the input projection of all steps as one matrix product, then a *time loop* (per step one
+recurrent product and one elementwise step). Backward: the loop's hand-written backward, then the
+weight gradients as matrix products over all steps. Two loops implement the same contract:
+:class:`PyLoop` (pure PyTorch, over :mod:`.steps`; always available, handles every option) and the
+C++ loops of :mod:`.cpp`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -18,61 +18,63 @@ from torch.autograd.function import once_differentiable
 from .steps import Step
 
 
-class FusedDirection(torch.autograd.Function):
-    """``apply(step, reverse, lengths, rec_mask, x, W_ih, W_hh, b_ih, b_hh, *state, *extra)``
-    returns ``(out (T, B, O), *final_state)``. ``b_ih``/``b_hh`` may be ``None``."""
+class TimeLoop(Protocol):
+    """What the autograd function needs from a loop implementation."""
 
-    @staticmethod
-    def forward(ctx: Any, step: Step, reverse: bool, lengths: Tensor | None, rec_mask: Tensor | None,
-                x: Tensor, W_ih: Tensor, W_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-                *rest: Tensor) -> tuple[Tensor, ...]:
-        n_state = len(step.cell.state_names)
-        state = tuple(rest[:n_state])
-        T, B, I = x.shape
-        GH = W_ih.shape[0]
-        xw = (x.reshape(T * B, I) @ W_ih.t()).view(T, B, GH)  # (T, B, G·H)
-        if b_ih is not None:
-            xw += b_ih
+    fold_bias_hh: bool  # add b_hh into the input projection (every cell but the GRU)
+
+    def forward(self, xw: Tensor, W_hh: Tensor, b_hh: Tensor | None, state: tuple[Tensor, ...],
+                lengths: Tensor | None, rec_mask: Tensor | None, reverse: bool
+                ) -> tuple[Tensor, tuple[Tensor, ...], Any]:
+        """Return ``(out (T, B, O), final state, saved)``."""
+
+    def backward(self, saved: Any, dout: Tensor, dstate: tuple[Tensor, ...], W_hh: Tensor, lengths: Tensor | None,
+                 rec_mask: Tensor | None, reverse: bool
+                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor, list[Tensor]]:
+        """Return ``(dL/dxw, dL/dgh (T, B, G·H), dL/dstate0, h_rec (T, B, R), extra parameter grads)``."""
+
+
+class PyLoop:
+    """The time loop in PyTorch over a :class:`~.steps.Step`."""
+
+    fold_bias_hh = False
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+
+    def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse):
+        T, B, _ = xw.shape
         order = range(T - 1, -1, -1) if reverse else range(T)
-        outs: list[Tensor] = [x.new_empty(0)] * T
+        outs: list[Tensor] = [xw.new_empty(0)] * T
         saved: list[Any] = [None] * T
-        h_recs = x.new_empty(T, B, W_hh.shape[1])  # (T, B, R): what each step multiplied W_hh with
+        h_recs = xw.new_empty(T, B, W_hh.shape[1])  # (T, B, R): what each step multiplied W_hh with
         for t in order:
             h_rec = state[0] if rec_mask is None else state[0] * rec_mask
             h_recs[t] = h_rec
             gh = h_rec @ W_hh.t()
             if b_hh is not None:
                 gh += b_hh
-            out, new, saved[t] = step.forward(xw[t], gh, state, h_rec)
+            out, new, saved[t] = self.step.forward(xw[t], gh, state, h_rec)
             if lengths is not None:
-                live = (lengths > t).unsqueeze(1).to(x.dtype)  # (B, 1)
+                live = (lengths > t).unsqueeze(1).to(xw.dtype)  # (B, 1)
                 new = tuple(torch.lerp(old, s, live) for old, s in zip(state, new))
                 out = out * live
             state = new
             outs[t] = out
-        ctx.step, ctx.reverse, ctx.n_state, ctx.saved_steps = step, reverse, n_state, saved
-        ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, W_ih, W_hh, h_recs, lengths, rec_mask, *rest[:n_state])
-        return (torch.stack(outs), *state)
+        return torch.stack(outs), state, (saved, h_recs)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dout: Tensor | None, *dfinal: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, W_ih, W_hh, h_recs, lengths, rec_mask, *state0 = ctx.saved_tensors
-        step: Step = ctx.step
-        T, B, I = x.shape
-        GH = W_ih.shape[0]
-        dstate = tuple(torch.zeros_like(s) if d is None else d for s, d in zip(state0, dfinal))
-        dout = torch.zeros(T, B, step.cell.output_size, dtype=x.dtype, device=x.device) if dout is None else dout
-        dxws = x.new_zeros(T, B, GH)
-        dghs = x.new_zeros(T, B, GH)
+    def backward(self, saved, dout, dstate, W_hh, lengths, rec_mask, reverse):
+        steps, h_recs = saved
+        T, B, _ = dout.shape
+        GH = W_hh.shape[0]
+        dxws = dout.new_zeros(T, B, GH)
+        dghs = dout.new_zeros(T, B, GH)
         pgrads: dict[str, Tensor] = {}
-        order = range(T) if ctx.reverse else range(T - 1, -1, -1)
-        for t in order:
-            live = None if lengths is None else (lengths > t).unsqueeze(1).to(x.dtype)
+        for t in range(T) if reverse else range(T - 1, -1, -1):
+            live = None if lengths is None else (lengths > t).unsqueeze(1).to(dout.dtype)
             do_t = dout[t] if live is None else dout[t] * live
             ds_t = dstate if live is None else tuple(d * live for d in dstate)
-            dxw, dgh, dprev, dh_extra = step.backward(do_t, ds_t, ctx.saved_steps[t], None, pgrads, [])
+            dxw, dgh, dprev, dh_extra = self.step.backward(do_t, ds_t, steps[t], None, pgrads, [])
             dh_rec = dgh @ W_hh
             if dh_extra is not None:
                 dh_rec = dh_rec + dh_extra
@@ -83,12 +85,49 @@ class FusedDirection(torch.autograd.Function):
                 dprev = tuple(p + d * (1 - live) for p, d in zip(dprev, dstate))
             dstate = dprev
             dxws[t], dghs[t] = dxw, dgh
+        return dxws, dghs, dstate, h_recs, self.step.param_grads(pgrads)
+
+
+class FusedDirection(torch.autograd.Function):
+    """``apply(loop, reverse, lengths, rec_mask, x, W_ih, W_hh, b_ih, b_hh, *state, *extra)``
+    returns ``(out (T, B, O), *final_state)``; ``extra`` are the loop's extra parameters (peepholes,
+    projection, learnable activations) in the order its backward returns their gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, loop: TimeLoop, reverse: bool, lengths: Tensor | None, rec_mask: Tensor | None,
+                x: Tensor, W_ih: Tensor, W_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+                *rest: Tensor) -> tuple[Tensor, ...]:
+        n_state = len(loop.step.cell.state_names)
+        T, B, I = x.shape
+        bias = None if b_ih is None else (b_ih + b_hh if loop.fold_bias_hh else b_ih)
+        x2 = x.reshape(T * B, I)
+        xw = (torch.addmm(bias, x2, W_ih.t()) if bias is not None else x2 @ W_ih.t()).view(T, B, -1)  # (T, B, G·H)
+        out, final, saved = loop.forward(xw, W_hh, None if loop.fold_bias_hh else b_hh, tuple(rest[:n_state]),
+                                         lengths, rec_mask, reverse)
+        ctx.loop, ctx.reverse, ctx.saved_loop, ctx.has_bias = loop, reverse, saved, b_ih is not None
+        ctx.save_for_backward(x, W_ih, W_hh, lengths, rec_mask)
+        return (out, *final)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dout: Tensor | None, *dfinal: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, W_ih, W_hh, lengths, rec_mask = ctx.saved_tensors
+        loop: TimeLoop = ctx.loop
+        T, B, I = x.shape
+        GH = W_ih.shape[0]
+        cell = loop.step.cell
+        sizes = cell.state_sizes()
+        dstate = tuple(x.new_zeros(B, s) if d is None else d.contiguous() for s, d in zip(sizes, dfinal))
+        dout = x.new_zeros(T, B, cell.output_size) if dout is None else dout.contiguous()
+        dxws, dghs, dstate0, h_recs, extra = loop.backward(ctx.saved_loop, dout, dstate, W_hh, lengths, rec_mask,
+                                                           ctx.reverse)
         dxw2, dgh2 = dxws.view(T * B, GH), dghs.view(T * B, GH)
         dx = (dxw2 @ W_ih).view(T, B, I)
         dW_ih = dxw2.t() @ x.reshape(T * B, I)
         dW_hh = dgh2.t() @ h_recs.view(T * B, -1)
         db_ih = dxw2.sum(0) if ctx.has_bias else None
         db_hh = dgh2.sum(0) if ctx.has_bias else None
-        step.fix_weight_grads(dW_hh, db_hh, dxws, ctx.saved_steps)
-        ctx.saved_steps = None
-        return (None, None, None, None, dx, dW_ih, dW_hh, db_ih, db_hh, *dstate, *step.param_grads(pgrads))
+        if isinstance(loop, PyLoop):
+            loop.step.fix_weight_grads(dW_hh, db_hh, dxws, ctx.saved_loop[0])
+        ctx.saved_loop = None
+        return (None, None, None, None, dx, dW_ih, dW_hh, db_ih, db_hh, *dstate0, *extra)

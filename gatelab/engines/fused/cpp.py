@@ -1,0 +1,202 @@
+"""The C++ time loops of the fused engine: compiled at first use, cached, loaded as torch ops.
+
+Only a C++ compiler is needed (no ninja, nothing downloaded): ``kernels.cpp`` is compiled with the
+compiler in ``$CXX`` (default ``c++``) against the installed torch's headers into
+``$GATELAB_CACHE/fused/<hash>/`` (default ``~/.cache/gatelab``); the hash covers the source, torch's
+version, the flags and the CPU, so a cached build is never stale. A failed build warns once and
+the engine uses its pure-PyTorch loop; ``strict=True`` layers raise instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...activations import Activation
+from ...cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell, RecurrentCell
+from .steps import Step
+
+# Activation kinds the kernels know, in the order of the C++ enum.
+KINDS = ("identity", "sigmoid", "hard_sigmoid", "elliott", "tanh", "hardtanh", "softsign", "relu",
+         "leaky_relu", "elu", "selu", "gelu", "silu", "softplus")
+_DEFAULT_PARAM = {"hard_sigmoid": 1 / 6, "leaky_relu": 0.01, "elu": 1.0}
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffast-math", "-fno-finite-math-only", "-w"]
+_SLOTS = {
+    LSTMCell: ("sigma_i", "sigma_f", "phi", "sigma_o", "psi"),
+    GRUCell: ("sigma_r", "sigma_z", "phi"),
+    ElmanCell: ("phi",),
+    GatedStateCell: ("sigma_f", "sigma_i", "sigma_o", "phi"),
+}
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"loaded": False, "error": None}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GATELAB_CACHE", Path.home() / ".cache" / "gatelab")) / "fused"
+
+
+def _cpu_id() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return platform.machine() + flags
+
+
+def _arch_flags() -> list[str]:
+    return ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
+
+
+def _build(src: Path, out: Path) -> None:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set $CXX)")
+    lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [cxx, *FLAGS, *_arch_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           *(f"-I{p}" for p in cpp_extension.include_paths()), str(src), "-o", str(out),
+           f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib}"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling {src.name} failed ({' '.join(cmd[:3])} ...):\n{result.stderr[-3000:]}")
+
+
+def load(strict: bool = False) -> bool:
+    """Compile (once, cached) and load the kernels; True when they are usable.
+
+    On failure: warn once and return False, or raise ``RuntimeError`` when ``strict``.
+    """
+    with _lock:
+        if _state["loaded"]:
+            return True
+        if _state["error"] is None and os.environ.get("GATELAB_NO_CPP"):
+            _state["error"] = "disabled by $GATELAB_NO_CPP"
+        if _state["error"] is None:
+            try:
+                src = Path(__file__).with_name("kernels.cpp")
+                key = hashlib.sha256(b"\0".join([src.read_bytes(), torch.__version__.encode(), sys.version.encode(),
+                                                 " ".join(FLAGS + _arch_flags()).encode(), _cpu_id().encode()]))
+                target = cache_dir() / key.hexdigest()[:20] / "gatelab_fused.so"
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                        built = Path(tmp) / target.name
+                        _build(src, built)
+                        os.replace(built, target)  # atomic: a half-written library is never loaded
+                torch.ops.load_library(str(target))
+                _state["loaded"] = True
+                return True
+            except Exception as e:  # a failed build must never break gatelab
+                _state["error"] = f"{type(e).__name__}: {e}"
+                if not strict:
+                    warnings.warn(f"gatelab: the fused engine's C++ kernels are unavailable ({_state['error'][:500]}); "
+                                  "using its pure-PyTorch loop", RuntimeWarning, stacklevel=3)
+        if strict:
+            raise RuntimeError(f"gatelab: the fused engine's C++ kernels are unavailable: {_state['error']}")
+        return False
+
+
+def status() -> str:
+    """A line for ``explain()``: whether the C++ kernels are loaded, untried or failed."""
+    if _state["loaded"]:
+        return "C++ kernels loaded"
+    if _state["error"]:
+        return f"C++ kernels unavailable ({_state['error'][:200]})"
+    return "C++ kernels not built yet (built at first use)"
+
+
+def _kind(act: Any) -> tuple[int, float] | None:
+    if not isinstance(act, Activation) or act.kind not in KINDS:
+        return None
+    param = act.param if act.param is not None else _DEFAULT_PARAM.get(act.kind, 0.0)
+    return KINDS.index(act.kind), float(param)
+
+
+def cell_blockers(cell: RecurrentCell) -> list[str]:
+    """Why the C++ loop cannot run ``cell`` (the pure-PyTorch loop still can)."""
+    out = []
+    if type(cell) not in _SLOTS:
+        return [f"no C++ loop for {type(cell).__name__}"]
+    if isinstance(cell, LSTMCell):
+        for opt in ("peephole", "coupled", "proj_size"):
+            if getattr(cell, opt):
+                out.append(f"{opt} runs on the pure-PyTorch loop")
+        if cell.gates != "ifo":
+            out.append("removed gates run on the pure-PyTorch loop")
+    if isinstance(cell, GRUCell) and not cell.reset_after:
+        out.append("reset_after=False runs on the pure-PyTorch loop")
+    slots = cell.activation_slots()
+    for slot in _SLOTS[type(cell)]:
+        if _kind(slots[slot]) is None:
+            out.append(f"{slot} ({getattr(slots[slot], 'key', type(slots[slot]).__name__)}) has no C++ kernel")
+    if cell.weight_ih.device.type != "cpu":
+        out.append(f"the C++ loop runs on the CPU, parameters are on {cell.weight_ih.device}")
+    return out
+
+
+class CppLoop:
+    """A C++ time loop for one cell; same contract as :class:`~.function.PyLoop`."""
+
+    def __init__(self, step: Step) -> None:
+        self.step = step
+        cell = step.cell
+        kinds = [_kind(cell.activation_slots()[s]) for s in _SLOTS[type(cell)]]
+        self.kinds = [k for k, _ in kinds]
+        self.params = [p for _, p in kinds]
+        self.name = type(cell).__name__
+        self.fold_bias_hh = not isinstance(cell, GRUCell)
+        self.ops = torch.ops.gatelab_fused
+
+    def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse):
+        ops, k, p = self.ops, self.kinds, self.params
+        if self.name == "LSTMCell":
+            out, h, c, *saved = ops.lstm_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, k, p, reverse)
+            return out, (h, c), (saved, state[1])
+        if self.name == "GRUCell":
+            out, h, *saved = ops.gru_forward(xw, W_hh, b_hh, state[0], lengths, rec_mask, k, p, reverse)
+            return out, (h,), (saved, state[0])
+        if self.name == "ElmanCell":
+            out, h, *saved = ops.elman_forward(xw, W_hh, state[0], lengths, rec_mask, k[0], p[0], reverse)
+            return out, (h,), (saved, state[0])
+        out, s, *saved = ops.gated_state_forward(xw, W_hh, state[0], lengths, rec_mask, k, p, reverse)
+        return out, (s,), (saved, state[0])
+
+    def backward(self, saved, dout, dstate, W_hh, lengths, rec_mask, reverse):
+        ops, k, p = self.ops, self.kinds, self.params
+        tensors, first = saved
+        if self.name == "LSTMCell":
+            Z, A, C, K, HR = tensors
+            dZ, dh, dc = ops.lstm_backward(dout, dstate[0], dstate[1], Z, A, C, K, first, W_hh, lengths, rec_mask,
+                                           k, p, reverse)
+            return dZ, dZ, (dh, dc), HR, []
+        if self.name == "GRUCell":
+            Z, A, GHn, S, HR = tensors
+            dXW, dGH, dh = ops.gru_backward(dout, dstate[0], Z, A, GHn, S, first, W_hh, lengths, rec_mask, k, p,
+                                            reverse)
+            return dXW, dGH, (dh,), HR, []
+        if self.name == "ElmanCell":
+            Z, S, HR = tensors
+            dZ, dh = ops.elman_backward(dout, dstate[0], Z, S, W_hh, lengths, rec_mask, k[0], p[0], reverse)
+            return dZ, dZ, (dh,), HR, []
+        Z, A, S, HR = tensors
+        dZ, ds = ops.gated_state_backward(dout, dstate[0], Z, A, S, first, W_hh, lengths, rec_mask, k, p, reverse)
+        return dZ, dZ, (ds,), HR, []
+
+
+def contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()

@@ -1,0 +1,548 @@
+// gatelab fused engine: the time loops of LSTM, GRU (reset-after), Elman and the gated-state cell,
+// forward and hand-written backward, for any stateless registered activation in any slot.
+//
+// Per step: one GEMM with W_hh (ATen's, so MKL/oneDNN), then one pass over the batch rows that
+// applies every activation and the cell's elementwise update. The input projection of all steps
+// and the weight gradients are GEMMs done by the Python caller before and after these loops
+// (gatelab/engines/fused/function.py), which also holds the pure-PyTorch twin of every function
+// here (steps.py); tests tie the two.
+//
+// Layouts: time-major (T, B, F), contiguous. Pre-activation rows follow torch's gate order.
+// A sequence b is live at step t when t < lengths[b]; dead steps hold the state and output zero.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// Keep in sync with KINDS in cpp.py.
+enum Act : int64_t {
+  IDENTITY = 0, SIGMOID, HARD_SIGMOID, ELLIOTT, TANH, HARDTANH, SOFTSIGN, RELU, LEAKY_RELU, ELU,
+  SELU, GELU, SILU, SOFTPLUS
+};
+
+constexpr double kSeluAlpha = 1.6732632423543772848170429916717;
+constexpr double kSeluScale = 1.0507009873554804934193349852946;
+
+// exp without a libm call, so that the loops below vectorise: e^x = 2^n · e^r with |r| <= ln2/2,
+// e^r by a polynomial (float: degree 6, ~1 ulp; double: degree 11, ~2 ulp), 2^n by exponent bits.
+inline float vexp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline double vexp(double x) {
+  x = std::min(std::max(x, -708.0), 709.0);
+  const double n = std::floor(x * 1.4426950408889634 + 0.5);
+  const double r = x - n * 6.93147180369123816490e-01 - n * 1.90821492927058770002e-10;
+  double p = 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r * r + r + 1.0;
+  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+template <typename T>
+inline T vtanh(T x) { return T(1) - T(2) / (vexp(T(2) * x) + T(1)); }
+
+// y = f(x) over n contiguous elements; the switch sits outside the loops so each loop vectorises.
+template <typename T>
+void act_forward(int64_t kind, T a, const T* __restrict x, T* __restrict y, int64_t n) {
+  switch (kind) {
+    case IDENTITY: for (int64_t j = 0; j < n; ++j) y[j] = x[j]; break;
+    case SIGMOID: for (int64_t j = 0; j < n; ++j) y[j] = T(1) / (T(1) + vexp(-x[j])); break;
+    case HARD_SIGMOID:
+      for (int64_t j = 0; j < n; ++j) y[j] = std::min(std::max(a * x[j] + T(0.5), T(0)), T(1));
+      break;
+    case ELLIOTT: for (int64_t j = 0; j < n; ++j) y[j] = T(0.5) * x[j] / (T(1) + std::abs(x[j])) + T(0.5); break;
+    case TANH: for (int64_t j = 0; j < n; ++j) y[j] = vtanh(x[j]); break;
+    case HARDTANH: for (int64_t j = 0; j < n; ++j) y[j] = std::min(std::max(x[j], T(-1)), T(1)); break;
+    case SOFTSIGN: for (int64_t j = 0; j < n; ++j) y[j] = x[j] / (T(1) + std::abs(x[j])); break;
+    case RELU: for (int64_t j = 0; j < n; ++j) y[j] = x[j] > T(0) ? x[j] : T(0); break;
+    case LEAKY_RELU: for (int64_t j = 0; j < n; ++j) y[j] = x[j] > T(0) ? x[j] : a * x[j]; break;
+    case ELU: for (int64_t j = 0; j < n; ++j) y[j] = x[j] > T(0) ? x[j] : a * (vexp(x[j]) - T(1)); break;
+    case SELU:
+      for (int64_t j = 0; j < n; ++j)
+        y[j] = T(kSeluScale) * (x[j] > T(0) ? x[j] : T(kSeluAlpha) * (vexp(x[j]) - T(1)));
+      break;
+    case GELU:
+      for (int64_t j = 0; j < n; ++j) y[j] = T(0.5) * x[j] * (T(1) + std::erf(x[j] * T(M_SQRT1_2)));
+      break;
+    case SILU: for (int64_t j = 0; j < n; ++j) y[j] = x[j] / (T(1) + vexp(-x[j])); break;
+    case SOFTPLUS:  // torch's threshold 20
+      for (int64_t j = 0; j < n; ++j) y[j] = x[j] > T(20) ? x[j] : std::log1p(std::exp(x[j]));
+      break;
+    default: TORCH_CHECK(false, "gatelab fused: unknown activation kind ", kind);
+  }
+}
+
+// g = dy ⊙ f'(x), where y = f(x); g may alias dy.
+template <typename T>
+void act_backward(int64_t kind, T a, const T* __restrict x, const T* __restrict y, const T* dy, T* g, int64_t n) {
+  switch (kind) {
+    case IDENTITY: for (int64_t j = 0; j < n; ++j) g[j] = dy[j]; break;
+    case SIGMOID: for (int64_t j = 0; j < n; ++j) g[j] = dy[j] * y[j] * (T(1) - y[j]); break;
+    case HARD_SIGMOID:
+      for (int64_t j = 0; j < n; ++j) g[j] = (a * x[j] > T(-0.5) && a * x[j] < T(0.5)) ? dy[j] * a : T(0);
+      break;
+    case ELLIOTT:
+      for (int64_t j = 0; j < n; ++j) {
+        T d = T(1) + std::abs(x[j]);
+        g[j] = dy[j] * T(0.5) / (d * d);
+      }
+      break;
+    case TANH: for (int64_t j = 0; j < n; ++j) g[j] = dy[j] * (T(1) - y[j] * y[j]); break;
+    case HARDTANH: for (int64_t j = 0; j < n; ++j) g[j] = (x[j] > T(-1) && x[j] < T(1)) ? dy[j] : T(0); break;
+    case SOFTSIGN:
+      for (int64_t j = 0; j < n; ++j) {
+        T d = T(1) + std::abs(x[j]);
+        g[j] = dy[j] / (d * d);
+      }
+      break;
+    case RELU: for (int64_t j = 0; j < n; ++j) g[j] = x[j] > T(0) ? dy[j] : T(0); break;
+    case LEAKY_RELU: for (int64_t j = 0; j < n; ++j) g[j] = x[j] > T(0) ? dy[j] : a * dy[j]; break;
+    case ELU: for (int64_t j = 0; j < n; ++j) g[j] = x[j] > T(0) ? dy[j] : dy[j] * (y[j] + a); break;
+    case SELU:
+      for (int64_t j = 0; j < n; ++j)
+        g[j] = x[j] > T(0) ? dy[j] * T(kSeluScale) : dy[j] * (y[j] + T(kSeluScale * kSeluAlpha));
+      break;
+    case GELU:
+      for (int64_t j = 0; j < n; ++j) {
+        T cdf = T(0.5) * (T(1) + std::erf(x[j] * T(M_SQRT1_2)));
+        T pdf = std::exp(T(-0.5) * x[j] * x[j]) * T(0.3989422804014327);
+        g[j] = dy[j] * (cdf + x[j] * pdf);
+      }
+      break;
+    case SILU:
+      for (int64_t j = 0; j < n; ++j) {
+        T s = T(1) / (T(1) + vexp(-x[j]));
+        g[j] = dy[j] * s * (T(1) + x[j] * (T(1) - s));
+      }
+      break;
+    case SOFTPLUS: for (int64_t j = 0; j < n; ++j) g[j] = dy[j] / (T(1) + vexp(-x[j])); break;
+    default: TORCH_CHECK(false, "gatelab fused: unknown activation kind ", kind);
+  }
+}
+
+// Rows per task so that small steps stay on one thread.
+int64_t grain(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)); }
+
+struct Loop {
+  int64_t T, B;
+  bool reverse;
+  const int64_t* len;  // nullptr: every sequence runs all T steps
+  int64_t step(int64_t k) const { return reverse ? T - 1 - k : k; }
+  bool live(int64_t t, int64_t b) const { return len == nullptr || t < len[b]; }
+};
+
+Loop make_loop(const Tensor& x, const c10::optional<Tensor>& lengths, bool reverse) {
+  return Loop{x.size(0), x.size(1), reverse, lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr};
+}
+
+// h_rec = h (⊙ mask), stored for the weight gradient after the loop.
+void recurrent_input(Tensor& h_rec, const Tensor& h, const c10::optional<Tensor>& mask) {
+  if (mask.has_value()) at::mul_out(h_rec, h, *mask); else h_rec.copy_(h);
+}
+
+// dh += (dG @ W_hh) (⊙ mask)
+void recurrent_grad(Tensor& dh, const Tensor& dG, const Tensor& W_hh, const c10::optional<Tensor>& mask) {
+  if (mask.has_value()) dh.addcmul_(at::mm(dG, W_hh), *mask); else dh.addmm_(dG, W_hh);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LSTM, gates i, f, g, o; kinds/params: sigma_i, sigma_f, phi, sigma_o, psi.
+// xw holds W_ih x + b_ih + b_hh. Saves Z (pre-activations), A (activations), C (cell after each
+// step), K = psi(C), HR (recurrent inputs).
+
+std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0, const Tensor& c0,
+                                 const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
+                                 at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+  const Loop L = make_loop(xw, lengths, reverse);
+  const int64_t H = c0.size(1), B = L.B;
+  Tensor Z = at::empty_like(xw), A = at::empty_like(xw);
+  Tensor C = at::empty({L.T, B, H}, c0.options()), K = at::empty_like(C), out = at::empty_like(C);
+  Tensor HR = at::empty({L.T, B, h0.size(1)}, h0.options());
+  Tensor h = h0.clone(), c = c0.clone();
+  AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_forward", [&] {
+    using T = scalar_t;
+    const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
+    for (int64_t k = 0; k < L.T; ++k) {
+      const int64_t t = L.step(k);
+      Tensor hr = HR[t], z = Z[t];
+      recurrent_input(hr, h, mask);
+      at::addmm_out(z, xw[t], hr, W_hh.t());
+      T *zp = z.data_ptr<T>(), *ap = A[t].data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
+      T *Cp = C[t].data_ptr<T>(), *Kp = K[t].data_ptr<T>(), *op = out[t].data_ptr<T>();
+      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          T *zr = zp + b * 4 * H, *ar = ap + b * 4 * H, *cr = cp + b * H, *hrow = hp + b * H;
+          T *Cr = Cp + b * H, *Kr = Kp + b * H, *orow = op + b * H;
+          if (!L.live(t, b)) {
+            for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
+            continue;
+          }
+          act_forward(kinds[0], ai, zr, ar, H);
+          act_forward(kinds[1], af, zr + H, ar + H, H);
+          act_forward(kinds[2], ag, zr + 2 * H, ar + 2 * H, H);
+          act_forward(kinds[3], ao, zr + 3 * H, ar + 3 * H, H);
+          for (int64_t j = 0; j < H; ++j) Cr[j] = cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
+          act_forward(kinds[4], ak, Cr, Kr, H);
+          for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j] = ar[3 * H + j] * Kr[j];
+        }
+      });
+    }
+  });
+  return {out, h, c, Z, A, C, K, HR};
+}
+
+std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const Tensor& dcT, const Tensor& Z,
+                                  const Tensor& A, const Tensor& C, const Tensor& K, const Tensor& c0,
+                                  const Tensor& W_hh, const c10::optional<Tensor>& lengths,
+                                  const c10::optional<Tensor>& mask, at::IntArrayRef kinds,
+                                  at::ArrayRef<double> params, bool reverse) {
+  const Loop L = make_loop(Z, lengths, reverse);
+  const int64_t H = c0.size(1), B = L.B;
+  Tensor dZ = at::empty_like(Z), dh = dhT.clone(), dc = dcT.clone();
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "lstm_backward", [&] {
+    using T = scalar_t;
+    const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
+    for (int64_t k = L.T - 1; k >= 0; --k) {
+      const int64_t t = L.step(k);
+      const T* cprev = (k == 0 ? c0 : C[L.step(k - 1)]).data_ptr<T>();
+      const T *zp = Z[t].data_ptr<T>(), *ap = A[t].data_ptr<T>(), *Cp = C[t].data_ptr<T>(), *Kp = K[t].data_ptr<T>();
+      const T* dop = dout[t].data_ptr<T>();
+      T *gp = dZ[t].data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+        std::vector<T> tmp(H);
+        for (int64_t b = b0; b < b1; ++b) {
+          const T *zr = zp + b * 4 * H, *ar = ap + b * 4 * H, *Cr = Cp + b * H, *Kr = Kp + b * H;
+          const T *cpr = cprev + b * H, *dor = dop + b * H;
+          T *gr = gp + b * 4 * H, *dhr = dhp + b * H, *dcr = dcp + b * H;
+          if (!L.live(t, b)) {  // state passed through; nothing to differentiate
+            for (int64_t j = 0; j < 4 * H; ++j) gr[j] = T(0);
+            continue;
+          }
+          for (int64_t j = 0; j < H; ++j) {
+            const T d = dor[j] + dhr[j];
+            gr[3 * H + j] = d * Kr[j];          // dL/do
+            tmp[j] = d * ar[3 * H + j];         // dL/dk
+            dhr[j] = T(0);                       // refilled by the recurrent GEMM below
+          }
+          act_backward(kinds[4], ak, Cr, Kr, tmp.data(), tmp.data(), H);
+          for (int64_t j = 0; j < H; ++j) {
+            const T dcn = dcr[j] + tmp[j];
+            gr[j] = dcn * ar[2 * H + j];         // dL/di
+            gr[H + j] = dcn * cpr[j];            // dL/df
+            gr[2 * H + j] = dcn * ar[j];         // dL/dg
+            dcr[j] = dcn * ar[H + j];
+          }
+          act_backward(kinds[0], ai, zr, ar, gr, gr, H);
+          act_backward(kinds[1], af, zr + H, ar + H, gr + H, gr + H, H);
+          act_backward(kinds[2], ag, zr + 2 * H, ar + 2 * H, gr + 2 * H, gr + 2 * H, H);
+          act_backward(kinds[3], ao, zr + 3 * H, ar + 3 * H, gr + 3 * H, gr + 3 * H, H);
+        }
+      });
+      recurrent_grad(dh, dZ[t], W_hh, mask);
+    }
+  });
+  return {dZ, dh, dc};
+}
+
+// ---------------------------------------------------------------------------------------------
+// GRU, reset-after; kinds/params: sigma_r, sigma_z, phi. xw = W_ih x + b_ih; the recurrent product
+// GH = W_hh h_rec + b_hh is kept apart because r multiplies its n block. Saves Z = (a_r, a_z, z_n)
+// pre-activations, A = (r, z, n), GHn (the n block of GH), S (state after each step), HR.
+
+std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10::optional<Tensor>& b_hh,
+                                const Tensor& h0, const c10::optional<Tensor>& lengths,
+                                const c10::optional<Tensor>& mask, at::IntArrayRef kinds,
+                                at::ArrayRef<double> params, bool reverse) {
+  const Loop L = make_loop(xw, lengths, reverse);
+  const int64_t H = h0.size(1), B = L.B;
+  Tensor Z = at::empty_like(xw), A = at::empty_like(xw), GHn = at::empty({L.T, B, H}, h0.options());
+  Tensor S = at::empty_like(GHn), out = at::empty_like(GHn), HR = at::empty_like(GHn);
+  Tensor gh = at::empty({B, 3 * H}, h0.options()), h = h0.clone();
+  AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_forward", [&] {
+    using T = scalar_t;
+    const T ar_ = params[0], az_ = params[1], an_ = params[2];
+    for (int64_t k = 0; k < L.T; ++k) {
+      const int64_t t = L.step(k);
+      Tensor hr = HR[t];
+      recurrent_input(hr, h, mask);
+      if (b_hh.has_value()) at::addmm_out(gh, *b_hh, hr, W_hh.t()); else at::mm_out(gh, hr, W_hh.t());
+      const T *xp = xw[t].data_ptr<T>(), *ghp = gh.data_ptr<T>();
+      T *zp = Z[t].data_ptr<T>(), *ap = A[t].data_ptr<T>(), *np = GHn[t].data_ptr<T>(), *hp = h.data_ptr<T>();
+      T *Sp = S[t].data_ptr<T>(), *op = out[t].data_ptr<T>();
+      at::parallel_for(0, B, grain(3 * H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const T *xr = xp + b * 3 * H, *ghr = ghp + b * 3 * H;
+          T *zr = zp + b * 3 * H, *arow = ap + b * 3 * H, *nr = np + b * H, *hrow = hp + b * H;
+          T *Sr = Sp + b * H, *orow = op + b * H;
+          if (!L.live(t, b)) {
+            for (int64_t j = 0; j < H; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
+            continue;
+          }
+          for (int64_t j = 0; j < 2 * H; ++j) zr[j] = xr[j] + ghr[j];
+          act_forward(kinds[0], ar_, zr, arow, H);
+          act_forward(kinds[1], az_, zr + H, arow + H, H);
+          for (int64_t j = 0; j < H; ++j) {
+            nr[j] = ghr[2 * H + j];
+            zr[2 * H + j] = xr[2 * H + j] + arow[j] * nr[j];
+          }
+          act_forward(kinds[2], an_, zr + 2 * H, arow + 2 * H, H);
+          for (int64_t j = 0; j < H; ++j) {
+            const T z = arow[H + j], n = arow[2 * H + j];
+            orow[j] = Sr[j] = hrow[j] = (T(1) - z) * n + z * hrow[j];
+          }
+        }
+      });
+    }
+  });
+  return {out, h, Z, A, GHn, S, HR};
+}
+
+std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Tensor& Z, const Tensor& A,
+                                 const Tensor& GHn, const Tensor& S, const Tensor& h0, const Tensor& W_hh,
+                                 const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
+                                 at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+  const Loop L = make_loop(Z, lengths, reverse);
+  const int64_t H = h0.size(1), B = L.B;
+  Tensor dXW = at::empty_like(Z), dGH = at::empty_like(Z), dh = dhT.clone();
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "gru_backward", [&] {
+    using T = scalar_t;
+    const T ar_ = params[0], az_ = params[1], an_ = params[2];
+    for (int64_t k = L.T - 1; k >= 0; --k) {
+      const int64_t t = L.step(k);
+      const T* hprev = (k == 0 ? h0 : S[L.step(k - 1)]).data_ptr<T>();
+      const T *zp = Z[t].data_ptr<T>(), *ap = A[t].data_ptr<T>(), *np = GHn[t].data_ptr<T>();
+      const T* dop = dout[t].data_ptr<T>();
+      T *gx = dXW[t].data_ptr<T>(), *gh = dGH[t].data_ptr<T>(), *dhp = dh.data_ptr<T>();
+      at::parallel_for(0, B, grain(3 * H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const T *zr = zp + b * 3 * H, *arow = ap + b * 3 * H, *nr = np + b * H, *hpr = hprev + b * H;
+          const T* dor = dop + b * H;
+          T *gxr = gx + b * 3 * H, *ghr = gh + b * 3 * H, *dhr = dhp + b * H;
+          if (!L.live(t, b)) {
+            for (int64_t j = 0; j < 3 * H; ++j) gxr[j] = ghr[j] = T(0);
+            continue;
+          }
+          for (int64_t j = 0; j < H; ++j) {
+            const T d = dor[j] + dhr[j], z = arow[H + j], n = arow[2 * H + j];
+            gxr[2 * H + j] = d * (T(1) - z);     // dL/dn
+            gxr[H + j] = d * (hpr[j] - n);       // dL/dz
+            dhr[j] = d * z;                      // direct path; the GEMM adds the rest
+          }
+          act_backward(kinds[2], an_, zr + 2 * H, arow + 2 * H, gxr + 2 * H, gxr + 2 * H, H);
+          act_backward(kinds[1], az_, zr + H, arow + H, gxr + H, gxr + H, H);
+          for (int64_t j = 0; j < H; ++j) gxr[j] = gxr[2 * H + j] * nr[j];  // dL/dr
+          act_backward(kinds[0], ar_, zr, arow, gxr, gxr, H);
+          for (int64_t j = 0; j < 2 * H; ++j) ghr[j] = gxr[j];
+          for (int64_t j = 0; j < H; ++j) ghr[2 * H + j] = gxr[2 * H + j] * arow[j];
+        }
+      });
+      recurrent_grad(dh, dGH[t], W_hh, mask);
+    }
+  });
+  return {dXW, dGH, dh};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elman: h' = phi(xw + W_hh h_rec), xw holding both biases. Saves Z and the outputs A.
+
+std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0,
+                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
+                                  int64_t kind, double param, bool reverse) {
+  const Loop L = make_loop(xw, lengths, reverse);
+  const int64_t H = h0.size(1), B = L.B;
+  Tensor Z = at::empty_like(xw), out = at::empty_like(xw), S = at::empty_like(xw), HR = at::empty_like(xw);
+  Tensor h = h0.clone();
+  AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "elman_forward", [&] {
+    using T = scalar_t;
+    const T a = param;
+    for (int64_t k = 0; k < L.T; ++k) {
+      const int64_t t = L.step(k);
+      Tensor hr = HR[t], z = Z[t];
+      recurrent_input(hr, h, mask);
+      at::addmm_out(z, xw[t], hr, W_hh.t());
+      T *zp = z.data_ptr<T>(), *hp = h.data_ptr<T>(), *Sp = S[t].data_ptr<T>(), *op = out[t].data_ptr<T>();
+      at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          T *hrow = hp + b * H, *Sr = Sp + b * H, *orow = op + b * H;
+          if (!L.live(t, b)) {
+            for (int64_t j = 0; j < H; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
+            continue;
+          }
+          act_forward(kind, a, zp + b * H, hrow, H);
+          for (int64_t j = 0; j < H; ++j) Sr[j] = orow[j] = hrow[j];
+        }
+      });
+    }
+  });
+  return {out, h, Z, S, HR};
+}
+
+std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const Tensor& Z, const Tensor& S,
+                                   const Tensor& W_hh, const c10::optional<Tensor>& lengths,
+                                   const c10::optional<Tensor>& mask, int64_t kind, double param, bool reverse) {
+  const Loop L = make_loop(Z, lengths, reverse);
+  const int64_t H = Z.size(2), B = L.B;
+  Tensor dZ = at::empty_like(Z), dh = dhT.clone();
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "elman_backward", [&] {
+    using T = scalar_t;
+    const T a = param;
+    for (int64_t k = L.T - 1; k >= 0; --k) {
+      const int64_t t = L.step(k);
+      const T *zp = Z[t].data_ptr<T>(), *Sp = S[t].data_ptr<T>(), *dop = dout[t].data_ptr<T>();
+      T *gp = dZ[t].data_ptr<T>(), *dhp = dh.data_ptr<T>();
+      at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          T *gr = gp + b * H, *dhr = dhp + b * H;
+          if (!L.live(t, b)) {
+            for (int64_t j = 0; j < H; ++j) gr[j] = T(0);
+            continue;
+          }
+          for (int64_t j = 0; j < H; ++j) { gr[j] = dop[b * H + j] + dhr[j]; dhr[j] = T(0); }
+          act_backward(kind, a, zp + b * H, Sp + b * H, gr, gr, H);
+        }
+      });
+      recurrent_grad(dh, dZ[t], W_hh, mask);
+    }
+  });
+  return {dZ, dh};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gated state: blocks f, i, o, n; s' = f s + i n, y = o s'; the state s recurs. kinds/params:
+// sigma_f, sigma_i, sigma_o, phi. Saves Z, A, S (state after each step), HR.
+
+std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& s0,
+                                        const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
+                                        at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+  const Loop L = make_loop(xw, lengths, reverse);
+  const int64_t H = s0.size(1), B = L.B;
+  Tensor Z = at::empty_like(xw), A = at::empty_like(xw);
+  Tensor S = at::empty({L.T, B, H}, s0.options()), out = at::empty_like(S), HR = at::empty_like(S);
+  Tensor s = s0.clone();
+  AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gated_state_forward", [&] {
+    using T = scalar_t;
+    for (int64_t k = 0; k < L.T; ++k) {
+      const int64_t t = L.step(k);
+      Tensor hr = HR[t], z = Z[t];
+      recurrent_input(hr, s, mask);
+      at::addmm_out(z, xw[t], hr, W_hh.t());
+      T *zp = z.data_ptr<T>(), *ap = A[t].data_ptr<T>(), *sp = s.data_ptr<T>();
+      T *Sp = S[t].data_ptr<T>(), *op = out[t].data_ptr<T>();
+      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          T *zr = zp + b * 4 * H, *ar = ap + b * 4 * H, *sr = sp + b * H, *Sr = Sp + b * H, *orow = op + b * H;
+          if (!L.live(t, b)) {
+            for (int64_t j = 0; j < H; ++j) { Sr[j] = sr[j]; orow[j] = T(0); }
+            continue;
+          }
+          for (int64_t q = 0; q < 4; ++q) act_forward(kinds[q], T(params[q]), zr + q * H, ar + q * H, H);
+          for (int64_t j = 0; j < H; ++j) {
+            Sr[j] = sr[j] = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
+            orow[j] = ar[2 * H + j] * sr[j];
+          }
+        }
+      });
+    }
+  });
+  return {out, s, Z, A, S, HR};
+}
+
+std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, const Tensor& Z, const Tensor& A,
+                                         const Tensor& S, const Tensor& s0, const Tensor& W_hh,
+                                         const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
+                                         at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+  const Loop L = make_loop(Z, lengths, reverse);
+  const int64_t H = s0.size(1), B = L.B;
+  Tensor dZ = at::empty_like(Z), ds = dsT.clone();
+  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "gated_state_backward", [&] {
+    using T = scalar_t;
+    for (int64_t k = L.T - 1; k >= 0; --k) {
+      const int64_t t = L.step(k);
+      const T* sprev = (k == 0 ? s0 : S[L.step(k - 1)]).data_ptr<T>();
+      const T *zp = Z[t].data_ptr<T>(), *ap = A[t].data_ptr<T>(), *Sp = S[t].data_ptr<T>();
+      const T* dop = dout[t].data_ptr<T>();
+      T *gp = dZ[t].data_ptr<T>(), *dsp = ds.data_ptr<T>();
+      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const T *zr = zp + b * 4 * H, *ar = ap + b * 4 * H, *Sr = Sp + b * H, *spr = sprev + b * H;
+          const T* dor = dop + b * H;
+          T *gr = gp + b * 4 * H, *dsr = dsp + b * H;
+          if (!L.live(t, b)) {
+            for (int64_t j = 0; j < 4 * H; ++j) gr[j] = T(0);
+            continue;
+          }
+          for (int64_t j = 0; j < H; ++j) {
+            const T dst = dsr[j] + dor[j] * ar[2 * H + j];
+            gr[2 * H + j] = dor[j] * Sr[j];      // dL/do
+            gr[j] = dst * spr[j];                // dL/df
+            gr[H + j] = dst * ar[3 * H + j];     // dL/di
+            gr[3 * H + j] = dst * ar[H + j];     // dL/dn
+            dsr[j] = dst * ar[j];
+          }
+          for (int64_t q = 0; q < 4; ++q)
+            act_backward(kinds[q], T(params[q]), zr + q * H, ar + q * H, gr + q * H, gr + q * H, H);
+        }
+      });
+      recurrent_grad(ds, dZ[t], W_hh, mask);
+    }
+  });
+  return {dZ, ds};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gatelab_fused, m) {
+  m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("gru_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor A, Tensor GHn, Tensor S, Tensor h0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("elman_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse) -> Tensor[]");
+  m.def("elman_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor S, Tensor W_hh, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse) -> Tensor[]");
+  m.def("gated_state_forward(Tensor xw, Tensor W_hh, Tensor s0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("gated_state_backward(Tensor dout, Tensor dsT, Tensor Z, Tensor A, Tensor S, Tensor s0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(gatelab_fused, CPU, m) {
+  m.impl("lstm_forward", &lstm_forward);
+  m.impl("lstm_backward", &lstm_backward);
+  m.impl("gru_forward", &gru_forward);
+  m.impl("gru_backward", &gru_backward);
+  m.impl("elman_forward", &elman_forward);
+  m.impl("elman_backward", &elman_backward);
+  m.impl("gated_state_forward", &gated_state_forward);
+  m.impl("gated_state_backward", &gated_state_backward);
+}
