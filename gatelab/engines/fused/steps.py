@@ -63,7 +63,9 @@ class Step:
 class ElmanStep(Step):
     """h' = φ(xw + gh)."""
 
-    def forward(self, xw: Tensor, gh: Tensor, state: tuple[Tensor, ...], h_rec: Tensor) -> tuple[Tensor, tuple[Tensor, ...], Saved]:
+    def forward(
+        self, xw: Tensor, gh: Tensor, state: tuple[Tensor, ...], h_rec: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, ...], Saved]:
         z = xw + gh
         h = self.cell.phi(z)
         return h, (h,), (z, h)
