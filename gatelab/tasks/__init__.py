@@ -33,6 +33,7 @@ __all__ = [
     "SequenceDataset",
     "MissingExtraError",
     "data_dir",
+    "shipped",
     "AddingTask",
     "Adding1997Task",
     "CopyTask",

@@ -123,7 +123,7 @@ class Adding1997Task(Task):
         lengths = rng.integers(T, T + T // 10 + 1, size=n)
         first = rng.integers(0, 10, size=n)
         second = rng.integers(0, T // 2 - 1, size=n)
-        second = second + 0  # skip X1's step: uniform over the first T//2 - 1 others
+        second = second + (second >= first)  # skip X1's step: uniform over the first T//2 - 1 others
         xs, ys = [], torch.empty(n, 1)
         for k in range(n):
             L = int(lengths[k])

@@ -140,6 +140,8 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
             out.append("removed gates run on the pure-PyTorch loop")
     if isinstance(cell, GRUCell) and not cell.reset_after:
         out.append("reset_after=False runs on the pure-PyTorch loop")
+    if out:
+        return out
     slots = cell.activation_slots()
     for slot in _SLOTS[type(cell)]:
         if _kind(slots[slot]) is None:

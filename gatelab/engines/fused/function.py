@@ -129,5 +129,4 @@ class FusedDirection(torch.autograd.Function):
         db_hh = dgh2.sum(0) if ctx.has_bias else None
         if isinstance(loop, PyLoop):
             loop.step.fix_weight_grads(dW_hh, db_hh, dxws, ctx.saved_loop[0])
-        ctx.saved_loop = None
         return (None, None, None, None, dx, dW_ih, dW_hh, db_ih, db_hh, *dstate0, *extra)

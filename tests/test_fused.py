@@ -1,0 +1,260 @@
+"""The fused engine against the reference engine, its own gradcheck, and its C++/PyTorch twins."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import gatelab
+from gatelab.activations import available
+from gatelab.engines import fused
+from gatelab.engines.fused import cpp
+from gatelab.engines.fused.function import FusedDirection, PyLoop
+from gatelab.engines.fused.steps import STEPS
+
+LAYERS = {"LSTM": gatelab.LSTM, "GRU": gatelab.GRU, "RNN": gatelab.RNN, "GatedStateRNN": gatelab.GatedStateRNN}
+SLOTS = {
+    "LSTM": ("gate_activation", "candidate_activation", "cell_activation"),
+    "GRU": ("gate_activation", "candidate_activation"),
+    "RNN": ("activation",),
+    "GatedStateRNN": ("gate_activation", "candidate_activation"),
+}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def run_pair(layer_cls, options: dict, dtype=torch.float64, *, packed=True, seed=0, T=5, B=3, I=3, H=4,
+             engines=("reference", "fused"), strict=True):
+    """Run the same layer on two engines with the same weights, masks and inputs; return both results."""
+    torch.manual_seed(seed)
+    first = layer_cls(I, H, backend=engines[0], dtype=dtype, **options)
+    second = layer_cls(I, H, backend=engines[1], dtype=dtype, strict=strict, **options)
+    second.load_state_dict(first.state_dict())
+    x = torch.randn(T, B, I, dtype=dtype)
+    lengths = torch.tensor([T, 2, 1][:B] + [T] * max(0, B - 3))
+    results = []
+    for layer in (first, second):
+        xg = x.clone().requires_grad_(True)
+        inp = pack_padded_sequence(xg, lengths, enforce_sorted=False) if packed else xg
+        torch.manual_seed(seed + 1)  # same dropout masks on both engines
+        out, state = layer(inp)
+        out = out.data if packed else out
+        state = state if isinstance(state, tuple) else (state,)
+        g = torch.Generator().manual_seed(3)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=dtype)).sum()
+        loss = loss + sum((s * torch.randn(s.shape, generator=g, dtype=dtype)).sum() for s in state)
+        names, params = zip(*layer.named_parameters())
+        grads = torch.autograd.grad(loss, [xg, *params])
+        results.append({"out": out, "state": state, "grads": dict(zip(("input", *names), grads)), "layer": layer})
+    return results
+
+
+def max_error(a, b) -> float:
+    errs = [(a["out"] - b["out"]).abs().max().item()]
+    errs += [(x - y).abs().max().item() for x, y in zip(a["state"], b["state"])]
+    assert a["grads"].keys() == b["grads"].keys()
+    errs += [(a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"]]
+    return max(errs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("activation", available())
+def test_every_activation_in_every_slot(layer, activation, dtype):
+    for slot in SLOTS[layer]:
+        ref, fus = run_pair(LAYERS[layer], {slot: activation, "bidirectional": True}, dtype)
+        assert fus["layer"].engine_name == "fused"
+        err = max_error(ref, fus)
+        assert err < TOL[dtype] * (10 if dtype == torch.float32 else 1), (layer, slot, activation, err)
+
+
+def test_per_gate_mapping_and_learnable_parameters_get_gradients():
+    opts = {"gate_activation": {"i": "prelu", "f": "adaptive_sigmoid", "o": "elliott"}, "candidate_activation": "adaptive_tanh"}
+    ref, fus = run_pair(gatelab.LSTM, opts)
+    assert max_error(ref, fus) < 1e-10
+    for name in ("cells.0.sigma_i.weight", "cells.0.sigma_f.weight", "cells.0.phi.weight"):
+        assert fus["grads"][name].abs().sum() > 0
+
+
+LAYER_OPTIONS = [
+    ("LSTM", {"num_layers": 2, "bidirectional": True, "gate_activation": "hard_sigmoid"}),
+    ("LSTM", {"num_layers": 2, "batch_first": True, "candidate_activation": "relu"}),
+    ("LSTM", {"proj_size": 2, "num_layers": 2, "bidirectional": True, "gate_activation": "hard_sigmoid"}),
+    ("LSTM", {"peephole": True, "gate_activation": "elliott"}),
+    ("LSTM", {"peephole": True, "peephole_output": "previous", "cell_activation": "softsign"}),
+    ("LSTM", {"variant": "CIFG", "gate_activation": "hard_sigmoid"}),
+    ("LSTM", {"variant": "NIG"}),
+    ("LSTM", {"variant": "NFG"}),
+    ("LSTM", {"variant": "NOG"}),
+    ("LSTM", {"variant": "NIAF"}),
+    ("LSTM", {"variant": "NOAF"}),
+    ("LSTM", {"variant": "NP", "gate_activation": "hard_sigmoid"}),
+    ("LSTM", {"bias": False, "gate_activation": "hard_sigmoid"}),
+    ("LSTM", {"num_layers": 2, "recurrent_dropout": 0.3, "input_dropout": 0.2, "gate_activation": "hard_sigmoid"}),
+    ("LSTM", {"weight_dropout": 0.4, "gate_activation": "hard_sigmoid"}),
+    ("LSTM", {"num_layers": 3, "dropout": 0.3, "residual": True, "gate_activation": "hard_sigmoid"}),
+    ("GRU", {"num_layers": 2, "bidirectional": True, "gate_activation": "hard_sigmoid"}),
+    ("GRU", {"reset_after": False, "candidate_activation": "relu"}),
+    ("GRU", {"reset_after": False, "weight_dropout": 0.3, "recurrent_dropout": 0.3}),
+    ("GRU", {"recurrent_dropout": 0.5, "candidate_activation": "relu", "bidirectional": True}),
+    ("RNN", {"nonlinearity": "relu", "num_layers": 2, "bidirectional": True, "recurrent_dropout": 0.2}),
+    ("RNN", {"activation": "leaky_relu:0.2", "residual": True, "num_layers": 2}),
+    ("GatedStateRNN", {"num_layers": 2, "bidirectional": True, "recurrent_dropout": 0.25}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize(("layer", "options"), LAYER_OPTIONS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(LAYER_OPTIONS)])
+def test_layer_options(layer, options, packed, dtype):
+    ref, fus = run_pair(LAYERS[layer], options, dtype, packed=packed)
+    assert fus["layer"].engine_name == "fused"
+    err = max_error(ref, fus)
+    assert err < TOL[dtype] * (10 if dtype == torch.float32 else 1), err
+
+
+def test_unbatched_input_and_initial_state():
+    torch.manual_seed(0)
+    ref = gatelab.LSTM(3, 4, num_layers=2, backend="reference", gate_activation="hard_sigmoid", dtype=torch.float64)
+    fus = gatelab.LSTM(3, 4, num_layers=2, backend="fused", strict=True, gate_activation="hard_sigmoid", dtype=torch.float64)
+    fus.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, dtype=torch.float64)
+    h0, c0 = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    (o1, (h1, c1)), (o2, (h2, c2)) = ref(x, (h0, c0)), fus(x, (h0, c0))
+    torch.testing.assert_close(o1, o2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(h1, h2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(c1, c2, rtol=0, atol=1e-12)
+
+
+# -- the C++ loop and its pure-PyTorch twin --------------------------------------------------------
+
+CPP_CASES = [
+    (gatelab.LSTMCell, {"gate_activation": {"i": "hard_sigmoid", "f": "sigmoid", "o": "elliott"}, "candidate_activation": "relu"}),
+    (gatelab.LSTMCell, {"cell_activation": "gelu", "candidate_activation": "silu"}),
+    (gatelab.GRUCell, {"gate_activation": "hard_sigmoid:0.2", "candidate_activation": "elu:0.5"}),
+    (gatelab.ElmanCell, {"activation": "softplus"}),
+    (gatelab.GatedStateCell, {"gate_activation": "hardtanh", "candidate_activation": "selu"}),
+]
+
+
+def _direction_inputs(cell, T=4, B=3, seed=0, lengths=True, mask=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, cell.input_size, generator=g, dtype=torch.float64, requires_grad=True)
+    state = tuple(torch.randn(B, s, generator=g, dtype=torch.float64, requires_grad=True) for s in cell.state_sizes())
+    lens = torch.tensor([T, 2, 1][:B]) if lengths else None
+    rec_mask = (torch.rand(B, cell.recurrent_size, generator=g, dtype=torch.float64) > 0.3).double() / 0.7 if mask else None
+    return x, state, lens, rec_mask
+
+
+@pytest.mark.skipif(not cpp.load(), reason="C++ kernels unavailable (no compiler)")
+@pytest.mark.parametrize(("cell_cls", "options"), CPP_CASES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpp_loop_equals_pytorch_loop(cell_cls, options, reverse):
+    torch.manual_seed(0)
+    cell = cell_cls(3, 4, dtype=torch.float64, **options)
+    assert cpp.cell_blockers(cell) == []
+    x, state, lens, mask = _direction_inputs(cell)
+    results = []
+    for make_loop in (PyLoop, cpp.CppLoop):
+        step = STEPS[type(cell)](cell)
+        out, *final = FusedDirection.apply(make_loop(step), reverse, lens, mask, x, cell.weight_ih, cell.weight_hh,
+                                           cell.bias_ih, cell.bias_hh, *state)
+        loss = (out * out.detach().sin()).sum() + sum((f * f.detach().cos()).sum() for f in final)
+        params = [x, *state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+        results.append((out, final, torch.autograd.grad(loss, params)))
+    (o1, f1, g1), (o2, f2, g2) = results
+    torch.testing.assert_close(o1, o2, rtol=0, atol=1e-12)
+    for a, b in zip(f1, f2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+PY_ONLY_CASES = [
+    (gatelab.LSTMCell, {"peephole": True, "proj_size": 2, "gate_activation": {"i": "prelu"}}),
+    (gatelab.LSTMCell, {"variant": "CIFG", "peephole_output": "previous"}),
+    (gatelab.LSTMCell, {"variant": "NOG", "candidate_activation": "adaptive_tanh"}),
+    (gatelab.GRUCell, {"reset_after": False, "gate_activation": "adaptive_sigmoid"}),
+]
+GRADCHECK_CASES = [(c, o, False) for c, o in CPP_CASES + PY_ONLY_CASES] + [(c, o, True) for c, o in CPP_CASES]
+
+
+@pytest.mark.parametrize(("cell_cls", "options", "use_cpp"), GRADCHECK_CASES)
+def test_gradcheck_fused_direction(cell_cls, options, use_cpp):
+    torch.manual_seed(0)
+    cell = cell_cls(2, 3, dtype=torch.float64, **options)
+    step = STEPS[type(cell)](cell)
+    if use_cpp:
+        assert cpp.cell_blockers(cell) == [] and cpp.load(strict=True)
+    else:
+        assert any(p is cell.weight_hh for p in [step.W_hh])
+    make_loop = cpp.CppLoop if use_cpp else PyLoop
+    x, state, lens, mask = _direction_inputs(cell, T=3, B=3)
+
+    def fn(x, W_ih, W_hh, b_ih, b_hh, *rest):
+        return FusedDirection.apply(make_loop(step), True, lens, mask, x, W_ih, W_hh, b_ih, b_hh, *rest)
+
+    # The cell's own parameters (not copies): the step reads peepholes and activation weights from
+    # the cell, and gradcheck perturbs its inputs in place.
+    inputs = (x, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, *state, *step.extra_params())
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+# -- dispatch, fallback and errors ------------------------------------------------------------------
+
+
+def test_auto_picks_native_fused_and_reference():
+    assert gatelab.LSTM(3, 4).engine_name == "native"
+    assert gatelab.LSTM(3, 4, gate_activation="hard_sigmoid").engine_name == "fused"
+    layer = gatelab.LSTM(3, 4, layer_norm=True)
+    assert layer.engine_name == "reference"
+    assert "layer_norm" in layer.explain()
+    assert "zoneout" in gatelab.GRU(3, 4, zoneout=0.1).explain()
+
+
+def test_explain_names_the_loop():
+    text = gatelab.LSTM(3, 4, gate_activation="hard_sigmoid", peephole=True).explain()
+    assert "fused" in text and "peephole" in text and "pure-PyTorch" in text
+
+
+def test_fused_backend_strict_raises_for_unfusable_option():
+    with pytest.raises(ValueError, match="layer_norm"):
+        gatelab.LSTM(3, 4, layer_norm=True, backend="fused", strict=True)
+    with pytest.warns(UserWarning, match="falling back to 'reference'"):
+        layer = gatelab.LSTM(3, 4, layer_norm=True, backend="fused")
+    assert layer.engine_name == "reference"
+
+
+def test_failed_compile_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(cpp, "_state", {"loaded": False, "error": None})
+
+    def broken(src, out):
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(cpp, "_build", broken)
+    monkeypatch.setattr(cpp, "cache_dir", lambda: __import__("pathlib").Path("/nonexistent-gatelab-cache"))
+    monkeypatch.setattr(cpp.Path, "exists", lambda self: False)
+    with pytest.warns(RuntimeWarning, match="simulated compiler failure"):
+        assert cpp.load() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpp.load() is False  # warned once only
+    with pytest.raises(RuntimeError, match="simulated compiler failure"):
+        cpp.load(strict=True)
+    assert fused.implementation() == "PyTorch"
+
+
+def test_pure_pytorch_loop_used_when_cpp_unavailable(monkeypatch):
+    monkeypatch.setattr(cpp, "_state", {"loaded": False, "error": "disabled for this test"})
+    ref, fus = run_pair(gatelab.GRU, {"gate_activation": "hard_sigmoid"}, strict=False)
+    assert max_error(ref, fus) < 1e-10
+
+
+def test_importing_gatelab_does_not_compile():
+    import subprocess
+    import sys
+
+    code = "import gatelab, gatelab.engines.fused.cpp as c; assert not c._state['loaded'] and c._state['error'] is None"
+    subprocess.run([sys.executable, "-c", code], check=True)
