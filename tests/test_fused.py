@@ -131,7 +131,8 @@ def test_unbatched_input_and_initial_state():
 # -- the C++ loop and its pure-PyTorch twin --------------------------------------------------------
 
 CPP_CASES = [
-    (gatelab.LSTMCell, {"gate_activation": {"i": "hard_sigmoid", "f": "sigmoid", "o": "elliott"}, "candidate_activation": "relu"}),
+    (gatelab.LSTMCell, {"gate_activation": {"i": "hard_sigmoid", "f": "sigmoid", "o": "elliott"},
+                        "candidate_activation": "relu"}),
     (gatelab.LSTMCell, {"cell_activation": "gelu", "candidate_activation": "silu"}),
     (gatelab.GRUCell, {"gate_activation": "hard_sigmoid:0.2", "candidate_activation": "elu:0.5"}),
     (gatelab.ElmanCell, {"activation": "softplus"}),
