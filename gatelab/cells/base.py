@@ -105,6 +105,12 @@ class RecurrentCell(nn.Module):
                     f"{type(self).__name__} has gates {', '.join(self.gate_names)}; "
                     f"gate_activation names {', '.join(map(repr, unknown))}"
                 )
+            inactive = sorted(set(spec) - set(gates))
+            if inactive:
+                raise ValueError(
+                    f"{type(self).__name__}: gate_activation names {', '.join(map(repr, inactive))}, but in this "
+                    f"configuration only {', '.join(gates) or 'no gate'} have an activation (removed or coupled gates)"
+                )
             per_gate = {g: spec.get(g, self.default_gate_activation) for g in gates}
         else:
             per_gate = dict.fromkeys(gates, spec)

@@ -104,6 +104,7 @@ class LSTMCell(RecurrentCell):
             raise ValueError(f"coupled=True (CIFG) needs the input and forget gates, got gates={gates!r}")
         if peephole_output not in ("current", "previous"):
             raise ValueError(f"peephole_output must be 'current' or 'previous', got {peephole_output!r}")
+        _check_size("hidden_size", hidden_size)
         if proj_size != 0:
             _check_size("proj_size", proj_size)
             if proj_size >= hidden_size:
@@ -242,7 +243,8 @@ def _resolve_options(given: dict[str, Any], variant: str | None) -> dict[str, An
     if variant not in VARIANTS:
         raise ValueError(f"unknown LSTM variant {variant!r}; valid: {', '.join(VARIANTS)}")
     for key, value in VARIANTS[variant].items():
-        if given[key] is not None and given[key] != value:
+        same = set(given[key]) == set(value) if key == "gates" and isinstance(given[key], str) else given[key] == value
+        if given[key] is not None and not same:
             raise ValueError(f"variant={variant!r} sets {key}={value!r}, but {key}={given[key]!r} was passed")
         opts[key] = value
     return opts

@@ -7,9 +7,11 @@ score predictions against a split, and the trivial baselines it must be compared
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -27,6 +29,7 @@ __all__ = [
     "SequenceDataset",
     "MissingExtraError",
     "require",
+    "quiet_deprecations",
     "data_dir",
     "split_rng",
     "stratified_split",
@@ -47,12 +50,24 @@ class MissingExtraError(ImportError):
 def require(module: str, purpose: str) -> ModuleType:
     """Import ``module`` for ``purpose``; if it is missing, raise :class:`MissingExtraError` naming the extra."""
     try:
-        return importlib.import_module(module)
+        with quiet_deprecations():
+            return importlib.import_module(module)
     except ImportError as err:
         package = module.split(".")[0]
         raise MissingExtraError(
             f"{purpose} needs the '{package}' package, part of gatelab's data extra: {EXTRA_HINT}"
         ) from err
+
+
+@contextlib.contextmanager
+def quiet_deprecations() -> Iterator[None]:
+    """Silence deprecation warnings raised *inside* a data package's loader (e.g. statsmodels passing a
+    pandas argument that pandas deprecates): they are not the caller's to act on, and tests turn
+    warnings into errors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def data_dir() -> Path:

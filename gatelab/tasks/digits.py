@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
-from .base import SequenceDataset, Task, require, stratified_split
+from .base import SequenceDataset, Task, quiet_deprecations, require, stratified_split
 
 __all__ = ["ClassificationTask", "DigitsTask"]
 
@@ -66,7 +66,8 @@ class DigitsTask(ClassificationTask):
         self._datasets = require("sklearn.datasets", "the digits task")
 
     def _build(self) -> dict[str, SequenceDataset]:
-        images, labels = self._datasets.load_digits(return_X_y=True)
+        with quiet_deprecations():
+            images, labels = self._datasets.load_digits(return_X_y=True)
         x = torch.from_numpy((images / 16.0).astype(np.float32)).reshape(len(images), -1, self.input_size)
         y = torch.from_numpy(labels.astype(np.int64))
         n_train = len(images) // 2

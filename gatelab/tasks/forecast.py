@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
-from .base import SequenceDataset, Task, require
+from .base import SequenceDataset, Task, quiet_deprecations, require
 from .ucr import _aeon_data_dir
 
 __all__ = ["ForecastTask", "SERIES", "load_series"]
@@ -75,11 +75,13 @@ def load_series(name: str) -> np.ndarray:
         return _aeon_csv(name)
     if name == "sunspots":
         sunspots = require("statsmodels.datasets.sunspots", "the task 'forecast:sunspots'")
-        return sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(dtype=np.float64)
+        with quiet_deprecations():
+            return sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(dtype=np.float64)
     if name == "co2":
         co2 = require("statsmodels.datasets.co2", "the task 'forecast:co2'")
-        monthly = co2.load_pandas().data["co2"].resample("MS").mean()
-        return monthly.interpolate(method="linear").to_numpy(dtype=np.float64)
+        with quiet_deprecations():
+            monthly = co2.load_pandas().data["co2"].resample("MS").mean()
+            return monthly.interpolate(method="linear").to_numpy(dtype=np.float64)
     raise ValueError(f"unknown series {name!r}; expected one of {list(SERIES)}")
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
-from .base import SequenceDataset, Task, require, stratified_split
+from .base import SequenceDataset, Task, quiet_deprecations, require, stratified_split
 from .digits import ClassificationTask
 
 __all__ = ["UCRClassificationTask", "UCRRegressionTask", "shipped", "ucr_task"]
@@ -70,7 +70,8 @@ def _files(name: str) -> tuple[str, Path, Path]:
 def _load(path: Path) -> tuple[tuple[np.ndarray, ...], np.ndarray, dict]:
     """One ``.ts`` file as (series ``(C, T_i)`` each, targets, aeon's metadata)."""
     datasets = require("aeon.datasets", "the ucr tasks")
-    X, y, meta = datasets.load_from_ts_file(str(path), return_meta_data=True)
+    with quiet_deprecations():
+        X, y, meta = datasets.load_from_ts_file(str(path), return_meta_data=True)
     return tuple(np.asarray(s, dtype=np.float64) for s in X), np.asarray(y), meta
 
 
