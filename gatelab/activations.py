@@ -91,6 +91,12 @@ class Activation:
     def __repr__(self) -> str:
         return f"Activation({self.key!r})"
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickle by name so that unpickling returns the registry's own object (engines dispatch on
+        # identity); unregistered callables pickle as the callable itself.
+        registered = self.name in _FAMILIES and _entry(self.name, self.param) is self
+        return get, (self.key if registered else self.fn,)
+
 
 @dataclass(frozen=True, eq=False)
 class LearnableSpec(Activation):

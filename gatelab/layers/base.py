@@ -192,10 +192,10 @@ class RecurrentLayer(nn.Module):
         packing. Returns ``(output, h_n)`` as torch does (``(output, (h_n, c_n))`` for an LSTM)."""
         owner = type(self).__name__
         ref = self.cells[0].weight_ih
-        if isinstance(input, Tensor) and (input.dtype != ref.dtype or input.device != ref.device):
-            raise ValueError(f"{owner}: input is {input.dtype} on {input.device}, parameters are "
-                             f"{ref.dtype} on {ref.device}")
         batch = to_sequence_batch(input, self.input_size, self.batch_first, lengths, owner)
+        if batch.data.dtype != ref.dtype or batch.data.device != ref.device:
+            raise ValueError(f"{owner}: input is {batch.data.dtype} on {batch.data.device}, parameters are "
+                             f"{ref.dtype} on {ref.device}")
         hx = self._check_hx(hx, batch)
         out, hn = engines.ENGINES[self.engine_name].forward(self, batch, hx)
         if not batch.batched:
@@ -267,6 +267,9 @@ class RecurrentLayer(nn.Module):
                 x = F.dropout(x, self.dropout, True)
         hn = tuple(torch.stack(parts) for parts in zip(*finals))
         return x, hn
+
+    def flatten_parameters(self) -> None:
+        """Accepted for torch compatibility; gatelab keeps weights per cell, so there is nothing to do."""
 
     # -- torch names -----------------------------------------------------------------------------
 
