@@ -151,6 +151,12 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
     return out
 
 
+def _needs_input(kind: int, param: float) -> bool:
+    """Whether the kernel's derivative for this kind reads the pre-activation (else the output)."""
+    name = KINDS[kind]
+    return name in ("gelu", "silu") or (name in ("leaky_relu", "elu") and param <= 0)
+
+
 class CppLoop:
     """A C++ time loop for one cell; same contract as :class:`~.function.PyLoop`."""
 
@@ -160,22 +166,24 @@ class CppLoop:
         kinds = [_kind(cell.activation_slots()[s]) for s in _SLOTS[type(cell)]]
         self.kinds = [k for k, _ in kinds]
         self.params = [p for _, p in kinds]
+        self.save_z = any(_needs_input(k, p) for k, p in kinds)  # keep pre-activations for the backward
         self.name = type(cell).__name__
         self.fold_bias_hh = not isinstance(cell, GRUCell)
         self.ops = torch.ops.gatelab_fused
 
     def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse):
-        ops, k, p = self.ops, self.kinds, self.params
+        ops, k, p, z = self.ops, self.kinds, self.params, self.save_z
+        # xw is the caller's fresh buffer: the kernels turn it into the pre-activations in place.
         if self.name == "LSTMCell":
-            out, h, c, *saved = ops.lstm_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, k, p, reverse)
+            out, h, c, *saved = ops.lstm_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, k, p, reverse, z)
             return out, (h, c), (saved, state[1])
         if self.name == "GRUCell":
-            out, h, *saved = ops.gru_forward(xw, W_hh, b_hh, state[0], lengths, rec_mask, k, p, reverse)
+            out, h, *saved = ops.gru_forward(xw, W_hh, b_hh, state[0], lengths, rec_mask, k, p, reverse, z)
             return out, (h,), (saved, state[0])
         if self.name == "ElmanCell":
-            out, h, *saved = ops.elman_forward(xw, W_hh, state[0], lengths, rec_mask, k[0], p[0], reverse)
+            out, h, *saved = ops.elman_forward(xw, W_hh, state[0], lengths, rec_mask, k[0], p[0], reverse, z)
             return out, (h,), (saved, state[0])
-        out, s, *saved = ops.gated_state_forward(xw, W_hh, state[0], lengths, rec_mask, k, p, reverse)
+        out, s, *saved = ops.gated_state_forward(xw, W_hh, state[0], lengths, rec_mask, k, p, reverse, z)
         return out, (s,), (saved, state[0])
 
     def backward(self, saved, dout, dstate, W_hh, lengths, rec_mask, reverse):

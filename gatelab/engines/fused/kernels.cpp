@@ -34,7 +34,7 @@ constexpr double kSeluScale = 1.0507009873554804934193349852946;
 
 // exp without a libm call, so that the loops below vectorise: e^x = 2^n · e^r with |r| <= ln2/2,
 // e^r by a polynomial (float: degree 6, ~1 ulp; double: degree 11, ~2 ulp), 2^n by exponent bits.
-inline float vexp(float x) {
+__attribute__((always_inline)) inline float vexp(float x) {
   x = std::min(std::max(x, -87.3f), 88.3f);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f - n * -2.12194440e-4f;
@@ -51,7 +51,7 @@ inline float vexp(float x) {
   return p * scale;
 }
 
-inline double vexp(double x) {
+__attribute__((always_inline)) inline double vexp(double x) {
   x = std::min(std::max(x, -708.0), 709.0);
   const double n = std::floor(x * 1.4426950408889634 + 0.5);
   const double r = x - n * 6.93147180369123816490e-01 - n * 1.90821492927058770002e-10;
@@ -73,11 +73,11 @@ inline double vexp(double x) {
 }
 
 template <typename T>
-inline T vtanh(T x) { return T(1) - T(2) / (vexp(T(2) * x) + T(1)); }
+__attribute__((always_inline)) inline T vtanh(T x) { return T(1) - T(2) / (vexp(T(2) * x) + T(1)); }
 
 // y = f(x) over n contiguous elements; the switch sits outside the loops so each loop vectorises.
 template <typename T>
-void act_forward(int64_t kind, T a, const T* __restrict x, T* __restrict y, int64_t n) {
+__attribute__((noinline)) void act_forward(int64_t kind, T a, const T* __restrict x, T* __restrict y, int64_t n) {
   switch (kind) {
     case IDENTITY: for (int64_t j = 0; j < n; ++j) y[j] = x[j]; break;
     case SIGMOID: for (int64_t j = 0; j < n; ++j) y[j] = T(1) / (T(1) + vexp(-x[j])); break;
@@ -106,40 +106,49 @@ void act_forward(int64_t kind, T a, const T* __restrict x, T* __restrict y, int6
   }
 }
 
-// g = dy ⊙ f'(x), where y = f(x); g may alias dy.
+// g = dy ⊙ f'(x), where y = f(x); g may alias dy. The derivative is taken from the output y for
+// every kind but GELU and SiLU (and leaky ReLU / ELU with a non-positive parameter), which need
+// the input x; x may be null otherwise, so forward passes need not keep pre-activations.
 template <typename T>
-void act_backward(int64_t kind, T a, const T* __restrict x, const T* __restrict y, const T* dy, T* g, int64_t n) {
+__attribute__((noinline)) void act_backward(int64_t kind, T a, const T* __restrict x, const T* __restrict y,
+                                            const T* dy, T* g, int64_t n) {
   switch (kind) {
     case IDENTITY: for (int64_t j = 0; j < n; ++j) g[j] = dy[j]; break;
     case SIGMOID: for (int64_t j = 0; j < n; ++j) g[j] = dy[j] * y[j] * (T(1) - y[j]); break;
-    case HARD_SIGMOID:
-      for (int64_t j = 0; j < n; ++j) g[j] = (a * x[j] > T(-0.5) && a * x[j] < T(0.5)) ? dy[j] * a : T(0);
+    case HARD_SIGMOID:  // derivative a on the open ramp 0 < y < 1
+      for (int64_t j = 0; j < n; ++j) g[j] = (y[j] > T(0) && y[j] < T(1)) ? dy[j] * a : T(0);
       break;
-    case ELLIOTT:
+    case ELLIOTT:  // s = 2y − 1 = x / (1 + |x|), f' = ½ (1 − |s|)²
       for (int64_t j = 0; j < n; ++j) {
-        T d = T(1) + std::abs(x[j]);
-        g[j] = dy[j] * T(0.5) / (d * d);
+        const T d = T(1) - std::abs(T(2) * y[j] - T(1));
+        g[j] = dy[j] * T(0.5) * d * d;
       }
       break;
     case TANH: for (int64_t j = 0; j < n; ++j) g[j] = dy[j] * (T(1) - y[j] * y[j]); break;
-    case HARDTANH: for (int64_t j = 0; j < n; ++j) g[j] = (x[j] > T(-1) && x[j] < T(1)) ? dy[j] : T(0); break;
-    case SOFTSIGN:
+    case HARDTANH: for (int64_t j = 0; j < n; ++j) g[j] = (y[j] > T(-1) && y[j] < T(1)) ? dy[j] : T(0); break;
+    case SOFTSIGN:  // f' = (1 − |y|)²
       for (int64_t j = 0; j < n; ++j) {
-        T d = T(1) + std::abs(x[j]);
-        g[j] = dy[j] / (d * d);
+        const T d = T(1) - std::abs(y[j]);
+        g[j] = dy[j] * d * d;
       }
       break;
-    case RELU: for (int64_t j = 0; j < n; ++j) g[j] = x[j] > T(0) ? dy[j] : T(0); break;
-    case LEAKY_RELU: for (int64_t j = 0; j < n; ++j) g[j] = x[j] > T(0) ? dy[j] : a * dy[j]; break;
-    case ELU: for (int64_t j = 0; j < n; ++j) g[j] = x[j] > T(0) ? dy[j] : dy[j] * (y[j] + a); break;
+    case RELU: for (int64_t j = 0; j < n; ++j) g[j] = y[j] > T(0) ? dy[j] : T(0); break;
+    case LEAKY_RELU:
+      if (a > T(0)) for (int64_t j = 0; j < n; ++j) g[j] = y[j] > T(0) ? dy[j] : a * dy[j];
+      else for (int64_t j = 0; j < n; ++j) g[j] = x[j] > T(0) ? dy[j] : a * dy[j];
+      break;
+    case ELU:
+      if (a > T(0)) for (int64_t j = 0; j < n; ++j) g[j] = y[j] > T(0) ? dy[j] : dy[j] * (y[j] + a);
+      else for (int64_t j = 0; j < n; ++j) g[j] = x[j] > T(0) ? dy[j] : dy[j] * (y[j] + a);
+      break;
     case SELU:
       for (int64_t j = 0; j < n; ++j)
-        g[j] = x[j] > T(0) ? dy[j] * T(kSeluScale) : dy[j] * (y[j] + T(kSeluScale * kSeluAlpha));
+        g[j] = y[j] > T(0) ? dy[j] * T(kSeluScale) : dy[j] * (y[j] + T(kSeluScale * kSeluAlpha));
       break;
     case GELU:
       for (int64_t j = 0; j < n; ++j) {
         T cdf = T(0.5) * (T(1) + std::erf(x[j] * T(M_SQRT1_2)));
-        T pdf = std::exp(T(-0.5) * x[j] * x[j]) * T(0.3989422804014327);
+        T pdf = vexp(T(-0.5) * x[j] * x[j]) * T(0.3989422804014327);
         g[j] = dy[j] * (cdf + x[j] * pdf);
       }
       break;
@@ -149,7 +158,7 @@ void act_backward(int64_t kind, T a, const T* __restrict x, const T* __restrict 
         g[j] = dy[j] * s * (T(1) + x[j] * (T(1) - s));
       }
       break;
-    case SOFTPLUS: for (int64_t j = 0; j < n; ++j) g[j] = dy[j] / (T(1) + vexp(-x[j])); break;
+    case SOFTPLUS: for (int64_t j = 0; j < n; ++j) g[j] = dy[j] * (T(1) - vexp(-y[j])); break;
     default: TORCH_CHECK(false, "gatelab fused: unknown activation kind ", kind);
   }
 }
@@ -169,7 +178,7 @@ Loop make_loop(const Tensor& x, const c10::optional<Tensor>& lengths, bool rever
   return Loop{x.size(0), x.size(1), reverse, lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr};
 }
 
-// h_rec = h (⊙ mask), stored for the weight gradient after the loop.
+// h_rec = h (⊙ mask), kept for the weight gradient after the loop.
 void recurrent_input(Tensor& h_rec, const Tensor& h, const c10::optional<Tensor>& mask) {
   if (mask.has_value()) at::mul_out(h_rec, h, *mask); else h_rec.copy_(h);
 }
@@ -179,30 +188,35 @@ void recurrent_grad(Tensor& dh, const Tensor& dG, const Tensor& W_hh, const c10:
   if (mask.has_value()) dh.addcmul_(at::mm(dG, W_hh), *mask); else dh.addmm_(dG, W_hh);
 }
 
+template <typename T>
+const T* ptr_or_null(const std::vector<Tensor>& v, int64_t t) { return v.empty() ? nullptr : v[t].data_ptr<T>(); }
+
 // ---------------------------------------------------------------------------------------------
 // LSTM, gates i, f, g, o; kinds/params: sigma_i, sigma_f, phi, sigma_o, psi.
-// xw holds W_ih x + b_ih + b_hh. Saves Z (pre-activations), A (activations), C (cell after each
-// step), K = psi(C), HR (recurrent inputs).
+// xw (T, B, 4H) holds W_ih x + b_ih + b_hh and is overwritten with the pre-activations Z, returned
+// when save_z (some derivative needs its input). Saves A (activations), C (cell after each step,
+// held on dead steps), K = psi(C) and HR (recurrent inputs).
 
 std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0, const Tensor& c0,
                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
-                                 at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+                                 at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse, bool save_z) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B;
-  Tensor Z = at::empty_like(xw), A = at::empty_like(xw);
+  Tensor A = at::empty_like(xw);
   Tensor C = at::empty({L.T, B, H}, c0.options()), K = at::empty_like(C), out = at::empty_like(C);
   Tensor HR = at::empty({L.T, B, h0.size(1)}, h0.options());
-  Tensor h = h0.clone(), c = c0.clone();
+  Tensor h = h0.clone(), c = c0.clone(), Wt = W_hh.t();
+  auto Zs = xw.unbind(0), As = A.unbind(0), Cs = C.unbind(0), Ks = K.unbind(0), Os = out.unbind(0), HRs = HR.unbind(0);
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_forward", [&] {
     using T = scalar_t;
     const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
+    T *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      Tensor hr = HR[t], z = Z[t];
-      recurrent_input(hr, h, mask);
-      at::addmm_out(z, xw[t], hr, W_hh.t());
-      T *zp = z.data_ptr<T>(), *ap = A[t].data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
-      T *Cp = C[t].data_ptr<T>(), *Kp = K[t].data_ptr<T>(), *op = out[t].data_ptr<T>();
+      recurrent_input(HRs[t], h, mask);
+      Zs[t].addmm_(HRs[t], Wt);
+      T *zp = Zs[t].data_ptr<T>(), *ap = As[t].data_ptr<T>();
+      T *Cp = Cs[t].data_ptr<T>(), *Kp = Ks[t].data_ptr<T>(), *op = Os[t].data_ptr<T>();
       at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           T *zr = zp + b * 4 * H, *ar = ap + b * 4 * H, *cr = cp + b * H, *hrow = hp + b * H;
@@ -222,7 +236,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
       });
     }
   });
-  return {out, h, c, Z, A, C, K, HR};
+  return {out, h, c, save_z ? xw : at::empty({0}, xw.options()), A, C, K, HR};
 }
 
 std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const Tensor& dcT, const Tensor& Z,
@@ -230,22 +244,25 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
                                   const Tensor& W_hh, const c10::optional<Tensor>& lengths,
                                   const c10::optional<Tensor>& mask, at::IntArrayRef kinds,
                                   at::ArrayRef<double> params, bool reverse) {
-  const Loop L = make_loop(Z, lengths, reverse);
+  const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B;
-  Tensor dZ = at::empty_like(Z), dh = dhT.clone(), dc = dcT.clone();
-  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "lstm_backward", [&] {
+  Tensor dZ = at::empty_like(A), dh = dhT.clone(), dc = dcT.clone();
+  auto Zs = Z.numel() ? Z.unbind(0) : std::vector<Tensor>{};
+  auto As = A.unbind(0), Cs = C.unbind(0), Ks = K.unbind(0), dOs = dout.unbind(0), dZs = dZ.unbind(0);
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lstm_backward", [&] {
     using T = scalar_t;
     const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
+    T *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
     for (int64_t k = L.T - 1; k >= 0; --k) {
       const int64_t t = L.step(k);
-      const T* cprev = (k == 0 ? c0 : C[L.step(k - 1)]).data_ptr<T>();
-      const T *zp = Z[t].data_ptr<T>(), *ap = A[t].data_ptr<T>(), *Cp = C[t].data_ptr<T>(), *Kp = K[t].data_ptr<T>();
-      const T* dop = dout[t].data_ptr<T>();
-      T *gp = dZ[t].data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+      const T* cprev = (k == 0 ? c0 : Cs[L.step(k - 1)]).data_ptr<T>();
+      const T *zp = ptr_or_null<T>(Zs, t), *ap = As[t].data_ptr<T>(), *Cp = Cs[t].data_ptr<T>();
+      const T *Kp = Ks[t].data_ptr<T>(), *dop = dOs[t].data_ptr<T>();
+      T* gp = dZs[t].data_ptr<T>();
       at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
         std::vector<T> tmp(H);
         for (int64_t b = b0; b < b1; ++b) {
-          const T *zr = zp + b * 4 * H, *ar = ap + b * 4 * H, *Cr = Cp + b * H, *Kr = Kp + b * H;
+          const T *zr = zp ? zp + b * 4 * H : nullptr, *ar = ap + b * 4 * H, *Cr = Cp + b * H, *Kr = Kp + b * H;
           const T *cpr = cprev + b * H, *dor = dop + b * H;
           T *gr = gp + b * 4 * H, *dhr = dhp + b * H, *dcr = dcp + b * H;
           if (!L.live(t, b)) {  // state passed through; nothing to differentiate
@@ -267,57 +284,59 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
             dcr[j] = dcn * ar[H + j];
           }
           act_backward(kinds[0], ai, zr, ar, gr, gr, H);
-          act_backward(kinds[1], af, zr + H, ar + H, gr + H, gr + H, H);
-          act_backward(kinds[2], ag, zr + 2 * H, ar + 2 * H, gr + 2 * H, gr + 2 * H, H);
-          act_backward(kinds[3], ao, zr + 3 * H, ar + 3 * H, gr + 3 * H, gr + 3 * H, H);
+          act_backward(kinds[1], af, zr ? zr + H : nullptr, ar + H, gr + H, gr + H, H);
+          act_backward(kinds[2], ag, zr ? zr + 2 * H : nullptr, ar + 2 * H, gr + 2 * H, gr + 2 * H, H);
+          act_backward(kinds[3], ao, zr ? zr + 3 * H : nullptr, ar + 3 * H, gr + 3 * H, gr + 3 * H, H);
         }
       });
-      recurrent_grad(dh, dZ[t], W_hh, mask);
+      recurrent_grad(dh, dZs[t], W_hh, mask);
     }
   });
   return {dZ, dh, dc};
 }
 
 // ---------------------------------------------------------------------------------------------
-// GRU, reset-after; kinds/params: sigma_r, sigma_z, phi. xw = W_ih x + b_ih; the recurrent product
-// GH = W_hh h_rec + b_hh is kept apart because r multiplies its n block. Saves Z = (a_r, a_z, z_n)
-// pre-activations, A = (r, z, n), GHn (the n block of GH), S (state after each step), HR.
+// GRU, reset-after; kinds/params: sigma_r, sigma_z, phi. xw = W_ih x + b_ih (T, B, 3H) is
+// overwritten with the pre-activations (a_r, a_z, z_n); the recurrent product GH = W_hh h_rec + b_hh
+// is kept apart because r multiplies its n block. Saves A = (r, z, n), GHn (the n block of GH),
+// S (state after each step), HR.
 
 std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10::optional<Tensor>& b_hh,
                                 const Tensor& h0, const c10::optional<Tensor>& lengths,
                                 const c10::optional<Tensor>& mask, at::IntArrayRef kinds,
-                                at::ArrayRef<double> params, bool reverse) {
+                                at::ArrayRef<double> params, bool reverse, bool save_z) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B;
-  Tensor Z = at::empty_like(xw), A = at::empty_like(xw), GHn = at::empty({L.T, B, H}, h0.options());
+  Tensor A = at::empty_like(xw), GHn = at::empty({L.T, B, H}, h0.options());
   Tensor S = at::empty_like(GHn), out = at::empty_like(GHn), HR = at::empty_like(GHn);
-  Tensor gh = at::empty({B, 3 * H}, h0.options()), h = h0.clone();
+  Tensor gh = at::empty({B, 3 * H}, h0.options()), h = h0.clone(), Wt = W_hh.t();
+  auto Zs = xw.unbind(0), As = A.unbind(0), Ns = GHn.unbind(0), Ss = S.unbind(0), Os = out.unbind(0), HRs = HR.unbind(0);
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_forward", [&] {
     using T = scalar_t;
     const T ar_ = params[0], az_ = params[1], an_ = params[2];
+    T* hp = h.data_ptr<T>();
+    const T* ghp = gh.data_ptr<T>();
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      Tensor hr = HR[t];
-      recurrent_input(hr, h, mask);
-      if (b_hh.has_value()) at::addmm_out(gh, *b_hh, hr, W_hh.t()); else at::mm_out(gh, hr, W_hh.t());
-      const T *xp = xw[t].data_ptr<T>(), *ghp = gh.data_ptr<T>();
-      T *zp = Z[t].data_ptr<T>(), *ap = A[t].data_ptr<T>(), *np = GHn[t].data_ptr<T>(), *hp = h.data_ptr<T>();
-      T *Sp = S[t].data_ptr<T>(), *op = out[t].data_ptr<T>();
+      recurrent_input(HRs[t], h, mask);
+      if (b_hh.has_value()) at::addmm_out(gh, *b_hh, HRs[t], Wt); else at::mm_out(gh, HRs[t], Wt);
+      T *zp = Zs[t].data_ptr<T>(), *ap = As[t].data_ptr<T>(), *np = Ns[t].data_ptr<T>();
+      T *Sp = Ss[t].data_ptr<T>(), *op = Os[t].data_ptr<T>();
       at::parallel_for(0, B, grain(3 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const T *xr = xp + b * 3 * H, *ghr = ghp + b * 3 * H;
+          const T* ghr = ghp + b * 3 * H;
           T *zr = zp + b * 3 * H, *arow = ap + b * 3 * H, *nr = np + b * H, *hrow = hp + b * H;
           T *Sr = Sp + b * H, *orow = op + b * H;
           if (!L.live(t, b)) {
             for (int64_t j = 0; j < H; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
             continue;
           }
-          for (int64_t j = 0; j < 2 * H; ++j) zr[j] = xr[j] + ghr[j];
+          for (int64_t j = 0; j < 2 * H; ++j) zr[j] += ghr[j];
           act_forward(kinds[0], ar_, zr, arow, H);
           act_forward(kinds[1], az_, zr + H, arow + H, H);
           for (int64_t j = 0; j < H; ++j) {
             nr[j] = ghr[2 * H + j];
-            zr[2 * H + j] = xr[2 * H + j] + arow[j] * nr[j];
+            zr[2 * H + j] += arow[j] * nr[j];
           }
           act_forward(kinds[2], an_, zr + 2 * H, arow + 2 * H, H);
           for (int64_t j = 0; j < H; ++j) {
@@ -328,29 +347,33 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
       });
     }
   });
-  return {out, h, Z, A, GHn, S, HR};
+  return {out, h, save_z ? xw : at::empty({0}, xw.options()), A, GHn, S, HR};
 }
 
 std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Tensor& Z, const Tensor& A,
                                  const Tensor& GHn, const Tensor& S, const Tensor& h0, const Tensor& W_hh,
                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                  at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
-  const Loop L = make_loop(Z, lengths, reverse);
+  const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B;
-  Tensor dXW = at::empty_like(Z), dGH = at::empty_like(Z), dh = dhT.clone();
-  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "gru_backward", [&] {
+  Tensor dXW = at::empty_like(A), dGH = at::empty_like(A), dh = dhT.clone();
+  auto Zs = Z.numel() ? Z.unbind(0) : std::vector<Tensor>{};
+  auto As = A.unbind(0), Ns = GHn.unbind(0), Ss = S.unbind(0), dOs = dout.unbind(0);
+  auto dXs = dXW.unbind(0), dGs = dGH.unbind(0);
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gru_backward", [&] {
     using T = scalar_t;
     const T ar_ = params[0], az_ = params[1], an_ = params[2];
+    T* dhp = dh.data_ptr<T>();
     for (int64_t k = L.T - 1; k >= 0; --k) {
       const int64_t t = L.step(k);
-      const T* hprev = (k == 0 ? h0 : S[L.step(k - 1)]).data_ptr<T>();
-      const T *zp = Z[t].data_ptr<T>(), *ap = A[t].data_ptr<T>(), *np = GHn[t].data_ptr<T>();
-      const T* dop = dout[t].data_ptr<T>();
-      T *gx = dXW[t].data_ptr<T>(), *gh = dGH[t].data_ptr<T>(), *dhp = dh.data_ptr<T>();
+      const T* hprev = (k == 0 ? h0 : Ss[L.step(k - 1)]).data_ptr<T>();
+      const T *zp = ptr_or_null<T>(Zs, t), *ap = As[t].data_ptr<T>(), *np = Ns[t].data_ptr<T>();
+      const T* dop = dOs[t].data_ptr<T>();
+      T *gx = dXs[t].data_ptr<T>(), *gh = dGs[t].data_ptr<T>();
       at::parallel_for(0, B, grain(3 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const T *zr = zp + b * 3 * H, *arow = ap + b * 3 * H, *nr = np + b * H, *hpr = hprev + b * H;
-          const T* dor = dop + b * H;
+          const T *zr = zp ? zp + b * 3 * H : nullptr, *arow = ap + b * 3 * H, *nr = np + b * H;
+          const T *hpr = hprev + b * H, *dor = dop + b * H;
           T *gxr = gx + b * 3 * H, *ghr = gh + b * 3 * H, *dhr = dhp + b * H;
           if (!L.live(t, b)) {
             for (int64_t j = 0; j < 3 * H; ++j) gxr[j] = ghr[j] = T(0);
@@ -362,39 +385,41 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
             gxr[H + j] = d * (hpr[j] - n);       // dL/dz
             dhr[j] = d * z;                      // direct path; the GEMM adds the rest
           }
-          act_backward(kinds[2], an_, zr + 2 * H, arow + 2 * H, gxr + 2 * H, gxr + 2 * H, H);
-          act_backward(kinds[1], az_, zr + H, arow + H, gxr + H, gxr + H, H);
+          act_backward(kinds[2], an_, zr ? zr + 2 * H : nullptr, arow + 2 * H, gxr + 2 * H, gxr + 2 * H, H);
+          act_backward(kinds[1], az_, zr ? zr + H : nullptr, arow + H, gxr + H, gxr + H, H);
           for (int64_t j = 0; j < H; ++j) gxr[j] = gxr[2 * H + j] * nr[j];  // dL/dr
           act_backward(kinds[0], ar_, zr, arow, gxr, gxr, H);
           for (int64_t j = 0; j < 2 * H; ++j) ghr[j] = gxr[j];
           for (int64_t j = 0; j < H; ++j) ghr[2 * H + j] = gxr[2 * H + j] * arow[j];
         }
       });
-      recurrent_grad(dh, dGH[t], W_hh, mask);
+      recurrent_grad(dh, dGs[t], W_hh, mask);
     }
   });
   return {dXW, dGH, dh};
 }
 
 // ---------------------------------------------------------------------------------------------
-// Elman: h' = phi(xw + W_hh h_rec), xw holding both biases. Saves Z and the outputs A.
+// Elman: h' = phi(xw + W_hh h_rec); xw (T, B, H) holds both biases and becomes the pre-activations.
+// The outputs double as the saved activations; S holds the state (differs on dead steps only).
 
 std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0,
                                   const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
-                                  int64_t kind, double param, bool reverse) {
+                                  int64_t kind, double param, bool reverse, bool save_z) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B;
-  Tensor Z = at::empty_like(xw), out = at::empty_like(xw), S = at::empty_like(xw), HR = at::empty_like(xw);
-  Tensor h = h0.clone();
+  Tensor out = at::empty_like(xw), S = lengths.has_value() ? at::empty_like(xw) : out, HR = at::empty_like(xw);
+  Tensor h = h0.clone(), Wt = W_hh.t();
+  auto Zs = xw.unbind(0), Ss = S.unbind(0), Os = out.unbind(0), HRs = HR.unbind(0);
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "elman_forward", [&] {
     using T = scalar_t;
     const T a = param;
+    T* hp = h.data_ptr<T>();
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      Tensor hr = HR[t], z = Z[t];
-      recurrent_input(hr, h, mask);
-      at::addmm_out(z, xw[t], hr, W_hh.t());
-      T *zp = z.data_ptr<T>(), *hp = h.data_ptr<T>(), *Sp = S[t].data_ptr<T>(), *op = out[t].data_ptr<T>();
+      recurrent_input(HRs[t], h, mask);
+      Zs[t].addmm_(HRs[t], Wt);
+      T *zp = Zs[t].data_ptr<T>(), *Sp = Ss[t].data_ptr<T>(), *op = Os[t].data_ptr<T>();
       at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           T *hrow = hp + b * H, *Sr = Sp + b * H, *orow = op + b * H;
@@ -403,27 +428,31 @@ std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Te
             continue;
           }
           act_forward(kind, a, zp + b * H, hrow, H);
-          for (int64_t j = 0; j < H; ++j) Sr[j] = orow[j] = hrow[j];
+          for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j];
+          if (Sp != op) for (int64_t j = 0; j < H; ++j) Sr[j] = hrow[j];
         }
       });
     }
   });
-  return {out, h, Z, S, HR};
+  return {out, h, save_z ? xw : at::empty({0}, xw.options()), S, HR};
 }
 
 std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const Tensor& Z, const Tensor& S,
                                    const Tensor& W_hh, const c10::optional<Tensor>& lengths,
                                    const c10::optional<Tensor>& mask, int64_t kind, double param, bool reverse) {
-  const Loop L = make_loop(Z, lengths, reverse);
-  const int64_t H = Z.size(2), B = L.B;
-  Tensor dZ = at::empty_like(Z), dh = dhT.clone();
-  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "elman_backward", [&] {
+  const Loop L = make_loop(S, lengths, reverse);
+  const int64_t H = S.size(2), B = L.B;
+  Tensor dZ = at::empty_like(S), dh = dhT.clone();
+  auto Zs = Z.numel() ? Z.unbind(0) : std::vector<Tensor>{};
+  auto Ss = S.unbind(0), dOs = dout.unbind(0), dZs = dZ.unbind(0);
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "elman_backward", [&] {
     using T = scalar_t;
     const T a = param;
+    T* dhp = dh.data_ptr<T>();
     for (int64_t k = L.T - 1; k >= 0; --k) {
       const int64_t t = L.step(k);
-      const T *zp = Z[t].data_ptr<T>(), *Sp = S[t].data_ptr<T>(), *dop = dout[t].data_ptr<T>();
-      T *gp = dZ[t].data_ptr<T>(), *dhp = dh.data_ptr<T>();
+      const T *zp = ptr_or_null<T>(Zs, t), *Sp = Ss[t].data_ptr<T>(), *dop = dOs[t].data_ptr<T>();
+      T* gp = dZs[t].data_ptr<T>();
       at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           T *gr = gp + b * H, *dhr = dhp + b * H;
@@ -432,10 +461,10 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
             continue;
           }
           for (int64_t j = 0; j < H; ++j) { gr[j] = dop[b * H + j] + dhr[j]; dhr[j] = T(0); }
-          act_backward(kind, a, zp + b * H, Sp + b * H, gr, gr, H);
+          act_backward(kind, a, zp ? zp + b * H : nullptr, Sp + b * H, gr, gr, H);
         }
       });
-      recurrent_grad(dh, dZ[t], W_hh, mask);
+      recurrent_grad(dh, dZs[t], W_hh, mask);
     }
   });
   return {dZ, dh};
@@ -443,25 +472,26 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
 
 // ---------------------------------------------------------------------------------------------
 // Gated state: blocks f, i, o, n; s' = f s + i n, y = o s'; the state s recurs. kinds/params:
-// sigma_f, sigma_i, sigma_o, phi. Saves Z, A, S (state after each step), HR.
+// sigma_f, sigma_i, sigma_o, phi. xw becomes Z; saves A, S (state after each step), HR.
 
 std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& s0,
                                         const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
-                                        at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+                                        at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse,
+                                        bool save_z) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = s0.size(1), B = L.B;
-  Tensor Z = at::empty_like(xw), A = at::empty_like(xw);
+  Tensor A = at::empty_like(xw);
   Tensor S = at::empty({L.T, B, H}, s0.options()), out = at::empty_like(S), HR = at::empty_like(S);
-  Tensor s = s0.clone();
+  Tensor s = s0.clone(), Wt = W_hh.t();
+  auto Zs = xw.unbind(0), As = A.unbind(0), Ss = S.unbind(0), Os = out.unbind(0), HRs = HR.unbind(0);
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gated_state_forward", [&] {
     using T = scalar_t;
+    T* sp = s.data_ptr<T>();
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      Tensor hr = HR[t], z = Z[t];
-      recurrent_input(hr, s, mask);
-      at::addmm_out(z, xw[t], hr, W_hh.t());
-      T *zp = z.data_ptr<T>(), *ap = A[t].data_ptr<T>(), *sp = s.data_ptr<T>();
-      T *Sp = S[t].data_ptr<T>(), *op = out[t].data_ptr<T>();
+      recurrent_input(HRs[t], s, mask);
+      Zs[t].addmm_(HRs[t], Wt);
+      T *zp = Zs[t].data_ptr<T>(), *ap = As[t].data_ptr<T>(), *Sp = Ss[t].data_ptr<T>(), *op = Os[t].data_ptr<T>();
       at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           T *zr = zp + b * 4 * H, *ar = ap + b * 4 * H, *sr = sp + b * H, *Sr = Sp + b * H, *orow = op + b * H;
@@ -478,27 +508,30 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
       });
     }
   });
-  return {out, s, Z, A, S, HR};
+  return {out, s, save_z ? xw : at::empty({0}, xw.options()), A, S, HR};
 }
 
 std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, const Tensor& Z, const Tensor& A,
                                          const Tensor& S, const Tensor& s0, const Tensor& W_hh,
                                          const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                          at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
-  const Loop L = make_loop(Z, lengths, reverse);
+  const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = s0.size(1), B = L.B;
-  Tensor dZ = at::empty_like(Z), ds = dsT.clone();
-  AT_DISPATCH_FLOATING_TYPES(Z.scalar_type(), "gated_state_backward", [&] {
+  Tensor dZ = at::empty_like(A), ds = dsT.clone();
+  auto Zs = Z.numel() ? Z.unbind(0) : std::vector<Tensor>{};
+  auto As = A.unbind(0), Ss = S.unbind(0), dOs = dout.unbind(0), dZs = dZ.unbind(0);
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gated_state_backward", [&] {
     using T = scalar_t;
+    T* dsp = ds.data_ptr<T>();
     for (int64_t k = L.T - 1; k >= 0; --k) {
       const int64_t t = L.step(k);
-      const T* sprev = (k == 0 ? s0 : S[L.step(k - 1)]).data_ptr<T>();
-      const T *zp = Z[t].data_ptr<T>(), *ap = A[t].data_ptr<T>(), *Sp = S[t].data_ptr<T>();
-      const T* dop = dout[t].data_ptr<T>();
-      T *gp = dZ[t].data_ptr<T>(), *dsp = ds.data_ptr<T>();
+      const T* sprev = (k == 0 ? s0 : Ss[L.step(k - 1)]).data_ptr<T>();
+      const T *zp = ptr_or_null<T>(Zs, t), *ap = As[t].data_ptr<T>(), *Sp = Ss[t].data_ptr<T>();
+      const T* dop = dOs[t].data_ptr<T>();
+      T* gp = dZs[t].data_ptr<T>();
       at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const T *zr = zp + b * 4 * H, *ar = ap + b * 4 * H, *Sr = Sp + b * H, *spr = sprev + b * H;
+          const T *zr = zp ? zp + b * 4 * H : nullptr, *ar = ap + b * 4 * H, *Sr = Sp + b * H, *spr = sprev + b * H;
           const T* dor = dop + b * H;
           T *gr = gp + b * 4 * H, *dsr = dsp + b * H;
           if (!L.live(t, b)) {
@@ -514,10 +547,10 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
             dsr[j] = dst * ar[j];
           }
           for (int64_t q = 0; q < 4; ++q)
-            act_backward(kinds[q], T(params[q]), zr + q * H, ar + q * H, gr + q * H, gr + q * H, H);
+            act_backward(kinds[q], T(params[q]), zr ? zr + q * H : nullptr, ar + q * H, gr + q * H, gr + q * H, H);
         }
       });
-      recurrent_grad(ds, dZ[t], W_hh, mask);
+      recurrent_grad(ds, dZs[t], W_hh, mask);
     }
   });
   return {dZ, ds};
@@ -526,13 +559,13 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
 }  // namespace
 
 TORCH_LIBRARY(gatelab_fused, m) {
-  m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z) -> Tensor[]");
   m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
-  m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z) -> Tensor[]");
   m.def("gru_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor A, Tensor GHn, Tensor S, Tensor h0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
-  m.def("elman_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse) -> Tensor[]");
+  m.def("elman_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse, bool save_z) -> Tensor[]");
   m.def("elman_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor S, Tensor W_hh, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse) -> Tensor[]");
-  m.def("gated_state_forward(Tensor xw, Tensor W_hh, Tensor s0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("gated_state_forward(Tensor xw, Tensor W_hh, Tensor s0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z) -> Tensor[]");
   m.def("gated_state_backward(Tensor dout, Tensor dsT, Tensor Z, Tensor A, Tensor S, Tensor s0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
 }
 
