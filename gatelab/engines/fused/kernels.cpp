@@ -1,8 +1,8 @@
 // gatelab fused engine: the time loops of LSTM, GRU (reset-after), Elman and the gated-state cell,
 // forward and hand-written backward, for any stateless registered activation in any slot.
 //
-// Per step: one GEMM with W_hh (ATen's, so MKL/oneDNN), then one pass over the batch rows that
-// applies every activation and the cell's elementwise update. The input projection of all steps
+// Per step: one GEMM with W_hh (the BLAS torch links, on raw pointers), then one pass over the batch
+// rows that applies every activation and the cell's elementwise update. The input projection of all steps
 // and the weight gradients are GEMMs done by the Python caller before and after these loops
 // (gatelab/engines/fused/function.py), which also holds the pure-PyTorch twin of every function
 // here (steps.py); tests tie the two.
@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -178,18 +179,68 @@ Loop make_loop(const Tensor& x, const c10::optional<Tensor>& lengths, bool rever
   return Loop{x.size(0), x.size(1), reverse, lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr};
 }
 
-// h_rec = h (⊙ mask), kept for the weight gradient after the loop.
-void recurrent_input(Tensor& h_rec, const Tensor& h, const c10::optional<Tensor>& mask) {
-  if (mask.has_value()) at::mul_out(h_rec, h, *mask); else h_rec.copy_(h);
-}
-
-// dh += (dG @ W_hh) (⊙ mask)
-void recurrent_grad(Tensor& dh, const Tensor& dG, const Tensor& W_hh, const c10::optional<Tensor>& mask) {
-  if (mask.has_value()) dh.addcmul_(at::mm(dG, W_hh), *mask); else dh.addmm_(dG, W_hh);
-}
-
 template <typename T>
-const T* ptr_or_null(const std::vector<Tensor>& v, int64_t t) { return v.empty() ? nullptr : v[t].data_ptr<T>(); }
+const T* opt_ptr(const c10::optional<Tensor>& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; }
+
+// ---------------------------------------------------------------------------------------------
+// Matrix products on raw pointers. The per-step products are small (batch rows), so the cost of
+// building Tensor views for them would rival the work: call the BLAS that torch itself links
+// (Fortran interface, column-major), declared weak so that a torch without it still loads; then
+// ATen does the product through from_blob views.
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+// Column-major C (m×n, ldc) = op(A) op(B) + beta C, op = transpose when the flag is 'T'.
+template <typename T>
+void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+          T beta, T* c, int64_t ldc) {
+  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+  const T one = 1;
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) return sgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &beta, c, &ildc);
+  } else {
+    if (dgemm_ != nullptr) return dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &beta, c, &ildc);
+  }
+  auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor A = at::from_blob(const_cast<T*>(a), {m, k}, ta == 'N' ? at::IntArrayRef{1, lda} : at::IntArrayRef{lda, 1}, opt);
+  Tensor Bm = at::from_blob(const_cast<T*>(b), {k, n}, tb == 'N' ? at::IntArrayRef{1, ldb} : at::IntArrayRef{ldb, 1}, opt);
+  Tensor C = at::from_blob(c, {m, n}, {1, ldc}, opt);
+  if (beta == T(0)) C.copy_(at::mm(A, Bm)); else C.mul_(beta).add_(at::mm(A, Bm));
+}
+
+// Row-major Z (B×G) (+)= H (B×R) · Wᵀ, with W (G×R) row-major.
+template <typename T>
+void times_Wt(T* Z, const T* H, const T* W, int64_t B, int64_t G, int64_t R, T beta) {
+  gemm<T>('T', 'N', G, B, R, W, R, H, R, beta, Z, G);
+}
+
+// Row-major D (B×R) (+)= G (B×Gn) · W, with W (Gn×R) row-major.
+template <typename T>
+void times_W(T* D, const T* Gr, const T* W, int64_t B, int64_t Gn, int64_t R, T beta) {
+  gemm<T>('N', 'N', R, B, Gn, W, R, Gr, Gn, beta, D, R);
+}
+
+// dh += (dG · W_hh) ⊙ mask, the recurrent part of the state gradient.
+template <typename T>
+void recurrent_grad(T* dh, const T* dG, const T* W, const T* mask, std::vector<T>& tmp, int64_t B, int64_t G,
+                    int64_t R) {
+  if (mask == nullptr) return times_W<T>(dh, dG, W, B, G, R, T(1));
+  tmp.resize(B * R);
+  times_W<T>(tmp.data(), dG, W, B, G, R, T(0));
+  for (int64_t j = 0; j < B * R; ++j) dh[j] += tmp[j] * mask[j];
+}
+
+// HR_row = h_row ⊙ mask_row: the recurrent input of the next step.
+template <typename T>
+inline void write_rec(T* hr, const T* h, const T* mask, int64_t n) {
+  if (mask == nullptr) for (int64_t j = 0; j < n; ++j) hr[j] = h[j];
+  else for (int64_t j = 0; j < n; ++j) hr[j] = h[j] * mask[j];
+}
 
 // ---------------------------------------------------------------------------------------------
 // LSTM, gates i, f, g, o; kinds/params: sigma_i, sigma_f, phi, sigma_o, psi.
@@ -201,37 +252,39 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                  at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse, bool save_z) {
   const Loop L = make_loop(xw, lengths, reverse);
-  const int64_t H = c0.size(1), B = L.B;
+  const int64_t H = c0.size(1), B = L.B, G = 4 * H;
   Tensor A = at::empty_like(xw);
   Tensor C = at::empty({L.T, B, H}, c0.options()), K = at::empty_like(C), out = at::empty_like(C);
-  Tensor HR = at::empty({L.T, B, h0.size(1)}, h0.options());
-  Tensor h = h0.clone(), c = c0.clone(), Wt = W_hh.t();
-  auto Zs = xw.unbind(0), As = A.unbind(0), Cs = C.unbind(0), Ks = K.unbind(0), Os = out.unbind(0), HRs = HR.unbind(0);
+  Tensor HR = at::empty({L.T, B, H}, h0.options());
+  Tensor h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_forward", [&] {
     using T = scalar_t;
     const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
-    T *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
+    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>();
+    T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    write_rec(HRp + L.step(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      recurrent_input(HRs[t], h, mask);
-      Zs[t].addmm_(HRs[t], Wt);
-      T *zp = Zs[t].data_ptr<T>(), *ap = As[t].data_ptr<T>();
-      T *Cp = Cs[t].data_ptr<T>(), *Kp = Ks[t].data_ptr<T>(), *op = Os[t].data_ptr<T>();
-      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+      T* hr_next = k + 1 < L.T ? HRp + L.step(k + 1) * B * H : nullptr;
+      times_Wt<T>(Z + t * B * G, HRp + t * B * H, W, B, G, H, T(1));
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          T *zr = zp + b * 4 * H, *ar = ap + b * 4 * H, *cr = cp + b * H, *hrow = hp + b * H;
-          T *Cr = Cp + b * H, *Kr = Kp + b * H, *orow = op + b * H;
-          if (!L.live(t, b)) {
+          const int64_t r = t * B + b;
+          T *zr = Z + r * G, *ar = Ap + r * G, *cr = cp + b * H, *hrow = hp + b * H;
+          T *Cr = Cp + r * H, *Kr = Kp + r * H, *orow = Op + r * H;
+          if (L.live(t, b)) {
+            act_forward(kinds[0], ai, zr, ar, H);
+            act_forward(kinds[1], af, zr + H, ar + H, H);
+            act_forward(kinds[2], ag, zr + 2 * H, ar + 2 * H, H);
+            act_forward(kinds[3], ao, zr + 3 * H, ar + 3 * H, H);
+            for (int64_t j = 0; j < H; ++j) Cr[j] = cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
+            act_forward(kinds[4], ak, Cr, Kr, H);
+            for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j] = ar[3 * H + j] * Kr[j];
+          } else {
             for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
-            continue;
           }
-          act_forward(kinds[0], ai, zr, ar, H);
-          act_forward(kinds[1], af, zr + H, ar + H, H);
-          act_forward(kinds[2], ag, zr + 2 * H, ar + 2 * H, H);
-          act_forward(kinds[3], ao, zr + 3 * H, ar + 3 * H, H);
-          for (int64_t j = 0; j < H; ++j) Cr[j] = cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
-          act_forward(kinds[4], ak, Cr, Kr, H);
-          for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j] = ar[3 * H + j] * Kr[j];
+          if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
         }
       });
     }
@@ -245,35 +298,35 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
                                   const c10::optional<Tensor>& mask, at::IntArrayRef kinds,
                                   at::ArrayRef<double> params, bool reverse) {
   const Loop L = make_loop(A, lengths, reverse);
-  const int64_t H = c0.size(1), B = L.B;
+  const int64_t H = c0.size(1), B = L.B, G = 4 * H;
   Tensor dZ = at::empty_like(A), dh = dhT.clone(), dc = dcT.clone();
-  auto Zs = Z.numel() ? Z.unbind(0) : std::vector<Tensor>{};
-  auto As = A.unbind(0), Cs = C.unbind(0), Ks = K.unbind(0), dOs = dout.unbind(0), dZs = dZ.unbind(0);
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lstm_backward", [&] {
     using T = scalar_t;
     const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
-    T *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>();
+    const T *Kp = K.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *c0p = c0.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+    std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
       const int64_t t = L.step(k);
-      const T* cprev = (k == 0 ? c0 : Cs[L.step(k - 1)]).data_ptr<T>();
-      const T *zp = ptr_or_null<T>(Zs, t), *ap = As[t].data_ptr<T>(), *Cp = Cs[t].data_ptr<T>();
-      const T *Kp = Ks[t].data_ptr<T>(), *dop = dOs[t].data_ptr<T>();
-      T* gp = dZs[t].data_ptr<T>();
-      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+      const T* cprev = k == 0 ? c0p : Cp + L.step(k - 1) * B * H;
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         std::vector<T> tmp(H);
         for (int64_t b = b0; b < b1; ++b) {
-          const T *zr = zp ? zp + b * 4 * H : nullptr, *ar = ap + b * 4 * H, *Cr = Cp + b * H, *Kr = Kp + b * H;
-          const T *cpr = cprev + b * H, *dor = dop + b * H;
-          T *gr = gp + b * 4 * H, *dhr = dhp + b * H, *dcr = dcp + b * H;
+          const int64_t r = t * B + b;
+          const T *zr = Zp ? Zp + r * G : nullptr, *ar = Ap + r * G, *Cr = Cp + r * H, *Kr = Kp + r * H;
+          const T *cpr = cprev + b * H, *dor = dOp + r * H;
+          T *gr = dZp + r * G, *dhr = dhp + b * H, *dcr = dcp + b * H;
           if (!L.live(t, b)) {  // state passed through; nothing to differentiate
-            for (int64_t j = 0; j < 4 * H; ++j) gr[j] = T(0);
+            for (int64_t j = 0; j < G; ++j) gr[j] = T(0);
             continue;
           }
           for (int64_t j = 0; j < H; ++j) {
             const T d = dor[j] + dhr[j];
             gr[3 * H + j] = d * Kr[j];          // dL/do
             tmp[j] = d * ar[3 * H + j];         // dL/dk
-            dhr[j] = T(0);                       // refilled by the recurrent GEMM below
+            dhr[j] = T(0);                       // refilled by the recurrent product below
           }
           act_backward(kinds[4], ak, Cr, Kr, tmp.data(), tmp.data(), H);
           for (int64_t j = 0; j < H; ++j) {
@@ -289,7 +342,7 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
           act_backward(kinds[3], ao, zr ? zr + 3 * H : nullptr, ar + 3 * H, gr + 3 * H, gr + 3 * H, H);
         }
       });
-      recurrent_grad(dh, dZs[t], W_hh, mask);
+      recurrent_grad<T>(dhp, dZp + t * B * G, W, M, scratch, B, G, H);
     }
   });
   return {dZ, dh, dc};
@@ -306,43 +359,44 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
                                 const c10::optional<Tensor>& mask, at::IntArrayRef kinds,
                                 at::ArrayRef<double> params, bool reverse, bool save_z) {
   const Loop L = make_loop(xw, lengths, reverse);
-  const int64_t H = h0.size(1), B = L.B;
+  const int64_t H = h0.size(1), B = L.B, G = 3 * H;
   Tensor A = at::empty_like(xw), GHn = at::empty({L.T, B, H}, h0.options());
   Tensor S = at::empty_like(GHn), out = at::empty_like(GHn), HR = at::empty_like(GHn);
-  Tensor gh = at::empty({B, 3 * H}, h0.options()), h = h0.clone(), Wt = W_hh.t();
-  auto Zs = xw.unbind(0), As = A.unbind(0), Ns = GHn.unbind(0), Ss = S.unbind(0), Os = out.unbind(0), HRs = HR.unbind(0);
+  Tensor gh = at::empty({B, G}, h0.options()), h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_forward", [&] {
     using T = scalar_t;
     const T ar_ = params[0], az_ = params[1], an_ = params[2];
-    T* hp = h.data_ptr<T>();
-    const T* ghp = gh.data_ptr<T>();
+    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>(), *Sp = S.data_ptr<T>();
+    T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *hp = h.data_ptr<T>(), *ghp = gh.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *bh = opt_ptr<T>(b_hh);
+    write_rec(HRp + L.step(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      recurrent_input(HRs[t], h, mask);
-      if (b_hh.has_value()) at::addmm_out(gh, *b_hh, HRs[t], Wt); else at::mm_out(gh, HRs[t], Wt);
-      T *zp = Zs[t].data_ptr<T>(), *ap = As[t].data_ptr<T>(), *np = Ns[t].data_ptr<T>();
-      T *Sp = Ss[t].data_ptr<T>(), *op = Os[t].data_ptr<T>();
-      at::parallel_for(0, B, grain(3 * H), [&](int64_t b0, int64_t b1) {
+      T* hr_next = k + 1 < L.T ? HRp + L.step(k + 1) * B * H : nullptr;
+      times_Wt<T>(ghp, HRp + t * B * H, W, B, G, H, T(0));
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const T* ghr = ghp + b * 3 * H;
-          T *zr = zp + b * 3 * H, *arow = ap + b * 3 * H, *nr = np + b * H, *hrow = hp + b * H;
-          T *Sr = Sp + b * H, *orow = op + b * H;
-          if (!L.live(t, b)) {
+          const int64_t r = t * B + b;
+          T *ghr = ghp + b * G, *zr = Z + r * G, *arow = Ap + r * G, *nr = Np + r * H, *hrow = hp + b * H;
+          T *Sr = Sp + r * H, *orow = Op + r * H;
+          if (L.live(t, b)) {
+            if (bh) for (int64_t j = 0; j < G; ++j) ghr[j] += bh[j];
+            for (int64_t j = 0; j < 2 * H; ++j) zr[j] += ghr[j];
+            act_forward(kinds[0], ar_, zr, arow, H);
+            act_forward(kinds[1], az_, zr + H, arow + H, H);
+            for (int64_t j = 0; j < H; ++j) {
+              nr[j] = ghr[2 * H + j];
+              zr[2 * H + j] += arow[j] * nr[j];
+            }
+            act_forward(kinds[2], an_, zr + 2 * H, arow + 2 * H, H);
+            for (int64_t j = 0; j < H; ++j) {
+              const T z = arow[H + j], n = arow[2 * H + j];
+              orow[j] = Sr[j] = hrow[j] = (T(1) - z) * n + z * hrow[j];
+            }
+          } else {
             for (int64_t j = 0; j < H; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
-            continue;
           }
-          for (int64_t j = 0; j < 2 * H; ++j) zr[j] += ghr[j];
-          act_forward(kinds[0], ar_, zr, arow, H);
-          act_forward(kinds[1], az_, zr + H, arow + H, H);
-          for (int64_t j = 0; j < H; ++j) {
-            nr[j] = ghr[2 * H + j];
-            zr[2 * H + j] += arow[j] * nr[j];
-          }
-          act_forward(kinds[2], an_, zr + 2 * H, arow + 2 * H, H);
-          for (int64_t j = 0; j < H; ++j) {
-            const T z = arow[H + j], n = arow[2 * H + j];
-            orow[j] = Sr[j] = hrow[j] = (T(1) - z) * n + z * hrow[j];
-          }
+          if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
         }
       });
     }
@@ -355,35 +409,34 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                  at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
   const Loop L = make_loop(A, lengths, reverse);
-  const int64_t H = h0.size(1), B = L.B;
+  const int64_t H = h0.size(1), B = L.B, G = 3 * H;
   Tensor dXW = at::empty_like(A), dGH = at::empty_like(A), dh = dhT.clone();
-  auto Zs = Z.numel() ? Z.unbind(0) : std::vector<Tensor>{};
-  auto As = A.unbind(0), Ns = GHn.unbind(0), Ss = S.unbind(0), dOs = dout.unbind(0);
-  auto dXs = dXW.unbind(0), dGs = dGH.unbind(0);
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gru_backward", [&] {
     using T = scalar_t;
     const T ar_ = params[0], az_ = params[1], an_ = params[2];
-    T* dhp = dh.data_ptr<T>();
+    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>();
+    const T *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *h0p = h0.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    T *gxp = dXW.data_ptr<T>(), *ghp = dGH.data_ptr<T>(), *dhp = dh.data_ptr<T>();
+    std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
       const int64_t t = L.step(k);
-      const T* hprev = (k == 0 ? h0 : Ss[L.step(k - 1)]).data_ptr<T>();
-      const T *zp = ptr_or_null<T>(Zs, t), *ap = As[t].data_ptr<T>(), *np = Ns[t].data_ptr<T>();
-      const T* dop = dOs[t].data_ptr<T>();
-      T *gx = dXs[t].data_ptr<T>(), *gh = dGs[t].data_ptr<T>();
-      at::parallel_for(0, B, grain(3 * H), [&](int64_t b0, int64_t b1) {
+      const T* hprev = k == 0 ? h0p : Sp + L.step(k - 1) * B * H;
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const T *zr = zp ? zp + b * 3 * H : nullptr, *arow = ap + b * 3 * H, *nr = np + b * H;
-          const T *hpr = hprev + b * H, *dor = dop + b * H;
-          T *gxr = gx + b * 3 * H, *ghr = gh + b * 3 * H, *dhr = dhp + b * H;
+          const int64_t r = t * B + b;
+          const T *zr = Zp ? Zp + r * G : nullptr, *arow = Ap + r * G, *nr = Np + r * H;
+          const T *hpr = hprev + b * H, *dor = dOp + r * H;
+          T *gxr = gxp + r * G, *ghr = ghp + r * G, *dhr = dhp + b * H;
           if (!L.live(t, b)) {
-            for (int64_t j = 0; j < 3 * H; ++j) gxr[j] = ghr[j] = T(0);
+            for (int64_t j = 0; j < G; ++j) gxr[j] = ghr[j] = T(0);
             continue;
           }
           for (int64_t j = 0; j < H; ++j) {
             const T d = dor[j] + dhr[j], z = arow[H + j], n = arow[2 * H + j];
             gxr[2 * H + j] = d * (T(1) - z);     // dL/dn
             gxr[H + j] = d * (hpr[j] - n);       // dL/dz
-            dhr[j] = d * z;                      // direct path; the GEMM adds the rest
+            dhr[j] = d * z;                      // direct path; the product adds the rest
           }
           act_backward(kinds[2], an_, zr ? zr + 2 * H : nullptr, arow + 2 * H, gxr + 2 * H, gxr + 2 * H, H);
           act_backward(kinds[1], az_, zr ? zr + H : nullptr, arow + H, gxr + H, gxr + H, H);
@@ -393,7 +446,7 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
           for (int64_t j = 0; j < H; ++j) ghr[2 * H + j] = gxr[2 * H + j] * arow[j];
         }
       });
-      recurrent_grad(dh, dGs[t], W_hh, mask);
+      recurrent_grad<T>(dhp, ghp + t * B * G, W, M, scratch, B, G, H);
     }
   });
   return {dXW, dGH, dh};
@@ -409,27 +462,30 @@ std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Te
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B;
   Tensor out = at::empty_like(xw), S = lengths.has_value() ? at::empty_like(xw) : out, HR = at::empty_like(xw);
-  Tensor h = h0.clone(), Wt = W_hh.t();
-  auto Zs = xw.unbind(0), Ss = S.unbind(0), Os = out.unbind(0), HRs = HR.unbind(0);
+  Tensor h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "elman_forward", [&] {
     using T = scalar_t;
     const T a = param;
+    T *Z = xw.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>();
     T* hp = h.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    write_rec(HRp + L.step(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      recurrent_input(HRs[t], h, mask);
-      Zs[t].addmm_(HRs[t], Wt);
-      T *zp = Zs[t].data_ptr<T>(), *Sp = Ss[t].data_ptr<T>(), *op = Os[t].data_ptr<T>();
+      T* hr_next = k + 1 < L.T ? HRp + L.step(k + 1) * B * H : nullptr;
+      times_Wt<T>(Z + t * B * H, HRp + t * B * H, W, B, H, H, T(1));
       at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          T *hrow = hp + b * H, *Sr = Sp + b * H, *orow = op + b * H;
-          if (!L.live(t, b)) {
+          const int64_t r = t * B + b;
+          T *hrow = hp + b * H, *Sr = Sp + r * H, *orow = Op + r * H;
+          if (L.live(t, b)) {
+            act_forward(kind, a, Z + r * H, hrow, H);
+            for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j];
+            if (Sp != Op) for (int64_t j = 0; j < H; ++j) Sr[j] = hrow[j];
+          } else {
             for (int64_t j = 0; j < H; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
-            continue;
           }
-          act_forward(kind, a, zp + b * H, hrow, H);
-          for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j];
-          if (Sp != op) for (int64_t j = 0; j < H; ++j) Sr[j] = hrow[j];
+          if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
         }
       });
     }
@@ -443,28 +499,28 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
   const Loop L = make_loop(S, lengths, reverse);
   const int64_t H = S.size(2), B = L.B;
   Tensor dZ = at::empty_like(S), dh = dhT.clone();
-  auto Zs = Z.numel() ? Z.unbind(0) : std::vector<Tensor>{};
-  auto Ss = S.unbind(0), dOs = dout.unbind(0), dZs = dZ.unbind(0);
   AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "elman_backward", [&] {
     using T = scalar_t;
     const T a = param;
-    T* dhp = dh.data_ptr<T>();
+    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>();
+    std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
       const int64_t t = L.step(k);
-      const T *zp = ptr_or_null<T>(Zs, t), *Sp = Ss[t].data_ptr<T>(), *dop = dOs[t].data_ptr<T>();
-      T* gp = dZs[t].data_ptr<T>();
       at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          T *gr = gp + b * H, *dhr = dhp + b * H;
+          const int64_t r = t * B + b;
+          T *gr = dZp + r * H, *dhr = dhp + b * H;
           if (!L.live(t, b)) {
             for (int64_t j = 0; j < H; ++j) gr[j] = T(0);
             continue;
           }
-          for (int64_t j = 0; j < H; ++j) { gr[j] = dop[b * H + j] + dhr[j]; dhr[j] = T(0); }
-          act_backward(kind, a, zp ? zp + b * H : nullptr, Sp + b * H, gr, gr, H);
+          for (int64_t j = 0; j < H; ++j) { gr[j] = dOp[r * H + j] + dhr[j]; dhr[j] = T(0); }
+          act_backward(kind, a, Zp ? Zp + r * H : nullptr, Sp + r * H, gr, gr, H);
         }
       });
-      recurrent_grad(dh, dZs[t], W_hh, mask);
+      recurrent_grad<T>(dhp, dZp + t * B * H, W, M, scratch, B, H, H);
     }
   });
   return {dZ, dh};
@@ -479,31 +535,34 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
                                         at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse,
                                         bool save_z) {
   const Loop L = make_loop(xw, lengths, reverse);
-  const int64_t H = s0.size(1), B = L.B;
+  const int64_t H = s0.size(1), B = L.B, G = 4 * H;
   Tensor A = at::empty_like(xw);
   Tensor S = at::empty({L.T, B, H}, s0.options()), out = at::empty_like(S), HR = at::empty_like(S);
-  Tensor s = s0.clone(), Wt = W_hh.t();
-  auto Zs = xw.unbind(0), As = A.unbind(0), Ss = S.unbind(0), Os = out.unbind(0), HRs = HR.unbind(0);
+  Tensor s = s0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gated_state_forward", [&] {
     using T = scalar_t;
-    T* sp = s.data_ptr<T>();
+    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>();
+    T *HRp = HR.data_ptr<T>(), *sp = s.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    write_rec(HRp + L.step(0) * B * H, sp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      recurrent_input(HRs[t], s, mask);
-      Zs[t].addmm_(HRs[t], Wt);
-      T *zp = Zs[t].data_ptr<T>(), *ap = As[t].data_ptr<T>(), *Sp = Ss[t].data_ptr<T>(), *op = Os[t].data_ptr<T>();
-      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+      T* hr_next = k + 1 < L.T ? HRp + L.step(k + 1) * B * H : nullptr;
+      times_Wt<T>(Z + t * B * G, HRp + t * B * H, W, B, G, H, T(1));
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          T *zr = zp + b * 4 * H, *ar = ap + b * 4 * H, *sr = sp + b * H, *Sr = Sp + b * H, *orow = op + b * H;
-          if (!L.live(t, b)) {
+          const int64_t r = t * B + b;
+          T *zr = Z + r * G, *ar = Ap + r * G, *sr = sp + b * H, *Sr = Sp + r * H, *orow = Op + r * H;
+          if (L.live(t, b)) {
+            for (int64_t q = 0; q < 4; ++q) act_forward(kinds[q], T(params[q]), zr + q * H, ar + q * H, H);
+            for (int64_t j = 0; j < H; ++j) {
+              Sr[j] = sr[j] = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
+              orow[j] = ar[2 * H + j] * sr[j];
+            }
+          } else {
             for (int64_t j = 0; j < H; ++j) { Sr[j] = sr[j]; orow[j] = T(0); }
-            continue;
           }
-          for (int64_t q = 0; q < 4; ++q) act_forward(kinds[q], T(params[q]), zr + q * H, ar + q * H, H);
-          for (int64_t j = 0; j < H; ++j) {
-            Sr[j] = sr[j] = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
-            orow[j] = ar[2 * H + j] * sr[j];
-          }
+          if (hr_next) write_rec(hr_next + b * H, sr, M ? M + b * H : nullptr, H);
         }
       });
     }
@@ -516,26 +575,25 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
                                          const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                          at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
   const Loop L = make_loop(A, lengths, reverse);
-  const int64_t H = s0.size(1), B = L.B;
+  const int64_t H = s0.size(1), B = L.B, G = 4 * H;
   Tensor dZ = at::empty_like(A), ds = dsT.clone();
-  auto Zs = Z.numel() ? Z.unbind(0) : std::vector<Tensor>{};
-  auto As = A.unbind(0), Ss = S.unbind(0), dOs = dout.unbind(0), dZs = dZ.unbind(0);
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gated_state_backward", [&] {
     using T = scalar_t;
-    T* dsp = ds.data_ptr<T>();
+    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>();
+    const T *dOp = dout.data_ptr<T>(), *s0p = s0.data_ptr<T>(), *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    T *dZp = dZ.data_ptr<T>(), *dsp = ds.data_ptr<T>();
+    std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
       const int64_t t = L.step(k);
-      const T* sprev = (k == 0 ? s0 : Ss[L.step(k - 1)]).data_ptr<T>();
-      const T *zp = ptr_or_null<T>(Zs, t), *ap = As[t].data_ptr<T>(), *Sp = Ss[t].data_ptr<T>();
-      const T* dop = dOs[t].data_ptr<T>();
-      T* gp = dZs[t].data_ptr<T>();
-      at::parallel_for(0, B, grain(4 * H), [&](int64_t b0, int64_t b1) {
+      const T* sprev = k == 0 ? s0p : Sp + L.step(k - 1) * B * H;
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const T *zr = zp ? zp + b * 4 * H : nullptr, *ar = ap + b * 4 * H, *Sr = Sp + b * H, *spr = sprev + b * H;
-          const T* dor = dop + b * H;
-          T *gr = gp + b * 4 * H, *dsr = dsp + b * H;
+          const int64_t r = t * B + b;
+          const T *zr = Zp ? Zp + r * G : nullptr, *ar = Ap + r * G, *Sr = Sp + r * H, *spr = sprev + b * H;
+          const T* dor = dOp + r * H;
+          T *gr = dZp + r * G, *dsr = dsp + b * H;
           if (!L.live(t, b)) {
-            for (int64_t j = 0; j < 4 * H; ++j) gr[j] = T(0);
+            for (int64_t j = 0; j < G; ++j) gr[j] = T(0);
             continue;
           }
           for (int64_t j = 0; j < H; ++j) {
@@ -550,7 +608,7 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
             act_backward(kinds[q], T(params[q]), zr ? zr + q * H : nullptr, ar + q * H, gr + q * H, gr + q * H, H);
         }
       });
-      recurrent_grad(ds, dZs[t], W_hh, mask);
+      recurrent_grad<T>(dsp, dZp + t * B * G, W, M, scratch, B, G, H);
     }
   });
   return {dZ, ds};
