@@ -259,3 +259,28 @@ def test_importing_gatelab_does_not_compile():
 
     code = "import gatelab, gatelab.engines.fused.cpp as c; assert not c._state['loaded'] and c._state['error'] is None"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(("layer", "options"), [
+    ("LSTM", {"gate_activation": "hard_sigmoid", "bidirectional": True, "num_layers": 2}),
+    ("LSTM", {"candidate_activation": "gelu"}),
+    ("GRU", {"gate_activation": "elliott", "bidirectional": True}),
+    ("RNN", {"activation": "softsign", "bidirectional": True}),
+    ("GatedStateRNN", {"bidirectional": True}),
+    ("LSTM", {"peephole": True}),
+])
+@pytest.mark.parametrize("packed", [True, False])
+def test_inference_path_without_autograd_equals_reference(layer, options, packed):
+    torch.manual_seed(0)
+    ref = LAYERS[layer](3, 4, backend="reference", dtype=torch.float64, **options)
+    fus = LAYERS[layer](3, 4, backend="fused", strict=True, dtype=torch.float64, **options)
+    fus.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    inp = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False) if packed else x
+    with torch.no_grad():
+        (o1, s1), (o2, s2) = ref(inp), fus(inp)
+    o1, o2 = (o1.data, o2.data) if packed else (o1, o2)
+    assert o2.grad_fn is None
+    torch.testing.assert_close(o1, o2, rtol=0, atol=1e-12)
+    for a, b in zip(s1 if isinstance(s1, tuple) else (s1,), s2 if isinstance(s2, tuple) else (s2,)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

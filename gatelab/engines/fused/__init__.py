@@ -18,7 +18,7 @@ from torch import Tensor
 from ...activations import ModuleActivation
 from ...cells import LSTMCell, RecurrentCell
 from . import cpp
-from .function import FusedDirection, PyLoop
+from .function import FusedDirection, PyLoop, infer
 from .steps import STEPS
 
 if TYPE_CHECKING:
@@ -90,10 +90,10 @@ def run_direction(
         lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
     else:
         loop = PyLoop(step)
-    out, *final = FusedDirection.apply(
-        loop, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh,
-        *state, *step.extra_params(),
-    )
+    args = (loop, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh, *state)
+    extra = step.extra_params()
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args[4:], *extra))
+    out, *final = FusedDirection.apply(*args, *extra) if needs_grad else infer(*args)
     return out, tuple(final)
 
 

@@ -171,19 +171,19 @@ class CppLoop:
         self.fold_bias_hh = not isinstance(cell, GRUCell)
         self.ops = torch.ops.gatelab_fused
 
-    def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse):
-        ops, k, p, z = self.ops, self.kinds, self.params, self.save_z
+    def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse, keep=True):
+        ops, k, p, z = self.ops, self.kinds, self.params, self.save_z and keep
         # xw is the caller's fresh buffer: the kernels turn it into the pre-activations in place.
         if self.name == "LSTMCell":
-            out, h, c, *saved = ops.lstm_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, k, p, reverse, z)
+            out, h, c, *saved = ops.lstm_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, k, p, reverse, z, keep)
             return out, (h, c), (saved, state[1])
         if self.name == "GRUCell":
-            out, h, *saved = ops.gru_forward(xw, W_hh, b_hh, state[0], lengths, rec_mask, k, p, reverse, z)
+            out, h, *saved = ops.gru_forward(xw, W_hh, b_hh, state[0], lengths, rec_mask, k, p, reverse, z, keep)
             return out, (h,), (saved, state[0])
         if self.name == "ElmanCell":
-            out, h, *saved = ops.elman_forward(xw, W_hh, state[0], lengths, rec_mask, k[0], p[0], reverse, z)
+            out, h, *saved = ops.elman_forward(xw, W_hh, state[0], lengths, rec_mask, k[0], p[0], reverse, z, keep)
             return out, (h,), (saved, state[0])
-        out, s, *saved = ops.gated_state_forward(xw, W_hh, state[0], lengths, rec_mask, k, p, reverse, z)
+        out, s, *saved = ops.gated_state_forward(xw, W_hh, state[0], lengths, rec_mask, k, p, reverse, z, keep)
         return out, (s,), (saved, state[0])
 
     def backward(self, saved, dout, dstate, W_hh, lengths, rec_mask, reverse):

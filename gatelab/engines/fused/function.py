@@ -24,9 +24,10 @@ class TimeLoop(Protocol):
     fold_bias_hh: bool  # add b_hh into the input projection (every cell but the GRU)
 
     def forward(self, xw: Tensor, W_hh: Tensor, b_hh: Tensor | None, state: tuple[Tensor, ...],
-                lengths: Tensor | None, rec_mask: Tensor | None, reverse: bool
+                lengths: Tensor | None, rec_mask: Tensor | None, reverse: bool, keep: bool = True
                 ) -> tuple[Tensor, tuple[Tensor, ...], Any]:
-        """Return ``(out (T, B, O), final state, saved)``."""
+        """Return ``(out (T, B, O), final state, saved)``; with ``keep=False`` nothing is kept for a
+        backward pass (inference)."""
 
     def backward(self, saved: Any, dout: Tensor, dstate: tuple[Tensor, ...], W_hh: Tensor, lengths: Tensor | None,
                  rec_mask: Tensor | None, reverse: bool
@@ -42,7 +43,7 @@ class PyLoop:
     def __init__(self, step: Step) -> None:
         self.step = step
 
-    def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse):
+    def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse, keep=True):
         T, B, _ = xw.shape
         order = range(T - 1, -1, -1) if reverse else range(T)
         outs: list[Tensor] = [xw.new_empty(0)] * T
@@ -88,6 +89,24 @@ class PyLoop:
         return dxws, dghs, dstate, h_recs, self.step.param_grads(pgrads)
 
 
+def input_projection(loop: TimeLoop, x: Tensor, W_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
+    """``x W_ihᵀ + b`` for all steps as one product: (T, B, I) -> (T, B, G·H), a fresh buffer the
+    loop may overwrite."""
+    T, B, I = x.shape
+    bias = None if b_ih is None else (b_ih + b_hh if loop.fold_bias_hh else b_ih)
+    x2 = x.reshape(T * B, I)
+    return (torch.addmm(bias, x2, W_ih.t()) if bias is not None else x2 @ W_ih.t()).view(T, B, -1)
+
+
+def infer(loop: TimeLoop, reverse: bool, lengths: Tensor | None, rec_mask: Tensor | None, x: Tensor, W_ih: Tensor,
+          W_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, *state: Tensor) -> tuple[Tensor, ...]:
+    """The forward pass without autograd: same results as :class:`FusedDirection`, nothing kept."""
+    xw = input_projection(loop, x, W_ih, b_ih, b_hh)
+    out, final, _ = loop.forward(xw, W_hh, None if loop.fold_bias_hh else b_hh, state, lengths, rec_mask, reverse,
+                                 keep=False)
+    return (out, *final)
+
+
 class FusedDirection(torch.autograd.Function):
     """``apply(loop, reverse, lengths, rec_mask, x, W_ih, W_hh, b_ih, b_hh, *state, *extra)``
     returns ``(out (T, B, O), *final_state)``; ``extra`` are the loop's extra parameters (peepholes,
@@ -98,10 +117,7 @@ class FusedDirection(torch.autograd.Function):
                 x: Tensor, W_ih: Tensor, W_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                 *rest: Tensor) -> tuple[Tensor, ...]:
         n_state = len(loop.step.cell.state_names)
-        T, B, I = x.shape
-        bias = None if b_ih is None else (b_ih + b_hh if loop.fold_bias_hh else b_ih)
-        x2 = x.reshape(T * B, I)
-        xw = (torch.addmm(bias, x2, W_ih.t()) if bias is not None else x2 @ W_ih.t()).view(T, B, -1)  # (T, B, G·H)
+        xw = input_projection(loop, x, W_ih, b_ih, b_hh)  # (T, B, G·H)
         out, final, saved = loop.forward(xw, W_hh, None if loop.fold_bias_hh else b_hh, tuple(rest[:n_state]),
                                          lengths, rec_mask, reverse)
         ctx.loop, ctx.reverse, ctx.saved_loop, ctx.has_bias = loop, reverse, saved, b_ih is not None

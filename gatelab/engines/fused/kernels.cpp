@@ -179,6 +179,17 @@ Loop make_loop(const Tensor& x, const c10::optional<Tensor>& lengths, bool rever
   return Loop{x.size(0), x.size(1), reverse, lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr};
 }
 
+// Where a forward pass keeps per-step buffers: every step when training (the backward reads them),
+// one reused slot otherwise; recurrent inputs alternate between two slots.
+struct Keep {
+  const Loop& L;
+  bool train;
+  int64_t n, n_rec;
+  Keep(const Loop& loop, bool tr) : L(loop), train(tr), n(tr ? loop.T : 1), n_rec(tr ? loop.T : 2) {}
+  int64_t at(int64_t t) const { return train ? t : 0; }
+  int64_t rec(int64_t k) const { return train ? L.step(k) : k % 2; }
+};
+
 template <typename T>
 const T* opt_ptr(const c10::optional<Tensor>& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; }
 
@@ -250,12 +261,13 @@ inline void write_rec(T* hr, const T* h, const T* mask, int64_t n) {
 
 std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0, const Tensor& c0,
                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
-                                 at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse, bool save_z) {
+                                 at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse, bool save_z, bool train) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B, G = 4 * H;
-  Tensor A = at::empty_like(xw);
-  Tensor C = at::empty({L.T, B, H}, c0.options()), K = at::empty_like(C), out = at::empty_like(C);
-  Tensor HR = at::empty({L.T, B, H}, h0.options());
+  const Keep keep(L, train);
+  Tensor A = at::empty({keep.n, B, G}, xw.options());
+  Tensor C = at::empty({keep.n, B, H}, c0.options()), K = at::empty_like(C), out = at::empty({L.T, B, H}, c0.options());
+  Tensor HR = at::empty({keep.n_rec, B, H}, h0.options());
   Tensor h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_forward", [&] {
     using T = scalar_t;
@@ -263,16 +275,17 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
     T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>();
     T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
     const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
-    write_rec(HRp + L.step(0) * B * H, hp, M, B * H);
+    write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      T* hr_next = k + 1 < L.T ? HRp + L.step(k + 1) * B * H : nullptr;
-      times_Wt<T>(Z + t * B * G, HRp + t * B * H, W, B, G, H, T(1));
+      const int64_t s = keep.at(t);
+      T* hr_next = k + 1 < L.T ? HRp + keep.rec(k + 1) * B * H : nullptr;
+      times_Wt<T>(Z + t * B * G, HRp + keep.rec(k) * B * H, W, B, G, H, T(1));
       at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b;
-          T *zr = Z + r * G, *ar = Ap + r * G, *cr = cp + b * H, *hrow = hp + b * H;
-          T *Cr = Cp + r * H, *Kr = Kp + r * H, *orow = Op + r * H;
+          const int64_t r = t * B + b, q = s * B + b;
+          T *zr = Z + r * G, *ar = Ap + q * G, *cr = cp + b * H, *hrow = hp + b * H;
+          T *Cr = Cp + q * H, *Kr = Kp + q * H, *orow = Op + r * H;
           if (L.live(t, b)) {
             act_forward(kinds[0], ai, zr, ar, H);
             act_forward(kinds[1], af, zr + H, ar + H, H);
@@ -357,11 +370,12 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
 std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10::optional<Tensor>& b_hh,
                                 const Tensor& h0, const c10::optional<Tensor>& lengths,
                                 const c10::optional<Tensor>& mask, at::IntArrayRef kinds,
-                                at::ArrayRef<double> params, bool reverse, bool save_z) {
+                                at::ArrayRef<double> params, bool reverse, bool save_z, bool train) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B, G = 3 * H;
-  Tensor A = at::empty_like(xw), GHn = at::empty({L.T, B, H}, h0.options());
-  Tensor S = at::empty_like(GHn), out = at::empty_like(GHn), HR = at::empty_like(GHn);
+  const Keep keep(L, train);
+  Tensor A = at::empty({keep.n, B, G}, xw.options()), GHn = at::empty({keep.n, B, H}, h0.options());
+  Tensor S = at::empty_like(GHn), out = at::empty({L.T, B, H}, h0.options()), HR = at::empty({keep.n_rec, B, H}, h0.options());
   Tensor gh = at::empty({B, G}, h0.options()), h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_forward", [&] {
     using T = scalar_t;
@@ -369,16 +383,17 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
     T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>(), *Sp = S.data_ptr<T>();
     T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *hp = h.data_ptr<T>(), *ghp = gh.data_ptr<T>();
     const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *bh = opt_ptr<T>(b_hh);
-    write_rec(HRp + L.step(0) * B * H, hp, M, B * H);
+    write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      T* hr_next = k + 1 < L.T ? HRp + L.step(k + 1) * B * H : nullptr;
-      times_Wt<T>(ghp, HRp + t * B * H, W, B, G, H, T(0));
+      const int64_t s = keep.at(t);
+      T* hr_next = k + 1 < L.T ? HRp + keep.rec(k + 1) * B * H : nullptr;
+      times_Wt<T>(ghp, HRp + keep.rec(k) * B * H, W, B, G, H, T(0));
       at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b;
-          T *ghr = ghp + b * G, *zr = Z + r * G, *arow = Ap + r * G, *nr = Np + r * H, *hrow = hp + b * H;
-          T *Sr = Sp + r * H, *orow = Op + r * H;
+          const int64_t r = t * B + b, q = s * B + b;
+          T *ghr = ghp + b * G, *zr = Z + r * G, *arow = Ap + q * G, *nr = Np + q * H, *hrow = hp + b * H;
+          T *Sr = Sp + q * H, *orow = Op + r * H;
           if (L.live(t, b)) {
             if (bh) for (int64_t j = 0; j < G; ++j) ghr[j] += bh[j];
             for (int64_t j = 0; j < 2 * H; ++j) zr[j] += ghr[j];
@@ -458,10 +473,12 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
 
 std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0,
                                   const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
-                                  int64_t kind, double param, bool reverse, bool save_z) {
+                                  int64_t kind, double param, bool reverse, bool save_z, bool train) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B;
-  Tensor out = at::empty_like(xw), S = lengths.has_value() ? at::empty_like(xw) : out, HR = at::empty_like(xw);
+  const Keep keep(L, train);
+  Tensor out = at::empty_like(xw), HR = at::empty({keep.n_rec, B, H}, h0.options());
+  Tensor S = !train ? at::empty({1, B, H}, h0.options()) : lengths.has_value() ? at::empty_like(xw) : out;
   Tensor h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "elman_forward", [&] {
     using T = scalar_t;
@@ -469,15 +486,16 @@ std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Te
     T *Z = xw.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>();
     T* hp = h.data_ptr<T>();
     const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
-    write_rec(HRp + L.step(0) * B * H, hp, M, B * H);
+    write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      T* hr_next = k + 1 < L.T ? HRp + L.step(k + 1) * B * H : nullptr;
-      times_Wt<T>(Z + t * B * H, HRp + t * B * H, W, B, H, H, T(1));
+      const int64_t s = keep.at(t);
+      T* hr_next = k + 1 < L.T ? HRp + keep.rec(k + 1) * B * H : nullptr;
+      times_Wt<T>(Z + t * B * H, HRp + keep.rec(k) * B * H, W, B, H, H, T(1));
       at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r = t * B + b;
-          T *hrow = hp + b * H, *Sr = Sp + r * H, *orow = Op + r * H;
+          T *hrow = hp + b * H, *Sr = Sp + (s * B + b) * H, *orow = Op + r * H;
           if (L.live(t, b)) {
             act_forward(kind, a, Z + r * H, hrow, H);
             for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j];
@@ -533,26 +551,29 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
 std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& s0,
                                         const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                         at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse,
-                                        bool save_z) {
+                                        bool save_z, bool train) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = s0.size(1), B = L.B, G = 4 * H;
-  Tensor A = at::empty_like(xw);
-  Tensor S = at::empty({L.T, B, H}, s0.options()), out = at::empty_like(S), HR = at::empty_like(S);
+  const Keep keep(L, train);
+  Tensor A = at::empty({keep.n, B, G}, xw.options());
+  Tensor S = at::empty({keep.n, B, H}, s0.options()), out = at::empty({L.T, B, H}, s0.options());
+  Tensor HR = at::empty({keep.n_rec, B, H}, s0.options());
   Tensor s = s0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gated_state_forward", [&] {
     using T = scalar_t;
     T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>();
     T *HRp = HR.data_ptr<T>(), *sp = s.data_ptr<T>();
     const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
-    write_rec(HRp + L.step(0) * B * H, sp, M, B * H);
+    write_rec(HRp + keep.rec(0) * B * H, sp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
-      T* hr_next = k + 1 < L.T ? HRp + L.step(k + 1) * B * H : nullptr;
-      times_Wt<T>(Z + t * B * G, HRp + t * B * H, W, B, G, H, T(1));
+      const int64_t s = keep.at(t);
+      T* hr_next = k + 1 < L.T ? HRp + keep.rec(k + 1) * B * H : nullptr;
+      times_Wt<T>(Z + t * B * G, HRp + keep.rec(k) * B * H, W, B, G, H, T(1));
       at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b;
-          T *zr = Z + r * G, *ar = Ap + r * G, *sr = sp + b * H, *Sr = Sp + r * H, *orow = Op + r * H;
+          const int64_t r = t * B + b, q = s * B + b;
+          T *zr = Z + r * G, *ar = Ap + q * G, *sr = sp + b * H, *Sr = Sp + q * H, *orow = Op + r * H;
           if (L.live(t, b)) {
             for (int64_t q = 0; q < 4; ++q) act_forward(kinds[q], T(params[q]), zr + q * H, ar + q * H, H);
             for (int64_t j = 0; j < H; ++j) {
@@ -617,13 +638,13 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
 }  // namespace
 
 TORCH_LIBRARY(gatelab_fused, m) {
-  m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z) -> Tensor[]");
+  m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
-  m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z) -> Tensor[]");
+  m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("gru_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor A, Tensor GHn, Tensor S, Tensor h0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
-  m.def("elman_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse, bool save_z) -> Tensor[]");
+  m.def("elman_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("elman_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor S, Tensor W_hh, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse) -> Tensor[]");
-  m.def("gated_state_forward(Tensor xw, Tensor W_hh, Tensor s0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z) -> Tensor[]");
+  m.def("gated_state_forward(Tensor xw, Tensor W_hh, Tensor s0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("gated_state_backward(Tensor dout, Tensor dsT, Tensor Z, Tensor A, Tensor S, Tensor s0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
 }
 
