@@ -159,10 +159,11 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
 
 
 def recurrence_flops(cell: str, H: int, batch: int, T: int, backward: bool) -> float:
-    """Matmul FLOPs of one layer (input + recurrent products); backward is twice the forward."""
+    """Matrix-product FLOPs of one layer with input size H: the forward has two products (input and
+    recurrent), the backward three (dW_ih, dW_hh and the recurrent dh; the data needs no dx)."""
     G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
-    fwd = 2 * T * batch * (H * G * H) * 2  # input and recurrent product
-    return fwd * (3 if backward else 1)
+    product = 2 * T * batch * H * G * H
+    return product * (5 if backward else 2)
 
 
 def compare(a: Callable[[], None], b: Callable[[], None], pairs: int, warmup: int = 2) -> tuple[float, float, float]:

@@ -138,11 +138,12 @@ class FusedDirection(torch.autograd.Function):
         dxws, dghs, dstate0, h_recs, extra = loop.backward(ctx.saved_loop, dout, dstate, W_hh, lengths, rec_mask,
                                                            ctx.reverse)
         dxw2, dgh2 = dxws.view(T * B, GH), dghs.view(T * B, GH)
-        dx = (dxw2 @ W_ih).view(T, B, I)
-        dW_ih = dxw2.t() @ x.reshape(T * B, I)
-        dW_hh = dgh2.t() @ h_recs.view(T * B, -1)
-        db_ih = dxw2.sum(0) if ctx.has_bias else None
-        db_hh = dgh2.sum(0) if ctx.has_bias else None
+        need = ctx.needs_input_grad  # skip the products nobody asked for (e.g. dx of a data batch)
+        dx = (dxw2 @ W_ih).view(T, B, I) if need[4] else None
+        dW_ih = dxw2.t() @ x.reshape(T * B, I) if need[5] else None
+        dW_hh = dgh2.t() @ h_recs.view(T * B, -1) if need[6] or isinstance(loop, PyLoop) else None
+        db_ih = dxw2.sum(0) if ctx.has_bias and need[7] else None
+        db_hh = dgh2.sum(0) if ctx.has_bias and (need[8] or isinstance(loop, PyLoop)) else None
         if isinstance(loop, PyLoop):
             loop.step.fix_weight_grads(dW_hh, db_hh, dxws, ctx.saved_loop[0])
         return (None, None, None, None, dx, dW_ih, dW_hh, db_ih, db_hh, *dstate0, *extra)
