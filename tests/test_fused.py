@@ -52,10 +52,15 @@ def run_pair(layer_cls, options: dict, dtype=torch.float64, *, packed=True, seed
 
 
 def max_error(a, b) -> float:
-    errs = [(a["out"] - b["out"]).abs().max().item()]
-    errs += [(x - y).abs().max().item() for x, y in zip(a["state"], b["state"])]
+    """Largest difference over outputs, states and every gradient, each relative to its tensor's
+    scale when that exceeds 1 (unbounded activations in gate slots give large values)."""
+    def rel(x, y):
+        return ((x - y).abs().max() / x.abs().max().clamp(min=1.0)).item()
+
+    errs = [rel(a["out"], b["out"])]
+    errs += [rel(x, y) for x, y in zip(a["state"], b["state"])]
     assert a["grads"].keys() == b["grads"].keys()
-    errs += [(a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"]]
+    errs += [rel(a["grads"][k], b["grads"][k]) for k in a["grads"]]
     return max(errs)
 
 
@@ -67,7 +72,7 @@ def test_every_activation_in_every_slot(layer, activation, dtype):
         ref, fus = run_pair(LAYERS[layer], {slot: activation, "bidirectional": True}, dtype)
         assert fus["layer"].engine_name == "fused"
         err = max_error(ref, fus)
-        assert err < TOL[dtype] * (10 if dtype == torch.float32 else 1), (layer, slot, activation, err)
+        assert err < TOL[dtype], (layer, slot, activation, err)
 
 
 def test_per_gate_mapping_and_learnable_parameters_get_gradients():
@@ -112,7 +117,7 @@ def test_layer_options(layer, options, packed, dtype):
     ref, fus = run_pair(LAYERS[layer], options, dtype, packed=packed)
     assert fus["layer"].engine_name == "fused"
     err = max_error(ref, fus)
-    assert err < TOL[dtype] * (10 if dtype == torch.float32 else 1), err
+    assert err < TOL[dtype], err
 
 
 def test_unbatched_input_and_initial_state():
