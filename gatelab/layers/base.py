@@ -159,7 +159,8 @@ class RecurrentLayer(nn.Module):
             return "reference", why + "; the fused engine does not apply either: " + "; ".join(fused_blockers)
         blockers = engines.ENGINES[self.backend].unsupported(self)
         if not blockers:
-            return self.backend, f"backend={self.backend!r} was asked for"
+            why = f"backend={self.backend!r} was asked for"
+            return self.backend, why + (". Runs the " + engines.fused.describe(self) if self.backend == "fused" else "")
         message = f"backend={self.backend!r} cannot run this layer: " + "; ".join(blockers)
         if self.strict:
             raise ValueError(f"{type(self).__name__}: {message} (strict=True)")
