@@ -302,3 +302,10 @@ def _layer(cls, backend):
 def _shape(shape) -> str:
     """The regex for ``tuple(shape)`` as Python prints it."""
     return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+def test_an_option_the_cell_does_not_take_is_named():
+    import gatelab as gl
+
+    with pytest.raises(TypeError, match=r"GRU got unexpected option\(s\) layer_norm; its cell GRUCell takes"):
+        gl.GRU(3, 4, layer_norm=True)

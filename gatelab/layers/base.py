@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 from collections.abc import Callable
@@ -91,6 +92,12 @@ class RecurrentLayer(nn.Module):
         self.strict = bool(strict)
         D = self.num_directions
 
+        accepted = set(inspect.signature(self.cell_class).parameters) - {"input_size", "hidden_size", "bias", "device", "dtype"}
+        unknown = sorted(set(cell_options) - accepted)
+        if unknown:
+            raise TypeError(f"{owner} got unexpected option(s) {', '.join(unknown)}; its cell {self.cell_class.__name__} "
+                            f"takes {', '.join(sorted(accepted))} (layer options are torch's plus residual, dropouts, "
+                            f"zoneout, init, forget_bias, backend, strict)")
         self.cells = nn.ModuleList()
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else D * self._output_size_of(hidden_size, cell_options)
