@@ -289,3 +289,11 @@ def test_inference_path_without_autograd_equals_reference(layer, options, packed
     torch.testing.assert_close(o1, o2, rtol=0, atol=1e-12)
     for a, b in zip(s1 if isinstance(s1, tuple) else (s1,), s2 if isinstance(s2, tuple) else (s2,)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_building_a_layer_does_not_compile(monkeypatch):
+    monkeypatch.setattr(cpp, "_state", {"loaded": False, "error": None})
+    monkeypatch.setattr(cpp, "load", lambda strict=False: pytest.fail("constructing a layer must not build the kernels"))
+    layer = gatelab.LSTM(3, 4, gate_activation="hard_sigmoid")
+    assert layer.engine_name == "fused"
+    assert "compiled at first use" in layer.explain()

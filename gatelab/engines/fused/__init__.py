@@ -60,7 +60,9 @@ def describe(layer: RecurrentLayer) -> str:
     blockers = cpp.cell_blockers(layer.cells[0])
     if blockers:
         return "fused engine, pure-PyTorch loop: " + "; ".join(blockers)
-    return "fused engine, C++ loop" + ("" if cpp.load() else " unavailable, pure-PyTorch loop: " + cpp.status())
+    if cpp.failed():
+        return "fused engine, pure-PyTorch loop: " + cpp.status()
+    return "fused engine, C++ loop" + ("" if cpp.loaded() else " (compiled at first use)")
 
 
 def run_direction(

@@ -111,6 +111,15 @@ def load(strict: bool = False) -> bool:
         return False
 
 
+def loaded() -> bool:
+    return bool(_state["loaded"])
+
+
+def failed() -> bool:
+    """True once a build or load has failed (or $GATELAB_NO_CPP disabled the kernels)."""
+    return not _state["loaded"] and (_state["error"] is not None or bool(os.environ.get("GATELAB_NO_CPP")))
+
+
 def status() -> str:
     """A line for ``explain()``: whether the C++ kernels are loaded, untried or failed."""
     if _state["loaded"]:
