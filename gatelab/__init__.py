@@ -1,14 +1,20 @@
 """gatelab: gated recurrent networks in which every activation inside every gate is pluggable."""
 
-from . import activations, engines, init, tasks
+from . import activations, callbacks, checkpoint, config, data, engines, init, models, tasks, train
+from ._version import __version__
+from .callbacks import Callback
 from .cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell
+from .config import ExperimentConfig, ModelConfig, TaskConfig, TrainConfig
 from .layers import GRU, LSTM, RNN, GatedStateRNN
-
-__version__ = "0.1.0"
+from .models import SequenceModel, build_model
+from .train import evaluate, fit
 
 __all__ = [
     "activations", "engines", "init", "tasks",
     "ElmanCell", "LSTMCell", "GRUCell", "GatedStateCell",
     "RNN", "LSTM", "GRU", "GatedStateRNN",
+    "callbacks", "checkpoint", "config", "data", "models", "train",
+    "Callback", "ExperimentConfig", "TaskConfig", "ModelConfig", "TrainConfig",
+    "SequenceModel", "build_model", "fit", "evaluate",
     "__version__",
 ]

@@ -1,0 +1,240 @@
+"""Sequence models: input (embedding or projection) -> a stack of gatelab layers -> a head.
+
+:class:`SequenceModel` has a typed constructor; :func:`build_model` makes one from a
+:class:`~gatelab.config.ModelConfig` and a task (sizes, head and objective follow the task's kind).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import ActivationSpec
+from .cells.base import GateActivationSpec
+from .config import CELL_SLOTS, ConfigError, ModelConfig
+from .layers import GRU, LSTM, RNN, GatedStateRNN, RecurrentLayer
+from .tasks import Task
+from .tasks.base import IGNORE_INDEX
+
+__all__ = ["SequenceModel", "build_model", "CELL_LAYERS", "State"]
+
+CELL_LAYERS: dict[str, type[RecurrentLayer]] = {"lstm": LSTM, "gru": GRU, "rnn": RNN, "gated_state": GatedStateRNN}
+HEADS = ("last", "mean", "every")
+OBJECTIVES = ("mse", "cross_entropy")
+
+# The recurrent state of the whole stack: one entry per layer, each what that layer returns as its
+# state (a tensor, or a tuple such as (h, c)), each tensor (directions, B, size).
+State = list[Tensor | tuple[Tensor, ...]]
+
+
+class SequenceModel(nn.Module):
+    """Input -> recurrent stack -> head, for batch-first sequences with optional lengths.
+
+    * Input: with ``embedding_dim > 0`` the input is tokens from a vocabulary of ``input_size`` (ids
+      ``(B, T)`` int64, or one-hot rows ``(B, T, input_size)``, which give the same result); without it,
+      ``(B, T, input_size)`` features (ids are one-hot encoded). ``input_projection > 0`` adds a linear
+      map to that size.
+    * Stack: one gatelab layer of type ``cell`` (``"lstm" | "gru" | "rnn" | "gated_state"``) per entry of
+      ``hidden_sizes``, so layers may differ in size; ``dropout`` between layers and before the head.
+      The activation slots and ``layer_options`` (peephole, variant, zoneout, ...) go to every layer.
+    * Head, a linear map to ``output_size``: ``"last"`` reads each sequence's own last step (from
+      ``lengths``; for a bidirectional stack, the backward direction's first step), ``"mean"`` the mean
+      over the real steps, ``"every"`` every step. ``tie_weights`` shares the embedding matrix with the
+      head of a language model.
+    * ``objective``: ``"mse"`` (regression, forecasting) or ``"cross_entropy"`` (classes, tokens; targets
+      of ``-100`` are ignored).
+
+    ``forward(x, lengths=None, state=None) -> (output, state)``; ``loss(batch)``; ``predict(x, lengths)``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        cell: str = "lstm",
+        hidden_sizes: Sequence[int] = (64,),
+        head: str = "last",
+        objective: str = "mse",
+        embedding_dim: int = 0,
+        input_projection: int = 0,
+        tie_weights: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        activation: ActivationSpec | None = None,
+        gate_activation: GateActivationSpec | None = None,
+        candidate_activation: ActivationSpec | None = None,
+        cell_activation: ActivationSpec | None = None,
+        backend: str = "auto",
+        init: str = "torch",
+        forget_bias: float | None = None,
+        layer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if cell not in CELL_LAYERS:
+            raise ValueError(f"unknown cell {cell!r}; valid: {', '.join(CELL_LAYERS)}")
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+        slots = {"activation": activation, "gate_activation": gate_activation,
+                 "candidate_activation": candidate_activation, "cell_activation": cell_activation}
+        slots = {k: v for k, v in slots.items() if v is not None}
+        for slot in slots:
+            if slot not in CELL_SLOTS[cell]:
+                raise ValueError(f"cell {cell!r} has no {slot}; its activation slots: {', '.join(CELL_SLOTS[cell])}")
+        self.input_size, self.output_size = input_size, output_size
+        self.cell, self.head_mode, self.objective = cell, head, objective
+        self.hidden_sizes = tuple(hidden_sizes)
+        self.bidirectional = bidirectional
+
+        size = input_size
+        self.embedding = nn.Embedding(input_size, embedding_dim) if embedding_dim else None
+        size = embedding_dim or size
+        self.input_projection = nn.Linear(size, input_projection) if input_projection else None
+        size = input_projection or size
+
+        options = dict(layer_options or {})
+        self.layers = nn.ModuleList()
+        for hidden in self.hidden_sizes:
+            layer = CELL_LAYERS[cell](size, hidden, batch_first=True, bidirectional=bidirectional, backend=backend,
+                                      init=init, forget_bias=forget_bias, **slots, **options)
+            self.layers.append(layer)
+            size = layer.output_size * layer.num_directions
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(size, output_size)
+        if tie_weights:
+            if self.embedding is None or head != "every":
+                raise ValueError("tie_weights shares the embedding with a language-model head: it needs "
+                                 "embedding_dim > 0 and head='every'")
+            if self.embedding.weight.shape != self.head.weight.shape:
+                raise ValueError(f"tie_weights needs the last layer's output size ({size}) to equal embedding_dim "
+                                 f"({embedding_dim}) and output_size to equal input_size")
+            self.head.weight = self.embedding.weight
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Input ids ``(B, T)`` or features ``(B, T, I)`` to the stack's input ``(B, T, E)``."""
+        if self.embedding is not None:
+            x = self.embedding(x) if not x.is_floating_point() else x @ self.embedding.weight  # (B, T, E)
+        elif not x.is_floating_point():
+            x = F.one_hot(x, self.input_size).to(self.head.weight.dtype)  # (B, T, V)
+        if self.input_projection is not None:
+            x = self.input_projection(x)
+        return x
+
+    def forward(
+        self, x: Tensor, lengths: Tensor | None = None, state: State | None = None
+    ) -> tuple[Tensor, State]:
+        """Run the model on a batch-first batch; returns ``(output, state)``.
+
+        ``output`` is ``(B, output_size)`` for the ``last`` and ``mean`` heads and ``(B, T, output_size)``
+        for ``every`` (zero-input rows past each length). ``state`` (one entry per layer) continues a
+        previous call, as truncated BPTT and sampling do; ``None`` starts from zeros.
+        """
+        T = x.shape[1]
+        if lengths is not None and bool((lengths == T).all()):
+            lengths = None  # every sequence is full: the faster unpadded path
+        h = self.encode(x)
+        new_state: State = []
+        for k, layer in enumerate(self.layers):
+            if k:
+                h = self.drop(h)
+            h, s = layer(h, None if state is None else state[k], lengths=lengths)  # (B, T, D·H)
+            new_state.append(s)
+        return self.head(self.drop(self._pool(h, lengths))), new_state
+
+    def _pool(self, h: Tensor, lengths: Tensor | None) -> Tensor:
+        """What the head reads from the stack's output ``h (B, T, D·H)``."""
+        if self.head_mode == "every":
+            return h
+        B, T, _ = h.shape
+        last = (lengths.to(h.device) - 1) if lengths is not None else torch.full((B,), T - 1, device=h.device)
+        if self.head_mode == "mean":
+            if lengths is None:
+                return h.mean(1)
+            mask = torch.arange(T, device=h.device)[None, :] <= last[:, None]  # (B, T)
+            return (h * mask.unsqueeze(2)).sum(1) / (last + 1).unsqueeze(1).to(h.dtype)
+        rows = torch.arange(B, device=h.device)
+        if not self.bidirectional:
+            return h[rows, last]  # (B, H): each sequence's own last step
+        fwd, bwd = h.chunk(2, dim=2)
+        return torch.cat([fwd[rows, last], bwd[:, 0]], dim=1)  # the backward direction ends at step 0
+
+    # -- objective -------------------------------------------------------------------------------
+
+    def criterion(self, output: Tensor, y: Tensor, lengths: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """The objective of ``output`` against targets ``y`` (padded per-step targets are ignored)."""
+        if self.objective == "cross_entropy":
+            logits = output.reshape(-1, output.shape[-1])
+            return F.cross_entropy(logits, y.reshape(-1).long(), ignore_index=IGNORE_INDEX, reduction=reduction)
+        y = y.reshape(output.shape).to(output.dtype)
+        if self.head_mode != "every" or lengths is None:
+            return F.mse_loss(output, y, reduction=reduction)
+        mask = (torch.arange(output.shape[1])[None, :] < lengths[:, None]).to(output.device)  # (B, T)
+        se = ((output - y) ** 2)[mask].sum()
+        return se if reduction == "sum" else se / (mask.sum() * output.shape[-1])
+
+    def n_targets(self, y: Tensor, lengths: Tensor | None = None) -> int:
+        """How many terms :meth:`criterion` averages over for targets ``y``."""
+        if self.objective == "cross_entropy":
+            return int((y != IGNORE_INDEX).sum())
+        if self.head_mode == "every" and lengths is not None:
+            return int(lengths.sum()) * self.output_size
+        return y.numel()
+
+    def loss(self, batch: Any, state: State | None = None) -> tuple[Tensor, State]:
+        """Mean objective on a :class:`gatelab.tasks.Batch` (batch-first); returns ``(loss, state)``."""
+        output, state = self(batch.x, batch.lengths, state)
+        return self.criterion(output, batch.y, batch.lengths), state
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Outputs in eval mode without gradients (logits for classification and language models)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(x, lengths)[0]
+        finally:
+            self.train(was_training)
+
+    @property
+    def engines(self) -> list[str]:
+        """The engine each recurrent layer runs in the current mode (``layer.engine_name``)."""
+        return [layer.engine_name for layer in self.layers]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def detach_state(state: State | None) -> State | None:
+    """The same state cut from the graph (truncated BPTT carries it into the next window)."""
+    if state is None:
+        return None
+    return [tuple(t.detach() for t in s) if isinstance(s, tuple) else s.detach() for s in state]
+
+
+def build_model(config: ModelConfig, task: Task) -> SequenceModel:
+    """The model ``config`` describes, sized for ``task``: ``head="auto"`` reads every step of per-step
+    tasks and the last step otherwise; the objective is cross-entropy for classification and language
+    models, MSE for regression and forecasting."""
+    head = config.head if config.head != "auto" else ("every" if task.per_step else "last")
+    if task.per_step and head != "every":
+        raise ConfigError(f"model.head: task {task.name!r} has a target at every step; it needs head 'every' "
+                          f"(or 'auto'), got {config.head!r}")
+    objective = "cross_entropy" if task.kind in ("classification", "lm") else "mse"
+    try:
+        return SequenceModel(
+            task.input_size, task.output_size, cell=config.cell, hidden_sizes=config.hidden_sizes, head=head,
+            objective=objective, embedding_dim=config.embedding_dim, input_projection=config.input_projection,
+            tie_weights=config.tie_weights, dropout=config.dropout, bidirectional=config.bidirectional,
+            backend=config.backend, init=config.init, forget_bias=config.forget_bias,
+            layer_options=config.options, **config.activation_slots(),
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"[model]: {err}") from err

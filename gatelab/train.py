@@ -1,0 +1,497 @@
+"""Fit and evaluate sequence models; the training loop is :func:`train_loop`, read it top to bottom.
+
+>>> cfg = gatelab.config.load("configs/adding.toml", ["train.steps=500"])
+>>> run = gatelab.train.fit(cfg)                 # writes runs/<name>/: config.toml, metrics.jsonl,
+>>> run.summary["final"]["test"]                 #   summary.json, last.pt, best.pt
+
+Reproducible: the same config and seed give the same numbers (``train.deterministic`` turns on
+``torch.use_deterministic_algorithms``; the data of step ``k`` is a pure function of ``(seed, k)``);
+a run resumed from its last checkpoint ends with exactly the numbers of an uninterrupted one.
+A NaN or Inf in the loss or a gradient stops the run with :class:`NonFiniteError`, which names the
+step and the tensor and is also written to ``failure.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._version import __version__
+from .callbacks import Callback, CallbackList, ProgressBar
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, set_rng_state, write_json
+from .config import ConfigError, ExperimentConfig, TrainConfig, from_dict, to_dict, to_toml
+from .data import Minibatches, StreamWindows, Unit, in_order
+from .models import SequenceModel, State, build_model, detach_state
+from .tasks import Task
+from .tasks import metrics as M
+
+__all__ = [
+    "Run",
+    "NonFiniteError",
+    "fit",
+    "prepare",
+    "train_loop",
+    "evaluate",
+    "evaluate_checkpoint",
+    "load_model",
+    "learning_rate",
+    "make_optimizer",
+    "unit_loss",
+]
+
+HIGHER_IS_BETTER = {"accuracy"}
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient became NaN or Inf; ``step`` and ``tensor`` say where."""
+
+    def __init__(self, message: str, step: int, tensor: str):
+        super().__init__(message)
+        self.step, self.tensor = step, tensor
+
+
+@dataclass(eq=False)
+class Run:
+    """Everything a training run holds; callbacks receive it (see :mod:`gatelab.callbacks`)."""
+
+    config: ExperimentConfig
+    task: Task
+    model: SequenceModel
+    optimizer: torch.optim.Optimizer
+    run_dir: Path
+    units: Minibatches | StreamWindows
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+    monitor: str
+    monitor_split: str
+    device: torch.device
+    callbacks: CallbackList = field(default_factory=CallbackList)
+    step: int = 0
+    stop: bool = False
+    carry: State | None = None  # the detached state truncated BPTT carries between windows
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"value": None, "step": 0, "bad_evals": 0})
+    loss_sum: float = 0.0  # training loss since the last evaluation
+    loss_count: int = 0
+    grad_norm: float = 0.0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0  # of earlier sessions of this run (before a resume)
+    started: float = field(default_factory=time.perf_counter)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.units.steps_per_epoch
+
+    def batch(self, step: int) -> Unit:
+        unit = self.units(step)
+        return unit._replace(x=unit.x.to(self.device), y=unit.y.to(self.device))
+
+    def better(self, value: float) -> bool:
+        best = self.best["value"]
+        if best is None:
+            return True
+        return value > best if self.monitor in HIGHER_IS_BETTER else value < best
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def train_loop(run: Run) -> None:
+    """Optimiser steps from ``run.step`` to ``run.total_steps``, evaluating and checkpointing on schedule."""
+    cfg, model, opt = run.config.train, run.model, run.optimizer
+    run.callbacks.on_train_start(run)
+    while run.step < run.total_steps and not run.stop:
+        unit = run.batch(run.step)  # the data of step k depends on (seed, k) only
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, run.step, run.total_steps)
+        model.train()
+        t0 = time.perf_counter()
+        state = None if unit.fresh else run.carry  # truncated BPTT continues from the previous window
+        loss, carry = unit_loss(model, unit, state)
+        run.carry = detach_state(carry)  # ... but gradients never flow back past the window
+        objective = loss + cfg.l1 * l1_norm(model) if cfg.l1 else loss
+        check_loss(run, objective)
+        opt.zero_grad(set_to_none=True)
+        objective.backward()
+        run.grad_norm = clip_gradients(run)  # raises NonFiniteError naming the parameter
+        opt.step()
+        run.step += 1
+        run.train_seconds += time.perf_counter() - t0
+        run.loss_sum, run.loss_count = run.loss_sum + loss.item(), run.loss_count + 1
+        run.callbacks.on_step_end(run, run.step, loss.item(), unit)
+        if run.step % run.eval_every == 0 or run.step == run.total_steps:
+            validate(run)  # metrics.jsonl, best.pt, early stopping (may set run.stop)
+        if run.step % run.checkpoint_every == 0 or run.step == run.total_steps or run.stop:
+            save(run, run.run_dir / "last.pt")
+    run.callbacks.on_train_end(run)
+
+
+def unit_loss(model: SequenceModel, unit: Unit, state: State | None) -> tuple[Tensor, State]:
+    """The mean loss of one unit and the state to carry into the next one.
+
+    A plain batch is one forward pass. A truncated-BPTT window runs in two pieces, split where the
+    next window starts (``unit.keep``), and scores only its last ``unit.targets`` steps.
+    """
+    if unit.targets is None:
+        output, end = model(unit.x, unit.lengths, state)
+        return model.criterion(output, unit.y, unit.lengths), end
+    T, keep = unit.x.shape[1], unit.keep if unit.keep is not None else unit.x.shape[1]
+    pieces, carry = [], state
+    if keep > 0:
+        out, carry = model(unit.x[:, :keep], None, state)
+        pieces.append(out)
+    if keep < T:
+        out, _ = model(unit.x[:, keep:], None, carry)
+        pieces.append(out)
+    output = torch.cat(pieces, 1)[:, T - unit.targets :]  # (B, targets, O)
+    return model.criterion(output, unit.y), carry
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of step ``step`` (0-based): linear warm-up, then none / cosine / step decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** ((step - cfg.warmup_steps) // cfg.step_every)
+    return cfg.lr
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, AdamW, RMSprop or SGD; weight decay on matrices (weights, embeddings), not on vectors."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def l1_norm(model: torch.nn.Module) -> Tensor:
+    """Σ|w| over the matrices (the same parameters weight decay acts on)."""
+    return sum(p.abs().sum() for p in model.parameters() if p.dim() >= 2)
+
+
+def named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Parameters under their ``state_dict`` names (torch's, e.g. ``layers.0.weight_hh_l0``)."""
+    names = {id(p): n for n, p in model.state_dict(keep_vars=True).items()}
+    return [(names.get(id(p), n), p) for n, p in model.named_parameters()]
+
+
+def check_loss(run: Run, loss: Tensor) -> None:
+    if torch.isfinite(loss).item():
+        return
+    bad = [n for n, p in named_parameters(run.model) if not torch.isfinite(p).all()]
+    where = (f"non-finite parameters: {', '.join(bad)}" if bad else
+             "every parameter is finite, so the forward pass or the data produced it")
+    _fail(run, "loss", f"the loss is {loss.item()} ({where})")
+
+
+def clip_gradients(run: Run) -> float:
+    """Check every gradient is finite, then clip by norm and/or value; returns the total norm before."""
+    cfg = run.config.train
+    named = [(n, p) for n, p in named_parameters(run.model) if p.grad is not None]
+    grads = [p.grad for _, p in named]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if not torch.isfinite(norm).item():
+        bad = [(n, int((~torch.isfinite(p.grad)).sum()), p.grad.numel()) for n, p in named
+               if not torch.isfinite(p.grad).all()]
+        name = bad[0][0]
+        detail = "; ".join(f"{n}: {k} of {size} entries" for n, k, size in bad)
+        _fail(run, f"grad:{name}", f"the gradient of {name} is not finite (non-finite gradients: {detail})")
+    if cfg.clip_norm:
+        torch.nn.utils.clip_grads_with_norm_([p for _, p in named], cfg.clip_norm, norm)
+    if cfg.clip_value:
+        torch.nn.utils.clip_grad_value_([p for _, p in named], cfg.clip_value)
+    return float(norm)
+
+
+def _fail(run: Run, tensor: str, what: str) -> None:
+    step = run.step + 1
+    last = run.run_dir / "last.pt"
+    report = {"step": step, "tensor": tensor, "error": what, "config": run.config.name,
+              "last_checkpoint": str(last) if last.exists() else None}
+    write_json(run.run_dir / "failure.json", report)
+    raise NonFiniteError(f"{run.config.name}: stopped at step {step}: {what}. Report: {run.run_dir / 'failure.json'}",
+                         step, tensor)
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: SequenceModel, task: Task, split: str, *, batch_size: int = 256, limit: int = 0,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """The task's metrics (``task.evaluate``) and the mean objective ``loss`` of ``model`` on ``split``.
+
+    ``limit > 0`` (language models only) scores the first ``limit`` items of the split.
+    """
+    model.eval()
+    data = task.split(split)
+    outputs: list[Tensor] = []
+    total, count = 0.0, 0
+    for batch in in_order(data, batch_size, limit):
+        x, y = batch.x.to(device), batch.y.to(device)
+        out, _ = model(x, batch.lengths)
+        total += float(model.criterion(out, y, batch.lengths, reduction="sum"))
+        count += model.n_targets(y, batch.lengths)
+        out = out.cpu()
+        if model.head_mode == "every":
+            outputs += [o[:n] for o, n in zip(out, batch.lengths.tolist())]
+        else:
+            outputs.append(out)
+    if limit and limit < len(data):
+        if task.kind != "lm":
+            raise ValueError("evaluate(limit=...) applies to language-model tasks only")
+        targets = torch.cat([data[i][1] for i in range(limit)])
+        metrics = {"bpc": M.bits_per_char(targets, torch.cat(outputs))}
+    elif model.head_mode == "every":
+        same = all(o.shape == outputs[0].shape for o in outputs)
+        metrics = task.evaluate(torch.stack(outputs) if same else outputs, split)
+    else:
+        predictions = torch.cat(outputs)
+        metrics = task.evaluate(predictions, split)
+        if task.kind == "regression" and "mae" not in metrics:
+            metrics["mae"] = M.mae(torch.stack([data[i][1] for i in range(len(data))]), predictions)
+    return {**metrics, "loss": total / max(count, 1)}
+
+
+def validate(run: Run) -> dict[str, float]:
+    """Evaluate on the monitored split, log a line to metrics.jsonl, track the best, stop early."""
+    cfg = run.config.train
+    metrics = evaluate(run.model, run.task, run.monitor_split, batch_size=cfg.eval_batch_size,
+                       limit=cfg.eval_items, device=run.device)
+    line = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "split": run.monitor_split,
+            "lr": run.optimizer.param_groups[0]["lr"], "train_loss": run.loss_sum / max(run.loss_count, 1),
+            "grad_norm": run.grad_norm, **metrics, "train_seconds": round(run.train_seconds, 3)}
+    run.loss_sum, run.loss_count = 0.0, 0
+    run.history.append(line)
+    with (run.run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    value = metrics[run.monitor]
+    if run.better(value):
+        run.best = {"value": value, "step": run.step, "bad_evals": 0}
+        if cfg.restore_best:
+            save(run, run.run_dir / "best.pt")
+    else:
+        run.best["bad_evals"] += 1
+        if cfg.patience and run.best["bad_evals"] >= cfg.patience:
+            run.stop = True
+    run.callbacks.on_eval(run, run.step, run.monitor_split, metrics)
+    return metrics
+
+
+# -- building, saving, resuming ------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _determinism(cfg: TrainConfig) -> Iterator[None]:
+    """Deterministic algorithms and the thread count for the duration of a run, restored afterwards."""
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS asks for
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
+
+
+def _task_shape(task: Task) -> dict[str, Any]:
+    shape = {k: getattr(task, k) for k in ("name", "kind", "per_step", "input_size", "output_size")}
+    if task.kind == "lm":
+        shape["vocab"] = task.vocab
+    return shape
+
+
+def save(run: Run, path: Path) -> None:
+    """Write the run's state to ``path`` (atomically)."""
+    trainer = {
+        "best": dict(run.best), "stop": run.stop, "loss_sum": run.loss_sum, "loss_count": run.loss_count,
+        "grad_norm": run.grad_norm, "train_seconds": run.train_seconds, "task": _task_shape(run.task),
+        "wall_seconds": run.wall_seconds + time.perf_counter() - run.started,
+        "carry": run.carry if run.config.train.tbptt else None,
+    }
+    save_checkpoint(path, step=run.step, config=to_dict(run.config), model=run.model, optimizer=run.optimizer,
+                    scheduler={"kind": run.config.train.schedule, "last_lr": run.optimizer.param_groups[0]["lr"]},
+                    trainer=trainer)
+
+
+def _restore(run: Run, path: Path) -> None:
+    payload = load_checkpoint(path)
+    saved = payload["config"]
+    if saved != to_dict(run.config):
+        diff = _differences(saved, to_dict(run.config))
+        raise ConfigError(f"{path} was written by another configuration ({diff}); resume with the same config, "
+                          f"or start a new run with --name")
+    run.model.load_state_dict(payload["model"])
+    run.optimizer.load_state_dict(payload["optimizer"])
+    set_rng_state(payload["rng"])
+    t = payload["trainer"]
+    run.step, run.stop, run.best = payload["step"], t["stop"], dict(t["best"])
+    run.loss_sum, run.loss_count, run.grad_norm = t["loss_sum"], t["loss_count"], t["grad_norm"]
+    run.train_seconds, run.wall_seconds = t["train_seconds"], t["wall_seconds"]
+    run.carry = t["carry"] if t["carry"] is None else [
+        tuple(x.to(run.device) for x in s) if isinstance(s, (tuple, list)) else s.to(run.device) for s in t["carry"]]
+    # keep the evaluations up to the checkpoint; later ones will be redone
+    log = run.run_dir / "metrics.jsonl"
+    lines = [json.loads(s) for s in log.read_text().splitlines() if s.strip()] if log.exists() else []
+    run.history = [line for line in lines if line["step"] <= run.step]
+    atomic_write(log, "".join(json.dumps(line) + "\n" for line in run.history))
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            inner = _differences(va, vb, f"{prefix}{key}.")
+            out += [inner] if inner else []
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return "; ".join(out)
+
+
+def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
+            quiet: bool = False, resume: bool = False, overwrite: bool = False) -> Run:
+    """Build the task, model, optimiser and data of a run, and its directory (resuming if asked)."""
+    cfg = config.train
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
+    if not resume and (run_dir / "last.pt").exists() and not overwrite:
+        raise FileExistsError(f"{run_dir} already holds a run; resume it (--resume), overwrite it (--overwrite) "
+                              f"or choose another name (--name)")
+    if resume and not (run_dir / "last.pt").exists():
+        raise CheckpointError(f"{run_dir / 'last.pt'}: nothing to resume (no checkpoint)")
+    _seed_everything(cfg.seed)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    task = config.task.build()
+    model = build_model(config.model, task).to(device)
+    if cfg.tbptt and not task.per_step:
+        raise ConfigError(f"train.tbptt_k1: truncated BPTT needs a target at every step (language models, copy); "
+                          f"task {task.name!r} has one target per sequence")
+    if cfg.tbptt and task.kind == "lm":
+        units: Minibatches | StreamWindows = StreamWindows(task.stream("train"), cfg.batch_size, *cfg.tbptt)
+    else:
+        units = Minibatches(task.split("train"), cfg.batch_size, cfg.seed, cfg.tbptt)
+    if cfg.eval_items and task.kind != "lm":
+        raise ConfigError(f"train.eval_items: applies to language-model tasks only; task {task.name!r} is "
+                          f"{task.kind}")
+    valid = [*task.metrics, "loss"] + (["mae"] if task.kind == "regression" else [])
+    monitor = cfg.monitor or task.metrics[0]
+    if monitor not in valid:
+        raise ConfigError(f"train.monitor: expected one of {', '.join(valid)} for task {task.name!r}, got {monitor!r}")
+    total = cfg.epochs * units.steps_per_epoch if cfg.epochs else cfg.steps
+    eval_every = cfg.eval_every or units.steps_per_epoch
+    hooks = ([] if quiet else [ProgressBar()]) + list(callbacks)
+    run = Run(config, task, model, make_optimizer(model, cfg), run_dir, units, total, eval_every,
+              cfg.checkpoint_every or eval_every, monitor, "val" if len(task.split("val")) else "train", device,
+              CallbackList(hooks))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _restore(run, run_dir / "last.pt")
+    else:
+        for name in ("metrics.jsonl", "summary.json", "failure.json", "last.pt", "best.pt"):
+            (run_dir / name).unlink(missing_ok=True)
+    atomic_write(run_dir / "config.toml", to_toml(config))
+    return run
+
+
+def fit(config: ExperimentConfig, *, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
+        quiet: bool = False, resume: bool = False, overwrite: bool = False) -> Run:
+    """Train ``config`` in ``run_dir`` (default ``runs/<name>``), then evaluate on val and test and write
+    ``summary.json``. Returns the :class:`Run` (``run.summary`` holds the summary)."""
+    with _determinism(config.train):
+        run = prepare(config, run_dir=run_dir, callbacks=callbacks, quiet=quiet, resume=resume, overwrite=overwrite)
+        train_loop(run)
+        finish(run)
+    return run
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Final evaluation on val and test (with the best weights when ``restore_best``) and summary.json."""
+    cfg, task = run.config.train, run.task
+    best = run.run_dir / "best.pt"
+    weights = "last"
+    if cfg.restore_best and best.exists() and run.best["step"] != run.step:
+        run.model.load_state_dict(load_checkpoint(best)["model"])
+        weights = f"best.pt (step {run.best['step']})"
+    final = {s: evaluate(run.model, task, s, batch_size=cfg.eval_batch_size, limit=cfg.eval_items, device=run.device)
+             for s in ("val", "test") if len(task.split(s))}
+    baseline = {s: task.baseline(s) for s in ("val", "test") if len(task.split(s))}
+    head = task.metrics[0]
+    sign = 1 if head in HIGHER_IS_BETTER else -1
+    epochs = run.step / run.steps_per_epoch
+    wall = run.wall_seconds + time.perf_counter() - run.started
+    run.summary = {
+        "name": run.config.name, "task": task.name, "kind": task.kind, "headline": head,
+        "final": final, "baseline": baseline,
+        "beats_baseline": bool(sign * (final["test"][head] - baseline["test"][head]) > 0) if "test" in final else None,
+        "weights": weights, "best": {"metric": run.monitor, "split": run.monitor_split, **run.best},
+        "stopped_early": run.step < run.total_steps, "steps": run.step, "epochs": round(epochs, 3),
+        "parameters": run.model.num_parameters(), "engines": run.model.engines,
+        "seconds_per_epoch": run.train_seconds / epochs if epochs else None,
+        "train_seconds": round(run.train_seconds, 3), "wall_seconds": round(wall, 3),
+        "evaluated_items": cfg.eval_items or "all", "device": str(run.device),
+        "threads": torch.get_num_threads(), "deterministic": cfg.deterministic,
+        "torch": torch.__version__, "gatelab": __version__,
+    }
+    write_json(run.run_dir / "summary.json", run.summary)
+    return run.summary
+
+
+# -- checkpoints as models ---------------------------------------------------------------------------
+
+
+def load_model(path: str | Path) -> tuple[SequenceModel, ExperimentConfig, dict[str, Any]]:
+    """The model stored in a checkpoint (eval mode), its configuration and the raw checkpoint."""
+    payload = load_checkpoint(path)
+    try:
+        config = from_dict(payload["config"])
+        shape = SimpleNamespace(**payload["trainer"]["task"])
+        model = build_model(config.model, shape)
+        model.load_state_dict(payload["model"])
+    except (ConfigError, KeyError, RuntimeError, TypeError) as err:
+        raise CheckpointError(f"{path}: the checkpoint does not describe a model this gatelab can build ({err})") from err
+    return model.eval(), config, payload
+
+
+def evaluate_checkpoint(path: str | Path, splits: Sequence[str] = ("val", "test")) -> dict[str, dict[str, float]]:
+    """Metrics of a checkpoint's model on ``splits`` of its task, next to the task's baselines."""
+    model, config, _ = load_model(path)
+    task = config.task.build()
+    with _determinism(config.train):
+        out = {s: evaluate(model, task, s, batch_size=config.train.eval_batch_size, limit=config.train.eval_items)
+               for s in splits if len(task.split(s))}
+    out.update({f"baseline_{s}": task.baseline(s) for s in splits if len(task.split(s))})
+    return out

@@ -1,0 +1,126 @@
+"""Sequence models: heads read the right steps, stacks match torch layers, inputs and configs wire up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gatelab
+from gatelab.config import ConfigError, ModelConfig
+from gatelab.models import SequenceModel, build_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CASES = [
+    ("lstm", {}),  # native engine
+    ("lstm", {"gate_activation": "hard_sigmoid"}),  # fused engine
+    ("gru", {"gate_activation": "relu"}),
+    ("rnn", {"activation": "relu"}),
+    ("rnn", {"activation": "softsign"}),
+    ("gated_state", {}),
+]
+
+
+def _batch(gen: torch.Generator, lengths: list[int], features: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(lengths)
+    x = torch.randn(len(lengths), T, features, generator=gen)
+    for b, n in enumerate(lengths):
+        x[b, n:] = 0.0  # padding, as gatelab.tasks.collate pads
+    return x, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("cell,slots", CASES)
+@pytest.mark.parametrize("head", ["last", "mean", "every"])
+def test_padded_batch_equals_each_sequence_alone(cell, slots, head, gen):
+    torch.manual_seed(0)
+    model = SequenceModel(3, 2, cell=cell, hidden_sizes=(5, 4), head=head, **slots).eval()
+    x, lengths = _batch(gen, [7, 3, 5, 1])
+    out, _ = model(x, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        alone, _ = model(x[b : b + 1, :n])  # the oracle: no padding at all
+        got = out[b, :n] if head == "every" else out[b]
+        torch.testing.assert_close(got, alone[0], rtol=0, atol=1e-6)
+
+
+def test_bidirectional_last_reads_forward_end_and_backward_start(gen):
+    torch.manual_seed(0)
+    model = SequenceModel(3, 2, cell="gru", hidden_sizes=(4,), head="last", bidirectional=True).eval()
+    x, lengths = _batch(gen, [6, 2, 4])
+    out, _ = model(x, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        alone, _ = model(x[b : b + 1, :n])
+        torch.testing.assert_close(out[b], alone[0], rtol=0, atol=1e-6)
+
+
+def test_stack_of_different_sizes_equals_torch_layers(gen):
+    """Seed 001's SimpleRNN(64) -> SimpleRNN(32) -> Dense(1), small: two torch.nn.RNN and a Linear."""
+    torch.manual_seed(0)
+    model = SequenceModel(1, 1, cell="rnn", hidden_sizes=(6, 4), head="last")
+    assert [(m.input_size, m.hidden_size) for m in model.layers] == [(1, 6), (6, 4)]
+    rnn1, rnn2 = torch.nn.RNN(1, 6, batch_first=True), torch.nn.RNN(6, 4, batch_first=True)
+    rnn1.load_state_dict(model.layers[0].state_dict())
+    rnn2.load_state_dict(model.layers[1].state_dict())
+    x = torch.randn(5, 10, 1, generator=gen)
+    expected = model.head(rnn2(rnn1(x)[0])[0][:, -1])
+    torch.testing.assert_close(model(x)[0], expected, rtol=0, atol=1e-6)
+
+
+def test_token_ids_and_one_hot_rows_give_the_same_output(gen):
+    torch.manual_seed(0)
+    model = SequenceModel(7, 7, cell="lstm", hidden_sizes=(5,), head="every", embedding_dim=5, tie_weights=True,
+                          objective="cross_entropy")
+    assert model.head.weight is model.embedding.weight
+    ids = torch.randint(0, 7, (3, 6), generator=gen)
+    one_hot = torch.nn.functional.one_hot(ids, 7).float()
+    torch.testing.assert_close(model(ids)[0], model(one_hot)[0], rtol=0, atol=0)
+    plain = SequenceModel(7, 7, cell="gru", hidden_sizes=(5,), head="every")  # no embedding: ids are one-hot
+    torch.testing.assert_close(plain(ids)[0], plain(one_hot)[0], rtol=0, atol=0)
+
+
+def test_state_continues_across_calls(gen):
+    """What truncated BPTT and sampling rely on: two calls carrying the state equal one call."""
+    torch.manual_seed(0)
+    model = SequenceModel(3, 2, cell="lstm", hidden_sizes=(4, 3), head="every", gate_activation="hard_sigmoid")
+    x = torch.randn(2, 9, 3, generator=gen)
+    whole, _ = model(x)
+    first, state = model(x[:, :4])
+    second, _ = model(x[:, 4:], None, state)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=0, atol=1e-6)
+
+
+def test_cross_entropy_ignores_padded_targets():
+    model = SequenceModel(2, 3, cell="rnn", hidden_sizes=(4,), head="every", objective="cross_entropy")
+    out = torch.randn(2, 4, 3)
+    y = torch.tensor([[0, 1, 2, 1], [2, 0, -100, -100]])
+    expected = torch.nn.functional.cross_entropy(torch.cat([out[0], out[1, :2]]), torch.tensor([0, 1, 2, 1, 2, 0]))
+    torch.testing.assert_close(model.criterion(out, y), expected)
+    assert model.n_targets(y) == 6
+
+
+def test_activation_slots_and_layer_options_reach_every_layer():
+    model = SequenceModel(3, 1, cell="lstm", hidden_sizes=(4, 4), gate_activation="hard_sigmoid",
+                          layer_options={"peephole": True}, forget_bias=1.0)
+    for layer in model.layers:
+        cell = layer.cells[0]
+        assert cell.sigma_f.key == "hard_sigmoid" and cell.peephole
+        assert layer.engine_name == "fused"
+    assert model.engines == ["fused", "fused"]
+    with pytest.raises(ValueError, match="cell 'rnn' has no gate_activation"):
+        SequenceModel(3, 1, cell="rnn", gate_activation="sigmoid")
+
+
+def test_build_model_follows_the_task():
+    adding = gatelab.tasks.get("adding", length=5, n_train=4, n_val=2, n_test=2)
+    model = build_model(ModelConfig(cell="gru", hidden_sizes=(4,)), adding)
+    assert (model.head_mode, model.objective, model.input_size, model.output_size) == ("last", "mse", 2, 1)
+    copy = gatelab.tasks.get("copy", length=3, n_train=4, n_val=2, n_test=2)
+    model = build_model(ModelConfig(), copy)
+    assert (model.head_mode, model.objective, model.output_size) == ("every", "cross_entropy", 10)
+    with pytest.raises(ConfigError, match="needs head 'every'"):
+        build_model(ModelConfig(head="last"), copy)
+    with pytest.raises(ConfigError, match="model.gate_activation: cell 'rnn' has no such slot"):
+        ModelConfig(cell="rnn", gate_activation="sigmoid")
+    with pytest.raises(ConfigError, match="unknown activation 'sigmod'"):
+        ModelConfig(gate_activation={"f": "sigmod"})
+    with pytest.raises(ConfigError, match=r"\[model\].*peepholes"):
+        build_model(ModelConfig(options={"peepholes": True}), adding)

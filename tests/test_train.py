@@ -1,0 +1,371 @@
+"""The trainer: beats a baseline, truncated BPTT, resume, checkpoints, configs, NaN stops, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import gatelab
+from gatelab.callbacks import Callback
+from gatelab.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from gatelab.config import ConfigError, TrainConfig, from_dict, load, to_toml
+from gatelab.data import Minibatches, StreamWindows, Unit
+from gatelab.models import SequenceModel, detach_state
+from gatelab.train import NonFiniteError, evaluate, fit, learning_rate, unit_loss
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def config(task=None, model=None, train=None, name="t"):
+    """A tiny experiment: adding with T = 8 unless told otherwise; one thread, a few steps."""
+    task = task or {"name": "adding", "length": 8, "n_train": 200, "n_val": 50, "n_test": 50}
+    model = {"cell": "lstm", "hidden_sizes": [8], **(model or {})}
+    train = {"steps": 12, "batch_size": 16, "eval_every": 4, "threads": 1, "lr": 1e-2, **(train or {})}
+    return from_dict({"name": name, "task": task, "model": model, "train": train})
+
+
+def params(run):
+    return {k: v.clone() for k, v in run.model.state_dict().items()}
+
+
+# -- training works ------------------------------------------------------------------------------
+
+
+def test_adding_t20_beats_the_baseline(tmp_path):
+    cfg = config(task={"name": "adding", "length": 20, "n_train": 2000, "n_val": 200, "n_test": 1000},
+                 model={"hidden_sizes": [16]},
+                 train={"seed": 1, "steps": 600, "batch_size": 50, "lr": 1e-2, "clip_norm": 1.0, "eval_every": 100})
+    run = fit(cfg, run_dir=tmp_path / "run", quiet=True)
+    test = run.summary["final"]["test"]["mse"]
+    assert run.summary["baseline"]["test"]["mse"] == pytest.approx(1 / 6, abs=0.02)
+    assert test < 0.05, f"test MSE {test} after 600 steps"  # it leaves the plateau near step 300 (0.012)
+    assert run.summary["beats_baseline"]
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.toml", "metrics.jsonl", "summary.json", "last.pt", "best.pt"} <= files
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["step"] for s in lines] == list(range(100, 601, 100))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["parameters"] == sum(p.numel() for p in run.model.parameters())
+    assert summary["seconds_per_epoch"] > 0 and summary["engines"] == ["native"]
+    assert load(tmp_path / "run" / "config.toml") == cfg
+
+
+def test_same_config_and_seed_give_the_same_numbers(tmp_path):
+    cfg = config(model={"dropout": 0.3, "hidden_sizes": [8, 8], "gate_activation": "hard_sigmoid"})
+    a = fit(cfg, run_dir=tmp_path / "a", quiet=True)
+    b = fit(cfg, run_dir=tmp_path / "b", quiet=True)
+    assert a.summary["final"] == b.summary["final"]
+    for (k, v), w in zip(params(a).items(), params(b).values()):
+        assert torch.equal(v, w), k
+    c = fit(cfg.replace(**{"train.seed": 1}), run_dir=tmp_path / "c", quiet=True)
+    assert c.summary["final"] != a.summary["final"]
+
+
+# -- truncated BPTT ------------------------------------------------------------------------------
+
+
+def test_truncated_bptt_with_k1_k2_equal_to_the_length_is_full_bptt(tmp_path):
+    task = {"name": "copy", "length": 4, "n_train": 64, "n_val": 16, "n_test": 16}  # 24 steps, a target at each
+    full = fit(config(task, train={"steps": 6}), run_dir=tmp_path / "full", quiet=True)
+    tbptt = fit(config(task, train={"steps": 6, "tbptt_k1": 24, "tbptt_k2": 24}), run_dir=tmp_path / "tb", quiet=True)
+    for (k, v), w in zip(params(full).items(), params(tbptt).values()):
+        assert torch.equal(v, w), k
+    short = fit(config(task, train={"steps": 6, "tbptt_k1": 8}), run_dir=tmp_path / "short", quiet=True)
+    assert short.step == 6 and not torch.equal(params(short)["head.weight"], params(full)["head.weight"])
+
+
+def test_truncated_window_gradient_equals_a_detached_rerun(gen):
+    """k1 = 3, k2 = 5: the loss of steps [6, 9) backpropagates through [4, 9) and no further."""
+    torch.manual_seed(0)
+    model = SequenceModel(6, 6, cell="gru", hidden_sizes=(5,), head="every", objective="cross_entropy",
+                          gate_activation="hard_sigmoid")
+    ids = torch.randint(0, 6, (2, 40), generator=gen)
+    windows = StreamWindows(ids.reshape(-1), batch_size=2, k1=3, k2=5)
+    x, y = windows.x, windows.y
+    state = None
+    for j in range(3):  # windows ending at 3, 6, 9
+        unit = windows(j)
+        model.zero_grad()
+        loss, carry = unit_loss(model, unit, None if unit.fresh else state)
+        loss.backward()
+        state = detach_state(carry)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        _, s4 = model(x[:, :4])  # the state at step 4, cut from the graph
+    model.zero_grad()
+    out, _ = model(x[:, 4:9], None, s4)
+    model.criterion(out[:, 2:], y[:, 6:9]).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("k1,k2,T", [(3, 3, 10), (3, 5, 10), (4, 9, 13), (5, 5, 5)])
+def test_windows_score_every_target_once(k1, k2, T):
+    ds = gatelab.tasks.SequenceDataset(torch.zeros(4, T, 1), torch.arange(T).repeat(4, 1))
+    batches = Minibatches(ds, batch_size=4, seed=0, tbptt=(k1, k2))
+    units = [batches(j) for j in range(batches.windows)]
+    assert torch.cat([u.y[0] for u in units]).tolist() == list(range(T))
+    assert all(u.x.shape[1] <= k2 and u.targets <= u.x.shape[1] for u in units)
+    assert [u.fresh for u in units] == [True] + [False] * (len(units) - 1)
+
+
+def test_truncated_bptt_needs_per_step_targets(tmp_path):
+    with pytest.raises(ConfigError, match="truncated BPTT needs a target at every step"):
+        fit(config(train={"tbptt_k1": 4}), run_dir=tmp_path, quiet=True)
+
+
+# -- resume and checkpoints -------------------------------------------------------------------------
+
+
+class Interrupt(Callback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, run, step, loss, batch):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def charlm_task(tmp_path: Path) -> dict:
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return {"name": f"charlm:{path}", "seq_len": 20}
+
+
+@pytest.mark.parametrize("kind", ["adding", "charlm"])
+def test_resume_after_an_interruption_gives_the_same_final_metrics(kind, tmp_path):
+    if kind == "adding":  # dropout draws from the torch RNG, so its state must come back exactly
+        cfg = config(model={"hidden_sizes": [8, 8], "dropout": 0.2}, train={"steps": 16, "checkpoint_every": 4})
+    else:  # truncated BPTT over a stream: the carried state must come back too
+        cfg = config(charlm_task(tmp_path), {"embedding_dim": 6},
+                     train={"steps": 16, "checkpoint_every": 4, "tbptt_k1": 5, "tbptt_k2": 7, "batch_size": 4})
+    whole = fit(cfg, run_dir=tmp_path / "whole", quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, run_dir=tmp_path / "cut", quiet=True, callbacks=[Interrupt(at=10)])
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 8
+    resumed = fit(cfg, run_dir=tmp_path / "cut", quiet=True, resume=True)
+    assert resumed.summary["final"] == whole.summary["final"]
+    for (k, v), w in zip(params(whole).items(), params(resumed).values()):
+        assert torch.equal(v, w), k
+    strip = lambda p: [{k: v for k, v in json.loads(s).items() if k != "train_seconds"}  # noqa: E731
+                       for s in p.read_text().splitlines()]
+    assert strip(tmp_path / "cut" / "metrics.jsonl") == strip(tmp_path / "whole" / "metrics.jsonl")
+
+
+def test_truncated_and_tampered_checkpoints_give_clear_errors(tmp_path):
+    fit(config(train={"steps": 4}), run_dir=tmp_path / "run", quiet=True)
+    good = (tmp_path / "run" / "last.pt").read_bytes()
+    bad = tmp_path / "bad.pt"
+
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match=r"bad\.pt: cannot be read: the file is truncated or corrupt"):
+        load_checkpoint(bad)
+
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF  # inside tensor data: torch's reader does not notice
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"bad\.pt: the content does not match its SHA-256 digest"):
+        load_checkpoint(bad)
+
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": "gatelab-checkpoint", "model": Payload()}, bad)
+    with pytest.raises(CheckpointError, match=r"bad\.pt: refused: .* nothing was executed"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+
+    bad.write_bytes(pickle.dumps({"format": "gatelab-checkpoint"}))  # not even a torch zip
+    with pytest.raises(CheckpointError, match=r"bad\.pt"):
+        load_checkpoint(bad)
+    torch.save({"format": "something else"}, bad)
+    with pytest.raises(CheckpointError, match="not a gatelab checkpoint"):
+        load_checkpoint(bad)
+
+    (tmp_path / "run" / "last.pt").write_bytes(good[:100])
+    with pytest.raises(CheckpointError, match=r"last\.pt: cannot be read"):
+        fit(config(train={"steps": 4}), run_dir=tmp_path / "run", quiet=True, resume=True)
+
+
+def test_a_failed_write_keeps_the_last_good_file(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    atomic_write(target, b"good")
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, b"half-written")
+    assert target.read_bytes() == b"good"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    fit(config(train={"steps": 4}), run_dir=tmp_path, quiet=True)
+    with pytest.raises(ConfigError, match=r"train.lr: 0.01 -> 0.02"):
+        fit(config(train={"steps": 4, "lr": 2e-2}), run_dir=tmp_path, quiet=True, resume=True)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        fit(config(train={"steps": 4}), run_dir=tmp_path, quiet=True)
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def test_bad_overrides_and_files_give_clear_errors(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text(to_toml(config()))
+    cases = [
+        (["train.lrr=1e-3"], r"unknown key 'train.lrr'. Did you mean 'train.lr'\?"),
+        (["train.lr=fast"], r"train.lr: expected float, got 'fast'"),
+        (["train.steps=1.5"], r"train.steps: expected int, got '1.5'"),
+        (["model.hidden_sizes=[8, 'a']"], r"model.hidden_sizes: expected a list of int"),
+        (["train.deterministic=maybe"], r"train.deterministic: expected bool"),
+        (["task.lenght=3"], r"unknown option of task 'adding' 'task.lenght'. Did you mean 'task.length'\?"),
+        (["task.length=long"], r"task.length: expected int, got 'long'"),
+        (["optim.lr=1"], r"unknown key 'optim.lr'"),
+        (["model.cell=transformer"], r"model.cell: expected one of 'lstm', 'gru', 'rnn', 'gated_state'"),
+        (["model.gate_activation=sigmod"], r"model.gate_activation: unknown activation 'sigmod'"),
+        (["train.optimizer=adagrad"], r"train.optimizer: expected one of"),
+        (["train.lr"], r"expected KEY=VALUE"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load(path, overrides)
+    path.write_text('[train]\nsteps = "many"\n')
+    with pytest.raises(ConfigError, match=r"exp.toml: train.steps: expected int, got 'many' \(str\)"):
+        load(path)
+    path.write_text("[trian]\nsteps = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'"):
+        load(path)
+
+
+def test_overrides_are_typed_and_the_resolved_config_round_trips(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text(to_toml(config()))
+    cfg = load(path, ["--train.lr=1e-3", "--model.gate_activation", "hard_sigmoid", "model.hidden_sizes=64,32",
+                      "model.forget_bias=1", "train.deterministic=false", "task.length=30",
+                      'model.options={variant = "CIFG"}', "model.options.zoneout=0.1", "name=other"])
+    assert cfg.train.lr == 1e-3 and cfg.model.gate_activation == "hard_sigmoid"
+    assert cfg.model.hidden_sizes == (64, 32) and cfg.model.forget_bias == 1.0
+    assert cfg.train.deterministic is False and cfg.task.options["length"] == 30
+    assert cfg.model.options == {"variant": "CIFG", "zoneout": 0.1} and cfg.name == "other"
+    assert load(path, ["model.gate_activation={f = 'sigmoid', i = 'elliott'}"]).model.gate_activation == {
+        "f": "sigmoid", "i": "elliott"}
+    assert load(path, ["model.forget_bias=none"]).model.forget_bias is None
+    path.write_text(to_toml(cfg))
+    assert load(path) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load(path)
+    assert cfg.name and cfg.train.steps > 0
+
+
+def test_learning_rate_schedules():
+    cos = TrainConfig(lr=1.0, schedule="cosine", warmup_steps=10, min_lr=0.1, steps=110)
+    assert learning_rate(cos, 0, 110) == pytest.approx(0.1)
+    assert learning_rate(cos, 9, 110) == pytest.approx(1.0)
+    assert learning_rate(cos, 60, 110) == pytest.approx(0.55)
+    assert learning_rate(cos, 110, 110) == pytest.approx(0.1)
+    step = TrainConfig(lr=1.0, schedule="step", step_every=5, gamma=0.5)
+    assert [learning_rate(step, s, 20) for s in (0, 4, 5, 10)] == [1.0, 1.0, 0.5, 0.25]
+    assert learning_rate(TrainConfig(lr=0.3), 1000, 10) == 0.3
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "rmsprop", "sgd"])
+def test_optimisers_clipping_and_regularisers(optimizer, tmp_path):
+    seen = {}
+
+    class Grads(Callback):
+        def on_step_end(self, run, step, loss, batch):
+            seen[step] = max(float(p.grad.abs().max()) for p in run.model.parameters())
+
+    cfg = config(train={"steps": 3, "optimizer": optimizer, "clip_value": 1e-3, "l1": 1e-3, "weight_decay": 1e-2})
+    run = fit(cfg, run_dir=tmp_path, quiet=True, callbacks=[Grads()])
+    assert type(run.optimizer).__name__.lower() == optimizer
+    assert run.optimizer.param_groups[0]["weight_decay"] == 1e-2 and run.optimizer.param_groups[1]["weight_decay"] == 0
+    assert max(seen.values()) == pytest.approx(1e-3)  # clipped by value (the raw gradients are larger)
+
+
+# -- NaN / Inf -------------------------------------------------------------------------------------
+
+
+def test_a_nan_gradient_stops_the_run_naming_step_and_parameter(tmp_path):
+    class Poison(Callback):
+        def on_step_end(self, run, step, loss, batch):
+            if step == 2:
+                run.model.layers[0].cells[0].weight_hh.register_hook(lambda g: g * float("nan"))
+
+    with pytest.raises(NonFiniteError, match=r"stopped at step 3: the gradient of layers.0.weight_hh_l0 is not finite") as err:
+        fit(config(), run_dir=tmp_path, quiet=True, callbacks=[Poison()])
+    assert (err.value.step, err.value.tensor) == (3, "grad:layers.0.weight_hh_l0")
+    report = json.loads((tmp_path / "failure.json").read_text())
+    assert report["step"] == 3 and "weight_hh_l0" in report["tensor"]
+
+
+def test_a_nan_loss_stops_the_run_naming_the_parameter(tmp_path):
+    class Poison(Callback):
+        def on_step_end(self, run, step, loss, batch):
+            if step == 5:
+                with torch.no_grad():
+                    run.model.head.bias.fill_(float("inf"))
+
+    with pytest.raises(NonFiniteError, match=r"step 6: the loss is (nan|inf) \(non-finite parameters: head.bias\)"):
+        fit(config(), run_dir=tmp_path, quiet=True, callbacks=[Poison()])
+    assert json.loads((tmp_path / "failure.json").read_text())["tensor"] == "loss"
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4  # the last good checkpoint is kept
+
+
+# -- callbacks, early stopping, evaluation ------------------------------------------------------------
+
+
+def test_callbacks_see_the_run_and_can_stop_it(tmp_path):
+    events = []
+
+    class Record(Callback):
+        def on_train_start(self, run):
+            events.append(("start", run.step, run.task.name, type(run.optimizer).__name__, run.run_dir == tmp_path))
+
+        def on_step_end(self, run, step, loss, batch):
+            assert isinstance(batch, Unit) and math.isfinite(loss) and step == run.step
+            events.append(("step", step))
+            run.stop = step == 6
+
+        def on_eval(self, run, step, split, metrics):
+            events.append(("eval", step, split, sorted(metrics)))
+
+        def on_train_end(self, run):
+            events.append(("end", run.step, run.config.name))
+
+    run = fit(config(), run_dir=tmp_path, quiet=True, callbacks=[Record()])
+    assert events[0] == ("start", 0, "adding", "Adam", True)
+    assert events[1:6] == [("step", 1), ("step", 2), ("step", 3), ("step", 4), ("eval", 4, "val", ["loss", "mae", "mse"])]
+    assert events[-1] == ("end", 6, "t") and run.summary["stopped_early"]
+
+
+def test_early_stopping_and_best_weights(tmp_path):
+    cfg = config(train={"steps": 40, "lr": 1.0, "optimizer": "sgd", "patience": 2, "eval_every": 2})
+    run = fit(cfg, run_dir=tmp_path, quiet=True)
+    best = run.summary["best"]
+    assert run.summary["stopped_early"] and run.step == best["step"] + 2 * 2
+    assert run.summary["final"]["val"]["mse"] == pytest.approx(best["value"], abs=0, rel=0)
+
+
+def test_variable_lengths_are_scored_with_the_task_metrics(tmp_path):
+    task = {"name": "adding_1997", "length": 10, "n_train": 64, "n_val": 16, "n_test": 32}  # lengths 10..11
+    run = fit(config(task, train={"steps": 4}), run_dir=tmp_path, quiet=True)
+    metrics = evaluate(run.model, run.task, "test")
+    assert set(metrics) == {"accuracy", "mse", "mae", "loss"}
+    assert metrics["loss"] == pytest.approx(metrics["mse"], rel=1e-5)
