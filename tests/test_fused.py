@@ -297,3 +297,10 @@ def test_building_a_layer_does_not_compile(monkeypatch):
     layer = gatelab.LSTM(3, 4, gate_activation="hard_sigmoid")
     assert layer.engine_name == "fused"
     assert "compiled at first use" in layer.explain()
+
+
+def test_loading_the_kernels_keeps_subnormal_numbers():
+    """The C++ build must not switch the process to flush-to-zero (as -ffast-math's crtfastmath does)."""
+    assert cpp.load(strict=True)
+    tiny = torch.tensor(1e-310, dtype=torch.float64)
+    assert (tiny * 1).item() != 0.0

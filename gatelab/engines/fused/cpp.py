@@ -32,7 +32,9 @@ from .steps import Step
 KINDS = ("identity", "sigmoid", "hard_sigmoid", "elliott", "tanh", "hardtanh", "softsign", "relu",
          "leaky_relu", "elu", "selu", "gelu", "silu", "softplus")
 _DEFAULT_PARAM = {"hard_sigmoid": 1 / 6, "leaky_relu": 0.01, "elu": 1.0}
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffast-math", "-fno-finite-math-only", "-w"]
+# Not -ffast-math: linking with it sets flush-to-zero for the whole process (crtfastmath).
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+         "-fassociative-math", "-freciprocal-math", "-ffp-contract=fast", "-w"]
 _SLOTS = {
     LSTMCell: ("sigma_i", "sigma_f", "phi", "sigma_o", "psi"),
     GRUCell: ("sigma_r", "sigma_z", "phi"),
