@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..engines.reference import _zoneout
+from ..engines import reference
 from ..layers.base import RecurrentLayer
 from ..tasks import Batch
 
@@ -110,8 +110,6 @@ def _recording_stack(name: str, layer: RecurrentLayer, traces: list[CellTrace], 
         rec_mask: Tensor | None = None, weight_hh: Tensor | None = None,
         zoneout: tuple[float, ...] | None = None, training: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        # The reference engine's loop (gatelab.engines.reference.run_direction), plus one line that
-        # keeps each step's state; tests tie the two.
         if leaf_states and torch.is_grad_enabled():
             state = tuple(s if s.requires_grad else s.detach().requires_grad_() for s in state)
         k = index[id(cell)]
@@ -120,21 +118,10 @@ def _recording_stack(name: str, layer: RecurrentLayer, traces: list[CellTrace], 
         trace = CellTrace(name, k // D, k % D, tuple(cell.state_names), cell, x, state, lengths,
                           [()] * T, calls)
         traces.append(trace)
-        outputs: list[Tensor] = [x.new_empty(0)] * T
-        output_is_state = cell.state_names[0] == "h"
-        for t in range(T - 1, -1, -1) if reverse else range(T):
-            out, new = cell.step(x[t], state, rec_mask=rec_mask, weight_hh=weight_hh)
-            if zoneout is not None:
-                new = tuple(_zoneout(old, s, p, training) for old, s, p in zip(state, new, zoneout))
-                out = new[0] if output_is_state else out
-            trace.states[t] = new
-            if lengths is not None:
-                live = (lengths > t).unsqueeze(1)  # (B, 1)
-                new = tuple(torch.where(live, s, old) for s, old in zip(new, state))
-                out = out * live
-            state = new
-            outputs[t] = out
-        return torch.stack(outputs), state
+        return reference.run_direction(
+            cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=weight_hh, zoneout=zoneout,
+            training=training, on_step=trace.states.__setitem__,
+        )
 
     def run_stack(batch: Any, hx: tuple[Tensor, ...], _engine_loop: Callable) -> tuple[Tensor, tuple[Tensor, ...]]:
         return RecurrentLayer.run_stack(layer, batch, hx, run_direction)

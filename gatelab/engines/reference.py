@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,13 +36,15 @@ def run_direction(
     weight_hh: Tensor | None = None,
     zoneout: tuple[float, ...] | None = None,
     training: bool = False,
+    on_step: Callable[[int, tuple[Tensor, ...]], None] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Run ``cell`` over ``x (T, B, I)`` from ``state``; return ``(out (T, B, O), final state)``.
 
     With ``lengths``, sequence ``b`` runs steps ``0 .. lengths[b]-1`` only (in reverse order when
     ``reverse``): its state is held and its output is zero elsewhere, as torch does for packed input.
     ``zoneout`` gives one rate per state tensor: in training each unit keeps its previous value with
-    that probability, in eval the update is the expectation ``p·old + (1−p)·new``.
+    that probability, in eval the update is the expectation ``p·old + (1−p)·new``. ``on_step(t, state)``,
+    if given, sees every step's new state before the length mask (the diagnostics record them).
     """
     T = x.shape[0]
     outputs: list[Tensor] = [x.new_empty(0)] * T
@@ -51,6 +54,8 @@ def run_direction(
         if zoneout is not None:
             new = tuple(_zoneout(old, s, p, training) for old, s, p in zip(state, new, zoneout))
             out = new[0] if output_is_state else out
+        if on_step is not None:
+            on_step(t, new)
         if lengths is not None:
             live = (lengths > t).unsqueeze(1)  # (B, 1)
             new = tuple(torch.where(live, s, old) for s, old in zip(new, state))
