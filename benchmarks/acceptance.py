@@ -43,10 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import gatelab  # noqa: E402
-import gatelab.tasks  # noqa: E402
 from gatelab.callbacks import Callback  # noqa: E402
 from gatelab.config import load, to_dict  # noqa: E402
-from gatelab.tasks import ForecastTask, SequenceDataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "acceptance"
@@ -63,48 +61,8 @@ TARGETS: dict[str, tuple[str, str, float, str]] = {
 }
 
 
-class RelativeForecastTask(ForecastTask):
-    """``forecast_relative:NAME``: ``forecast:NAME`` with every window expressed relative to its own last
-    input value, in the task's (log, z-scored) units: the input is ``x - x[-1]``, the target
-    ``y - x[-1]``, and :meth:`evaluate` adds ``x[-1]`` back before scoring in original units.
-
-    The model then predicts the change from the level at the forecast origin, so a trend that carries
-    the test block above anything in the training part (Airline: 1960 peaks at 622 passengers, the
-    training part at 505) does not push the inputs and targets out of the range it was trained on.
-    This wrapper lives here, not in :mod:`gatelab.tasks`, because issue 6 fixes the task's options; it
-    is registered with the public :func:`gatelab.tasks.register` when this module is imported.
-    Same constructor options, same splits, same baselines as ``forecast:NAME``.
-    """
-
-    def __init__(self, name: str, **kwargs) -> None:
-        super().__init__(name, **kwargs)
-        self.name = f"forecast_relative:{self.series_name}"
-
-    def anchors(self, split: str) -> torch.Tensor:
-        """The last input value (model units) of each item of ``split``: what targets are relative to."""
-        z = self.transform(self.values)
-        return torch.tensor([z[o - 1] for o in self.origins(split)], dtype=torch.float32)
-
-    def _build(self) -> dict[str, SequenceDataset]:
-        out = {}
-        for split, data in super()._build().items():
-            xs = [x - x[-1] for x in data.xs]
-            ys = [y - x[-1, 0] for x, y in zip(data.xs, data.ys)]
-            out[split] = SequenceDataset(xs, ys)
-        return out
-
-    def evaluate(self, predictions, split: str) -> dict[str, float]:
-        p = torch.as_tensor(predictions).detach().cpu().float().reshape(-1, self.horizon)
-        return super().evaluate(p + self.anchors(split)[:, None], split)
-
-
-gatelab.tasks.register("forecast_relative", RelativeForecastTask, family=True)
-
-
 def target_for(config) -> tuple[str, str, float, str]:
     name = config.task.name
-    if name.startswith("forecast_relative:"):
-        name = "forecast:" + name.split(":", 1)[1]
     if name.startswith("ucr:"):
         name = "ucr:" + {k.lower(): k for k in ("GunPoint", "ItalyPowerDemand", "BasicMotions",
                                                 "JapaneseVowels")}.get(name[4:].lower(), name[4:])
@@ -235,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal records
         records = [r for r in records if (r["name"], r["seed"]) != (record["name"], record["seed"])] + [record]
         order = {t: i for i, t in enumerate(TARGETS)}
-        records.sort(key=lambda r: (order.get(r["task"].replace("forecast_relative:", "forecast:"), len(order)),
+        records.sort(key=lambda r: (order.get(r["task"], len(order)),
                                     r["name"], r["seed"]))
         out_json.write_text(json.dumps({"records": records}, indent=1) + "\n")
         Path(args.out + ".md").write_text(markdown(records))

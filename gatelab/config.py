@@ -357,7 +357,7 @@ def _task_hints(name: str) -> dict[str, Any] | None:
     from . import tasks
 
     family, sep, _ = name.partition(":")
-    factory = tasks._FAMILIES.get(family) if sep else tasks._TASKS.get(name)
+    factory = tasks.factory(name)
     if factory is None:
         try:
             tasks.get(name)  # raises the registry's error listing the valid names

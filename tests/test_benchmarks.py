@@ -44,3 +44,27 @@ def test_naive_loop_matches_the_fused_layer():
         models = speed.build(cell, 8, 3, 5)
         x = torch.randn(5, 3, 8)
         torch.testing.assert_close(models["naive"](x), models["fused"](x), rtol=1e-5, atol=1e-6)
+
+
+def test_select_on_val_ranks_candidates_on_validation_only(tmp_path, capsys):
+    """Two candidates on a tiny adding task: a trained one and one that never steps (lr 0). The
+    trained one must rank better on validation MSE, and no test figure appears in the output."""
+    select = _load("select_on_val")
+    config = tmp_path / "tiny.toml"
+    config.write_text('name = "tiny"\n[task]\nname = "adding"\nlength = 10\nn_train = 256\nn_val = 128\nn_test = 128\n'
+                      '[model]\ncell = "gru"\nhidden_sizes = [16]\n'
+                      '[train]\nsteps = 150\nbatch_size = 32\nlr = 1e-2\nthreads = 1\n')
+    out = tmp_path / "select.json"
+    argv = [str(config), "--candidate", "trained=", "--candidate", "frozen=train.lr=0", "--seeds", "0", "1",
+            "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert select.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["metric"] == "mse" and len(data["runs"]) == 4
+    assert all(set(r["val"]) >= {"mse", "loss"} and "test" not in r for r in data["runs"])
+    summary = data["summary"]
+    assert summary["trained"]["mean"] < summary["frozen"]["mean"]
+    assert summary["frozen"]["worst"] == max(r["val"]["mse"] for r in data["runs"] if r["candidate"] == "frozen")
+    printed = capsys.readouterr().out
+    assert "trained" in printed and "test" not in printed
+    with pytest.raises(SystemExit, match="LABEL=KEY=VALUE"):
+        select.main([str(config), "--candidate", "nolabel", "--out", str(out)])

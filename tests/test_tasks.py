@@ -43,6 +43,13 @@ def test_unknown_task_names_fail_listing_valid_names():
         tasks.get("charlm:/no/such/file.txt")
 
 
+def test_factory_names_the_constructor_without_building():
+    assert tasks.factory("adding") is tasks.AddingTask
+    assert tasks.factory("forecast:Airline") is tasks.ForecastTask
+    assert tasks.factory("forecast:") is None and tasks.factory("nope") is None
+    assert tasks.factory("nope:x") is None
+
+
 def test_importing_tasks_does_not_import_the_data_extra():
     code = (
         "import sys, gatelab, gatelab.tasks as t; t.available(); "
@@ -324,6 +331,60 @@ def test_forecast_windows_and_train_only_scaling():
     assert perfect["mae"] == pytest.approx(0.0, abs=1e-3) and perfect["smape"] == pytest.approx(0.0, abs=1e-3)
     naive = task.transform(task.values[120:132])[None]
     assert task.evaluate(naive, "test")["mae"] == pytest.approx(47.83, abs=0.01)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_relative_forecasts_of_zero_are_the_baselines(log):
+    """relative="last" predicting no change is last value; relative="season" predicting no correction is
+    seasonal naive: both reproduce the baselines exactly, on every split."""
+    pytest.importorskip("aeon")
+    plain = tasks.get("forecast:Airline", log=log)
+    for relative, baseline in (("last", "last_value"), ("season", "seasonal_naive")):
+        task = tasks.get("forecast:Airline", log=log, relative=relative)
+        assert (task.mean, task.std) == (plain.mean, plain.std)  # same train-only scaling
+        for split in ("val", "test"):
+            assert task.baselines(split) == plain.baselines(split)
+            zero = task.evaluate(torch.zeros(len(task.split(split)), task.horizon), split)
+            for metric, value in task.baselines(split)[baseline].items():
+                assert zero[metric] == pytest.approx(value, rel=1e-9), (relative, split, metric)
+
+
+def test_relative_forecast_windows_hold_the_true_values():
+    pytest.importorskip("aeon")
+    plain = tasks.get("forecast:Airline", log=True)
+    z = plain.transform(plain.values)
+    last = tasks.get("forecast:Airline", log=True, relative="last")
+    season = tasks.get("forecast:Airline", log=True, relative="season")
+    for task in (last, season):
+        assert task.origins("train").tolist() == plain.origins("train").tolist()  # window 24 >= season 12
+        for split in ("train", "test"):
+            for i, o in enumerate(task.origins(split)[:3]):
+                x, y = task.split(split)[i]
+                np.testing.assert_allclose(x[:, 0].numpy(), z[o - 24 : o] - z[o - 1], atol=1e-6)
+                assert float(x[-1, 0]) == 0.0
+    o = last.origins("train")[4]
+    np.testing.assert_allclose(last.split("train")[4][1].numpy(), z[o : o + 12] - z[o - 1], atol=1e-6)
+    np.testing.assert_allclose(season.split("train")[4][1].numpy(), z[o : o + 12] - z[o - 12 : o], atol=1e-6)
+    # the true targets, passed back as predictions, score zero error in original units
+    for task in (last, season):
+        truth = torch.stack(list(task.split("test").ys))
+        np.testing.assert_allclose(task.forecasts(truth, "test"), task.targets("test"), rtol=1e-5)
+        assert task.evaluate(truth, "test")["mae"] == pytest.approx(0.0, abs=1e-3)
+    # a window shorter than the season: relative="season" starts training where a full season exists
+    short = tasks.get("forecast:Airline", window=6, relative="season")
+    assert short.origins("train")[0] == 12
+    assert tasks.get("forecast:Airline", window=6).origins("train")[0] == 6
+
+
+def test_relative_forecast_bad_input():
+    pytest.importorskip("aeon")
+    with pytest.raises(ValueError, match=r"relative must be one of \['none', 'last', 'season'\], got 'diff'"):
+        tasks.get("forecast:Airline", relative="diff")
+    task = tasks.get("forecast:Airline", relative="last")
+    with pytest.raises(ValueError, match=r"expected 1 x 12 predictions for the 'test' split, got shape \(2, 12\)"):
+        task.evaluate(torch.zeros(2, 12), "test")
+    with pytest.raises(ValueError, match="cannot hold max\\(window 6, season 12\\) \\+ horizon 3"):
+        tasks.get("forecast:ShampooSales", window=6, relative="season", val_size=12, test_size=12)
 
 
 @pytest.mark.parametrize("name, n", [("Lynx", 114), ("ShampooSales", 36), ("sunspots", 309), ("co2", 526)])

@@ -27,6 +27,7 @@ __all__ = [
     "get",
     "available",
     "register",
+    "factory",
     "Task",
     "Batch",
     "collate",
@@ -74,6 +75,16 @@ def available() -> list[str]:
         *(f"forecast:{n}" for n in SERIES),
         "charlm:shakespeare",
     ]
+
+
+def factory(name: str) -> Callable[..., Task] | None:
+    """The callable :func:`get` would build ``name`` with (for ``family:ARG`` names, the family's, called
+    as ``factory(ARG, **kwargs)``), or None when no task of that name is registered. Lets a caller check
+    keyword arguments against the constructor's signature without loading any data."""
+    family, sep, arg = name.partition(":")
+    if sep:
+        return _FAMILIES.get(family) if arg else None
+    return _TASKS.get(name)
 
 
 def get(name: str, **kwargs) -> Task:

@@ -8,6 +8,20 @@ training part; validation and test origins tile their blocks with stride ``horiz
 inputs are the true values before the origin. Scaling (optional log, then z-score) is fitted on the
 training part only. Metrics MAE, sMAPE (percent) and RMSE are in the series' original units.
 
+``relative`` chooses what the model sees and predicts, in the scaled units ``z``:
+
+- ``"none"`` (default): the window ``z[o-w:o]`` and the values ``z[o:o+h]``;
+- ``"last"``: both relative to the window's last value, ``z[o-w:o] - z[o-1]`` and ``z[o:o+h] - z[o-1]``:
+  the model predicts the change from the level at the origin;
+- ``"season"``: the input as for ``"last"``, the target relative to the seasonal-naive forecast,
+  ``z[o+k] - z[o-m+(k mod m)]``: the model predicts the correction to seasonal naive (with ``log``,
+  the year-on-year growth). Training origins start at ``max(window, season)``.
+
+The relative forms remove the level, so a trend that carries the test block beyond every training
+value (Airline: 1960 peaks at 622 passengers, 1949-1958 at 505) does not push inputs and targets out
+of the range the model was trained on. :meth:`evaluate` adds the anchor back before scoring, so the
+metrics and baselines are the same for every form.
+
 Baselines per item at origin ``o`` with season ``m``: seasonal-naive ``ŷ[o+k] = y[o - m + (k mod m)]``
 and last-value ``ŷ[o+k] = y[o-1]``. Airline with the last 12 months held out: seasonal-naive MAE
 47.83, last-value MAE 76.00.
@@ -27,7 +41,10 @@ from . import metrics as M
 from .base import SequenceDataset, Task, quiet_deprecations, require
 from .ucr import _aeon_data_dir
 
-__all__ = ["ForecastTask", "SERIES", "load_series"]
+__all__ = ["ForecastTask", "SERIES", "RELATIVE", "load_series"]
+
+#: The forms of ``ForecastTask(relative=...)``.
+RELATIVE = ("none", "last", "season")
 
 
 @dataclass(frozen=True)
@@ -89,8 +106,8 @@ class ForecastTask(Task):
     """Multi-step forecasting of one series from a window of its past (see the module docstring).
 
     ``output_size == horizon``: the model emits the whole horizon from its last step. Pass model
-    outputs (scaled units, ``(N, horizon)``) to :meth:`evaluate`; it un-scales them with
-    :meth:`inverse_transform` and scores them in original units.
+    outputs (model units, ``(N, horizon)``) to :meth:`evaluate`; :meth:`forecasts` adds the anchors
+    back and un-scales them, and the scores are in original units.
     """
 
     kind = "forecast"
@@ -108,6 +125,7 @@ class ForecastTask(Task):
         season: int | None = None,
         log: bool = False,
         scale: bool = True,
+        relative: str = "none",
     ) -> None:
         super().__init__()
         by_lower = {n.lower(): n for n in SERIES}
@@ -122,7 +140,9 @@ class ForecastTask(Task):
         default_test = info.test_size if info.test_size % self.horizon == 0 else self.horizon
         self.test_size = test_size or default_test
         self.val_size = val_size if val_size is not None else self.horizon
-        self.log, self.scale = log, scale
+        if relative not in RELATIVE:
+            raise ValueError(f"forecast:{self.series_name}: relative must be one of {list(RELATIVE)}, got {relative!r}")
+        self.log, self.scale, self.relative = log, scale, relative
         self.output_size = self.horizon
         for size, label in ((self.test_size, "test_size"), (self.val_size, "val_size")):
             if size % self.horizon:
@@ -131,10 +151,10 @@ class ForecastTask(Task):
         if log and (self.values <= 0).any():
             raise ValueError(f"{self.name}: log=True needs a positive series")
         self.n_train = len(self.values) - self.test_size - self.val_size
-        if self.n_train < self.window + self.horizon:
-            raise ValueError(
-                f"{self.name}: {self.n_train} training points cannot hold window {self.window} + horizon {self.horizon}"
-            )
+        history = max(self.window, self.season) if relative == "season" else self.window
+        if self.n_train < history + self.horizon:
+            what = f"max(window {self.window}, season {self.season})" if relative == "season" else f"window {self.window}"
+            raise ValueError(f"{self.name}: {self.n_train} training points cannot hold {what} + horizon {self.horizon}")
         fit = self._transform_log(self.values[: self.n_train])
         self.mean, self.std = (float(fit.mean()), float(fit.std())) if scale else (0.0, 1.0)
 
@@ -156,21 +176,35 @@ class ForecastTask(Task):
         """Forecast origins (index of the first forecast step) of the items of ``split``, in order."""
         n_val_end = self.n_train + self.val_size
         if split == "train":
-            return np.arange(self.window, self.n_train - self.horizon + 1)
+            first = max(self.window, self.season) if self.relative == "season" else self.window
+            return np.arange(first, self.n_train - self.horizon + 1)
         if split == "val":
             return np.arange(self.n_train, n_val_end, self.horizon)
         if split == "test":
             return np.arange(n_val_end, len(self.values), self.horizon)
         raise ValueError(f"unknown split {split!r}")
 
+    def anchors(self, split: str) -> np.ndarray:
+        """What the targets of ``split`` are relative to, ``(N, horizon)`` in model units (see ``relative``):
+        zeros, the window's last value, or the seasonal-naive forecast."""
+        origins = self.origins(split)
+        z = self.transform(self.values)
+        if self.relative == "last":
+            return np.repeat(z[origins - 1, None], self.horizon, axis=1)
+        if self.relative == "season":
+            k = np.arange(self.horizon)
+            return z[origins[:, None] - self.season + (k % self.season)[None, :]]
+        return np.zeros((len(origins), self.horizon))
+
     def _build(self) -> dict[str, SequenceDataset]:
-        z = torch.from_numpy(self.transform(self.values).astype(np.float32))
+        z = self.transform(self.values)
         out = {}
         for split in ("train", "val", "test"):
-            origins = self.origins(split)
-            xs = [z[o - self.window : o, None] for o in origins]  # (window, 1)
-            ys = [z[o : o + self.horizon] for o in origins]  # (horizon,)
-            out[split] = SequenceDataset(xs, ys)
+            origins, anchors = self.origins(split), self.anchors(split)
+            shift = z[origins - 1] if self.relative != "none" else np.zeros(len(origins))
+            xs = [torch.tensor(z[o - self.window : o, None] - s, dtype=torch.float32) for o, s in zip(origins, shift)]
+            ys = [torch.tensor(z[o : o + self.horizon] - a, dtype=torch.float32) for o, a in zip(origins, anchors)]
+            out[split] = SequenceDataset(xs, ys)  # x (window, 1), y (horizon,)
         return out
 
     def targets(self, split: str) -> np.ndarray:
@@ -192,8 +226,18 @@ class ForecastTask(Task):
             "last_value": self._scores(self.targets(split), last),
         }
 
+    def forecasts(self, predictions: Tensor | np.ndarray, split: str) -> np.ndarray:
+        """Model outputs ``(N, horizon)`` for the items of ``split`` as forecasts in original units."""
+        if isinstance(predictions, Tensor):
+            predictions = predictions.detach().cpu().numpy()
+        anchors = self.anchors(split)
+        predictions = np.asarray(predictions, dtype=np.float64)
+        if predictions.size != anchors.size:
+            raise ValueError(f"{self.name}: expected {anchors.shape[0]} x {self.horizon} predictions for the "
+                             f"{split!r} split, got shape {tuple(predictions.shape)}")
+        return self.inverse_transform(predictions.reshape(anchors.shape) + anchors)
+
     def evaluate(self, predictions: Tensor | np.ndarray, split: str) -> dict[str, float]:
-        """``predictions``: ``(N, horizon)`` model outputs in scaled units for the items of ``split``."""
-        y = self.targets(split)
-        pred = self.inverse_transform(predictions).reshape(y.shape)
-        return self._scores(y, pred)
+        """``predictions``: ``(N, horizon)`` model outputs (model units, relative as ``relative`` says)
+        for the items of ``split``, scored in original units."""
+        return self._scores(self.targets(split), self.forecasts(predictions, split))
