@@ -68,3 +68,13 @@ def test_select_on_val_ranks_candidates_on_validation_only(tmp_path, capsys):
     assert "trained" in printed and "test" not in printed
     with pytest.raises(SystemExit, match="LABEL=KEY=VALUE"):
         select.main([str(config), "--candidate", "nolabel", "--out", str(out)])
+
+
+def test_options_speed_benchmark_runs_tiny(tmp_path, capsys):
+    bench = _load("options_speed")
+    out = tmp_path / "options.json"
+    assert bench.main(["--tiny", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["option"] for r in rows} == set(bench.OPTIONS)
+    assert all(r["engine"] == "fused" and r["fused_ms"] > 0 and r["reference_over_fused"] > 0 for r in rows)
+    assert "| zoneout" in capsys.readouterr().out

@@ -107,6 +107,12 @@ LAYER_OPTIONS = [
     ("RNN", {"nonlinearity": "relu", "num_layers": 2, "bidirectional": True, "recurrent_dropout": 0.2}),
     ("RNN", {"activation": "leaky_relu:0.2", "residual": True, "num_layers": 2}),
     ("GatedStateRNN", {"num_layers": 2, "bidirectional": True, "recurrent_dropout": 0.25}),
+    # zoneout (training: 0/1 masks drawn by the layer, the same on both engines)
+    ("LSTM", {"zoneout": (0.3, 0.6), "num_layers": 2, "bidirectional": True, "gate_activation": "hard_sigmoid"}),
+    ("LSTM", {"zoneout": (0.0, 0.5), "recurrent_dropout": 0.3, "cell_activation": "relu"}),
+    ("LSTM", {"zoneout": (0.4, 0.0), "candidate_activation": "gelu"}),
+    ("LSTM", {"zoneout": 0.4, "peephole": True}),
+    ("LSTM", {"zoneout": 0.3, "proj_size": 2, "bidirectional": True}),
 ]
 
 
@@ -154,18 +160,33 @@ def _direction_inputs(cell, T=4, B=3, seed=0, lengths=True, mask=True):
     return x, state, lens, rec_mask
 
 
+def _zoneout_masks(cell, which: str, T=4, B=3, seed=5):
+    """Keep shares for (h, c): "train" 0/1 draws, "eval" constant rates, "c" only c, "" none."""
+    if not which:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    if which == "eval":
+        return tuple(torch.full((T, B, s), p, dtype=torch.float64) for s, p in zip(cell.state_sizes(), (0.3, 0.6)))
+    draws = tuple((torch.rand(T, B, s, generator=g, dtype=torch.float64) < 0.4).double() for s in cell.state_sizes())
+    return (None, draws[1]) if which == "c" else draws
+
+
 @pytest.mark.skipif(not cpp.load(), reason="C++ kernels unavailable (no compiler)")
-@pytest.mark.parametrize(("cell_cls", "options"), CPP_CASES)
+@pytest.mark.parametrize(("cell_cls", "options", "zoneout"),
+                         [(c, o, "") for c, o in CPP_CASES]
+                         + [(gatelab.LSTMCell, CPP_CASES[0][1], z) for z in ("train", "eval", "c")])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_cpp_loop_equals_pytorch_loop(cell_cls, options, reverse):
+def test_cpp_loop_equals_pytorch_loop(cell_cls, options, zoneout, reverse):
     torch.manual_seed(0)
     cell = cell_cls(3, 4, dtype=torch.float64, **options)
     assert cpp.cell_blockers(cell) == []
     x, state, lens, mask = _direction_inputs(cell)
+    masks = _zoneout_masks(cell, zoneout)
     results = []
     for make_loop in (PyLoop, cpp.CppLoop):
         step = STEPS[type(cell)](cell)
-        out, *final = FusedDirection.apply(make_loop(step), reverse, lens, mask, x, cell.weight_ih, cell.weight_hh,
+        loop = make_loop(step, masks) if masks else make_loop(step)
+        out, *final = FusedDirection.apply(loop, reverse, lens, mask, x, cell.weight_ih, cell.weight_hh,
                                            cell.bias_ih, cell.bias_hh, *state)
         loss = (out * out.detach().sin()).sum() + sum((f * f.detach().cos()).sum() for f in final)
         params = [x, *state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
@@ -184,11 +205,13 @@ PY_ONLY_CASES = [
     (gatelab.LSTMCell, {"variant": "NOG", "candidate_activation": "adaptive_tanh"}),
     (gatelab.GRUCell, {"reset_after": False, "gate_activation": "adaptive_sigmoid"}),
 ]
-GRADCHECK_CASES = [(c, o, False) for c, o in CPP_CASES + PY_ONLY_CASES] + [(c, o, True) for c, o in CPP_CASES]
+GRADCHECK_CASES = ([(c, o, False, "") for c, o in CPP_CASES + PY_ONLY_CASES] + [(c, o, True, "") for c, o in CPP_CASES]
+                   + [(gatelab.LSTMCell, CPP_CASES[0][1], cpp_, z) for cpp_ in (False, True) for z in ("train", "eval")]
+                   + [(gatelab.LSTMCell, PY_ONLY_CASES[0][1], False, "train")])
 
 
-@pytest.mark.parametrize(("cell_cls", "options", "use_cpp"), GRADCHECK_CASES)
-def test_gradcheck_fused_direction(cell_cls, options, use_cpp):
+@pytest.mark.parametrize(("cell_cls", "options", "use_cpp", "zoneout"), GRADCHECK_CASES)
+def test_gradcheck_fused_direction(cell_cls, options, use_cpp, zoneout):
     torch.manual_seed(0)
     cell = cell_cls(2, 3, dtype=torch.float64, **options)
     step = STEPS[type(cell)](cell)
@@ -198,9 +221,11 @@ def test_gradcheck_fused_direction(cell_cls, options, use_cpp):
         assert any(p is cell.weight_hh for p in [step.W_hh])
     make_loop = cpp.CppLoop if use_cpp else PyLoop
     x, state, lens, mask = _direction_inputs(cell, T=3, B=3)
+    masks = _zoneout_masks(cell, zoneout, T=3, B=3)
 
     def fn(x, W_ih, W_hh, b_ih, b_hh, *rest):
-        return FusedDirection.apply(make_loop(step), True, lens, mask, x, W_ih, W_hh, b_ih, b_hh, *rest)
+        loop = make_loop(step, masks) if masks else make_loop(step)
+        return FusedDirection.apply(loop, True, lens, mask, x, W_ih, W_hh, b_ih, b_hh, *rest)
 
     # The cell's own parameters (not copies): the step reads peepholes and activation weights from
     # the cell, and gradcheck perturbs its inputs in place.
@@ -273,6 +298,8 @@ def test_importing_gatelab_does_not_compile():
     ("RNN", {"activation": "softsign", "bidirectional": True}),
     ("GatedStateRNN", {"bidirectional": True}),
     ("LSTM", {"peephole": True}),
+    ("LSTM", {"zoneout": (0.3, 0.6), "bidirectional": True}),  # eval: the expectation p·old + (1 − p)·new
+    ("LSTM", {"zoneout": 0.2, "peephole": True}),
 ])
 @pytest.mark.parametrize("packed", [True, False])
 def test_inference_path_without_autograd_equals_reference(layer, options, packed):
@@ -280,6 +307,9 @@ def test_inference_path_without_autograd_equals_reference(layer, options, packed
     ref = LAYERS[layer](3, 4, backend="reference", dtype=torch.float64, **options)
     fus = LAYERS[layer](3, 4, backend="fused", strict=True, dtype=torch.float64, **options)
     fus.load_state_dict(ref.state_dict())
+    if "zoneout" in options:
+        ref.eval(), fus.eval()
+        assert fus.engine_name == "fused"
     x = torch.randn(6, 3, 3, dtype=torch.float64)
     inp = pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False) if packed else x
     with torch.no_grad():

@@ -108,7 +108,7 @@ def _recording_stack(name: str, layer: RecurrentLayer, traces: list[CellTrace], 
     def run_direction(
         cell: nn.Module, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool, *,
         rec_mask: Tensor | None = None, weight_hh: Tensor | None = None,
-        zoneout: tuple[float, ...] | None = None, training: bool = False,
+        zoneout: tuple[Tensor | None, ...] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         if leaf_states and torch.is_grad_enabled():
             state = tuple(s if s.requires_grad else s.detach().requires_grad_() for s in state)
@@ -120,7 +120,7 @@ def _recording_stack(name: str, layer: RecurrentLayer, traces: list[CellTrace], 
         traces.append(trace)
         return reference.run_direction(
             cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=weight_hh, zoneout=zoneout,
-            training=training, on_step=trace.states.__setitem__,
+            on_step=trace.states.__setitem__,
         )
 
     def run_stack(batch: Any, hx: tuple[Tensor, ...], _engine_loop: Callable) -> tuple[Tensor, tuple[Tensor, ...]]:

@@ -34,16 +34,16 @@ def run_direction(
     *,
     rec_mask: Tensor | None = None,
     weight_hh: Tensor | None = None,
-    zoneout: tuple[float, ...] | None = None,
-    training: bool = False,
+    zoneout: tuple[Tensor | None, ...] | None = None,
     on_step: Callable[[int, tuple[Tensor, ...]], None] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Run ``cell`` over ``x (T, B, I)`` from ``state``; return ``(out (T, B, O), final state)``.
 
     With ``lengths``, sequence ``b`` runs steps ``0 .. lengths[b]-1`` only (in reverse order when
     ``reverse``): its state is held and its output is zero elsewhere, as torch does for packed input.
-    ``zoneout`` gives one rate per state tensor: in training each unit keeps its previous value with
-    that probability, in eval the update is the expectation ``p·old + (1−p)·new``. ``on_step(t, state)``,
+    ``zoneout`` gives per state tensor the share ``m (T, B, S)`` of the old value each unit keeps
+    (``m ⊙ old + (1 − m) ⊙ new``; 0/1 draws in training, the rate in eval; None: no zoneout on that
+    state); the layer draws it (``layers.base._zoneout_masks``). ``on_step(t, state)``,
     if given, sees every step's new state before the length mask (the diagnostics record them).
     """
     T = x.shape[0]
@@ -52,7 +52,7 @@ def run_direction(
     for t in range(T - 1, -1, -1) if reverse else range(T):
         out, new = cell.step(x[t], state, rec_mask=rec_mask, weight_hh=weight_hh)
         if zoneout is not None:
-            new = tuple(_zoneout(old, s, p, training) for old, s, p in zip(state, new, zoneout))
+            new = tuple(s if m is None else zoneout_mix(old, s, m[t]) for old, s, m in zip(state, new, zoneout))
             out = new[0] if output_is_state else out
         if on_step is not None:
             on_step(t, new)
@@ -65,10 +65,6 @@ def run_direction(
     return torch.stack(outputs), state
 
 
-def _zoneout(old: Tensor, new: Tensor, p: float, training: bool) -> Tensor:
-    if p == 0.0:
-        return new
-    if not training:
-        return p * old + (1 - p) * new
-    keep = torch.bernoulli(torch.full_like(new, p))
+def zoneout_mix(old: Tensor, new: Tensor, keep: Tensor) -> Tensor:
+    """``keep ⊙ old + (1 − keep) ⊙ new``: exactly ``old`` where ``keep`` is 1, ``new`` where it is 0."""
     return keep * old + (1 - keep) * new

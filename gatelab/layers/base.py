@@ -244,8 +244,9 @@ class RecurrentLayer(nn.Module):
         """Run every layer and direction with ``run_direction`` (an engine's one-direction loop).
 
         Between layers: dropout (torch's), then the residual sum. Per layer and direction, sampled
-        once per call in training: the variational input mask (B, I), the recurrent mask (B, R) and
-        the DropConnect mask on ``W_hh``.
+        once per call in training: the variational input mask (B, I), the recurrent mask (B, R), the
+        DropConnect mask on ``W_hh`` and the zoneout masks (T, B, S), so every engine sees the same
+        random draws.
         """
         x, lengths, D = batch.data, batch.lengths, self.num_directions
         finals: list[tuple[Tensor, ...]] = []
@@ -260,10 +261,9 @@ class RecurrentLayer(nn.Module):
                 state = tuple(h[k] for h in hx)
                 rec_mask = _mask(state[0], self.recurrent_dropout) if self.training and self.recurrent_dropout else None
                 w_hh = F.dropout(cell.weight_hh, self.weight_dropout, True) if self.training and self.weight_dropout else None
-                out, state = run_direction(
-                    cell, x, state, lengths, d == 1, rec_mask=rec_mask, weight_hh=w_hh,
-                    zoneout=self.zoneout if any(self.zoneout) else None, training=self.training,
-                )
+                zoneout = _zoneout_masks(x.shape[0], state, self.zoneout, self.training) if any(self.zoneout) else None
+                out, state = run_direction(cell, x, state, lengths, d == 1, rec_mask=rec_mask, weight_hh=w_hh,
+                                           zoneout=zoneout)
                 outs.append(out)
                 finals.append(state)
             x = outs[0] if D == 1 else torch.cat(outs, 2)
@@ -346,6 +346,21 @@ def _zoneout_rates(owner: str, zoneout: float | tuple[float, ...], names: tuple[
     for r in rates:
         _check_rate(owner, "zoneout", r)
     return tuple(float(r) for r in rates) + (0.0,) * (len(names) - len(zonable))
+
+
+def _zoneout_masks(T: int, state: tuple[Tensor, ...], rates: tuple[float, ...], training: bool
+                   ) -> tuple[Tensor | None, ...]:
+    """Per state tensor, the share of the old value each unit keeps at each step, (T, B, S): 0 or 1
+    drawn with probability ``p`` in training, ``p`` everywhere in eval (the expectation); None where
+    the rate is 0. The engines apply ``m ⊙ old + (1 − m) ⊙ new``."""
+    out: list[Tensor | None] = []
+    for s, p in zip(state, rates):
+        if p == 0.0:
+            out.append(None)
+            continue
+        full = s.new_full((T, *s.shape), p)
+        out.append(torch.bernoulli(full) if training else full)
+    return tuple(out)
 
 
 def _mask(like: Tensor, p: float) -> Tensor:

@@ -46,8 +46,8 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
 
 def unsupported(layer: RecurrentLayer) -> list[str]:
     out = cell_blockers(layer.cells[0])
-    if any(layer.zoneout):
-        out.append("zoneout is not fused yet")
+    if any(layer.zoneout) and not isinstance(layer.cells[0], LSTMCell):
+        out.append(f"zoneout is fused for LSTM only, not {type(layer.cells[0]).__name__}")
     return out
 
 
@@ -74,24 +74,23 @@ def run_direction(
     *,
     rec_mask: Tensor | None = None,
     weight_hh: Tensor | None = None,
-    zoneout: tuple[float, ...] | None = None,
-    training: bool = False,
+    zoneout: tuple[Tensor | None, ...] | None = None,
     strict: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Same contract as :func:`gatelab.engines.reference.run_direction`; runs the C++ loop when the
     cell allows it and the kernels load, else the pure-PyTorch loop."""
-    if zoneout is not None:
-        raise ValueError("the fused engine does not run zoneout")
+    if zoneout is not None and not isinstance(cell, LSTMCell):
+        raise ValueError(f"the fused engine runs zoneout for LSTM only, not {type(cell).__name__}")
     W_hh = cell.weight_hh if weight_hh is None else weight_hh
     step = STEPS[type(cell)](cell, W_hh)
     if not cpp.cell_blockers(cell) and cpp.load(strict=strict):
-        loop = cpp.CppLoop(step)
+        loop = cpp.CppLoop(step, None if zoneout is None else tuple(cpp.contiguous(m) for m in zoneout))
         state = tuple(s.contiguous() for s in state)
         x, W_hh = x.contiguous(), W_hh.contiguous()
         rec_mask = cpp.contiguous(rec_mask)
         lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
     else:
-        loop = PyLoop(step)
+        loop = PyLoop(step, zoneout)
     args = (loop, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh, *state)
     extra = step.extra_params()
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args[4:], *extra))

@@ -171,8 +171,9 @@ def _needs_input(kind: int, param: float) -> bool:
 class CppLoop:
     """A C++ time loop for one cell; same contract as :class:`~.function.PyLoop`."""
 
-    def __init__(self, step: Step) -> None:
+    def __init__(self, step: Step, zoneout: tuple[Tensor | None, ...] | None = None) -> None:
         self.step = step
+        self.zoneout = zoneout if zoneout is not None else (None, None)  # LSTM only: (m_h, m_c)
         cell = step.cell
         kinds = [_kind(cell.activation_slots()[s]) for s in _SLOTS[type(cell)]]
         self.kinds = [k for k, _ in kinds]
@@ -186,7 +187,9 @@ class CppLoop:
         ops, k, p, z = self.ops, self.kinds, self.params, self.save_z and keep
         # xw is the caller's fresh buffer: the kernels turn it into the pre-activations in place.
         if self.name == "LSTMCell":
-            out, h, c, *saved = ops.lstm_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, k, p, reverse, z, keep)
+            zh, zc = self.zoneout
+            out, h, c, *saved = ops.lstm_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, zh, zc, k, p,
+                                                 reverse, z, keep)
             return out, (h, c), (saved, state[1])
         if self.name == "GRUCell":
             out, h, *saved = ops.gru_forward(xw, W_hh, b_hh, state[0], lengths, rec_mask, k, p, reverse, z, keep)
@@ -201,9 +204,10 @@ class CppLoop:
         ops, k, p = self.ops, self.kinds, self.params
         tensors, first = saved
         if self.name == "LSTMCell":
-            Z, A, C, K, HR = tensors
-            dZ, dh, dc = ops.lstm_backward(dout, dstate[0], dstate[1], Z, A, C, K, first, W_hh, lengths, rec_mask,
-                                           k, p, reverse)
+            Z, A, C, K, HR, CP = tensors
+            zh, zc = self.zoneout
+            dZ, dh, dc = ops.lstm_backward(dout, dstate[0], dstate[1], Z, A, C, K, CP, first, W_hh, lengths, rec_mask,
+                                           zh, zc, k, p, reverse)
             return dZ, dZ, (dh, dc), HR, []
         if self.name == "GRUCell":
             Z, A, GHn, S, HR = tensors

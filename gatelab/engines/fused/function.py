@@ -27,7 +27,7 @@ class TimeLoop(Protocol):
                 lengths: Tensor | None, rec_mask: Tensor | None, reverse: bool, keep: bool = True
                 ) -> tuple[Tensor, tuple[Tensor, ...], Any]:
         """Return ``(out (T, B, O), final state, saved)``; with ``keep=False`` nothing is kept for a
-        backward pass (inference)."""
+        backward pass (inference). Zoneout masks, when any, were given to the loop's constructor."""
 
     def backward(self, saved: Any, dout: Tensor, dstate: tuple[Tensor, ...], W_hh: Tensor, lengths: Tensor | None,
                  rec_mask: Tensor | None, reverse: bool
@@ -36,12 +36,15 @@ class TimeLoop(Protocol):
 
 
 class PyLoop:
-    """The time loop in PyTorch over a :class:`~.steps.Step`."""
+    """The time loop in PyTorch over a :class:`~.steps.Step`. ``zoneout``: per state tensor the keep
+    shares ``m (T, B, S)`` or None (see :func:`gatelab.engines.reference.run_direction`)."""
 
     fold_bias_hh = False
 
-    def __init__(self, step: Step) -> None:
+    def __init__(self, step: Step, zoneout: tuple[Tensor | None, ...] | None = None) -> None:
         self.step = step
+        self.zoneout = zoneout
+        self.output_is_state = step.cell.state_names[0] == "h"
 
     def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse, keep=True):
         T, B, _ = xw.shape
@@ -56,6 +59,9 @@ class PyLoop:
             if b_hh is not None:
                 gh += b_hh
             out, new, saved[t] = self.step.forward(xw[t], gh, state, h_rec)
+            if self.zoneout is not None:
+                new = tuple(s if m is None else m[t] * old + (1 - m[t]) * s for old, s, m in zip(state, new, self.zoneout))
+                out = new[0] if self.output_is_state else out
             if lengths is not None:
                 live = (lengths > t).unsqueeze(1).to(xw.dtype)  # (B, 1)
                 new = tuple(torch.lerp(old, s, live) for old, s in zip(state, new))
@@ -75,7 +81,15 @@ class PyLoop:
             live = None if lengths is None else (lengths > t).unsqueeze(1).to(dout.dtype)
             do_t = dout[t] if live is None else dout[t] * live
             ds_t = dstate if live is None else tuple(d * live for d in dstate)
+            kept = None
+            if self.zoneout is not None:  # new = m·old + (1 − m)·update: split the gradient between them
+                if self.output_is_state:  # the output is the zoned-out state
+                    ds_t, do_t = (ds_t[0] + do_t, *ds_t[1:]), torch.zeros_like(do_t)
+                kept = tuple(None if m is None else d * m[t] for d, m in zip(ds_t, self.zoneout))
+                ds_t = tuple(d if m is None else d * (1 - m[t]) for d, m in zip(ds_t, self.zoneout))
             dxw, dgh, dprev, dh_extra = self.step.backward(do_t, ds_t, steps[t], None, pgrads, [])
+            if kept is not None:
+                dprev = tuple(p if k is None else p + k for p, k in zip(dprev, kept))
             dh_rec = dgh @ W_hh
             if dh_extra is not None:
                 dh_rec = dh_rec + dh_extra

@@ -256,17 +256,23 @@ inline void write_rec(T* hr, const T* h, const T* mask, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // LSTM, gates i, f, g, o; kinds/params: sigma_i, sigma_f, phi, sigma_o, psi.
 // xw (T, B, 4H) holds W_ih x + b_ih + b_hh and is overwritten with the pre-activations Z, returned
-// when save_z (some derivative needs its input). Saves A (activations), C (cell after each step,
-// held on dead steps), K = psi(C) and HR (recurrent inputs).
+// when save_z (some derivative needs its input). Saves A (activations), C (the cell's update c' of
+// each step, held on dead steps), K = psi(C) and HR (recurrent inputs).
+// Zoneout (zh, zc: (T, B, H) shares of the old value kept, or absent): the state after a step is
+// m * old + (1 - m) * update, for h and c separately; then CP saves the zoned-out cell state of each
+// step (the next step's c), which differs from C. Without zoneout CP is empty and C serves for both.
 
 std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0, const Tensor& c0,
                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
+                                 const c10::optional<Tensor>& zh, const c10::optional<Tensor>& zc,
                                  at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse, bool save_z, bool train) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B, G = 4 * H;
   const Keep keep(L, train);
+  const bool zone = zh.has_value() || zc.has_value();
   Tensor A = at::empty({keep.n, B, G}, xw.options());
   Tensor C = at::empty({keep.n, B, H}, c0.options()), K = at::empty_like(C), out = at::empty({L.T, B, H}, c0.options());
+  Tensor CP = zone && train ? at::empty_like(C) : at::empty({0}, c0.options());
   Tensor HR = at::empty({keep.n_rec, B, H}, h0.options());
   Tensor h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_forward", [&] {
@@ -274,7 +280,8 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
     const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
     T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>();
     T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    T *CPp = CP.numel() ? CP.data_ptr<T>() : nullptr;
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
     write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
@@ -291,39 +298,56 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
             act_forward(kinds[1], af, zr + H, ar + H, H);
             act_forward(kinds[2], ag, zr + 2 * H, ar + 2 * H, H);
             act_forward(kinds[3], ao, zr + 3 * H, ar + 3 * H, H);
-            for (int64_t j = 0; j < H; ++j) Cr[j] = cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
-            act_forward(kinds[4], ak, Cr, Kr, H);
-            for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j] = ar[3 * H + j] * Kr[j];
+            if (!zone) {
+              for (int64_t j = 0; j < H; ++j) Cr[j] = cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
+              act_forward(kinds[4], ak, Cr, Kr, H);
+              for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j] = ar[3 * H + j] * Kr[j];
+            } else {
+              const T *mh = MH ? MH + r * H : nullptr, *mc = MC ? MC + r * H : nullptr;
+              for (int64_t j = 0; j < H; ++j) Cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
+              act_forward(kinds[4], ak, Cr, Kr, H);
+              for (int64_t j = 0; j < H; ++j) {
+                const T hn = ar[3 * H + j] * Kr[j];
+                if (mc) cr[j] = mc[j] * cr[j] + (T(1) - mc[j]) * Cr[j]; else cr[j] = Cr[j];
+                orow[j] = hrow[j] = mh ? mh[j] * hrow[j] + (T(1) - mh[j]) * hn : hn;
+              }
+              if (CPp) for (int64_t j = 0; j < H; ++j) CPp[q * H + j] = cr[j];
+            }
           } else {
             for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
+            if (CPp) for (int64_t j = 0; j < H; ++j) CPp[q * H + j] = cr[j];
           }
           if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
         }
       });
     }
   });
-  return {out, h, c, save_z ? xw : at::empty({0}, xw.options()), A, C, K, HR};
+  return {out, h, c, save_z ? xw : at::empty({0}, xw.options()), A, C, K, HR, CP};
 }
 
 std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const Tensor& dcT, const Tensor& Z,
-                                  const Tensor& A, const Tensor& C, const Tensor& K, const Tensor& c0,
-                                  const Tensor& W_hh, const c10::optional<Tensor>& lengths,
-                                  const c10::optional<Tensor>& mask, at::IntArrayRef kinds,
+                                  const Tensor& A, const Tensor& C, const Tensor& K, const Tensor& CP,
+                                  const Tensor& c0, const Tensor& W_hh, const c10::optional<Tensor>& lengths,
+                                  const c10::optional<Tensor>& mask, const c10::optional<Tensor>& zh,
+                                  const c10::optional<Tensor>& zc, at::IntArrayRef kinds,
                                   at::ArrayRef<double> params, bool reverse) {
   const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B, G = 4 * H;
+  const bool zone = zh.has_value() || zc.has_value();
+  TORCH_CHECK(!zone || CP.numel() == C.numel(), "gatelab fused: zoneout backward needs the zoned-out cell states");
   Tensor dZ = at::empty_like(A), dh = dhT.clone(), dc = dcT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lstm_backward", [&] {
     using T = scalar_t;
     const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
     const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>();
     const T *Kp = K.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *c0p = c0.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
+    const T *Sp = zone ? CP.data_ptr<T>() : Cp;  // the cell state each step hands on
     T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
     std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
       const int64_t t = L.step(k);
-      const T* cprev = k == 0 ? c0p : Cp + L.step(k - 1) * B * H;
+      const T* cprev = k == 0 ? c0p : Sp + L.step(k - 1) * B * H;
       at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         std::vector<T> tmp(H);
         for (int64_t b = b0; b < b1; ++b) {
@@ -335,19 +359,22 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
             for (int64_t j = 0; j < G; ++j) gr[j] = T(0);
             continue;
           }
+          const T *mh = MH ? MH + r * H : nullptr, *mc = MC ? MC + r * H : nullptr;
           for (int64_t j = 0; j < H; ++j) {
-            const T d = dor[j] + dhr[j];
+            T d = dor[j] + dhr[j];               // dL/dh after the step (zoned out, if any)
+            dhr[j] = T(0);                       // refilled by the recurrent product below
+            if (mh) { dhr[j] = d * mh[j]; d *= T(1) - mh[j]; }  // kept share -> old h; the rest -> update
             gr[3 * H + j] = d * Kr[j];          // dL/do
             tmp[j] = d * ar[3 * H + j];         // dL/dk
-            dhr[j] = T(0);                       // refilled by the recurrent product below
           }
           act_backward(kinds[4], ak, Cr, Kr, tmp.data(), tmp.data(), H);
           for (int64_t j = 0; j < H; ++j) {
-            const T dcn = dcr[j] + tmp[j];
+            const T keep_c = mc ? mc[j] : T(0);
+            const T dcn = dcr[j] * (T(1) - keep_c) + tmp[j];
             gr[j] = dcn * ar[2 * H + j];         // dL/di
             gr[H + j] = dcn * cpr[j];            // dL/df
             gr[2 * H + j] = dcn * ar[j];         // dL/dg
-            dcr[j] = dcn * ar[H + j];
+            dcr[j] = dcn * ar[H + j] + dcr[j] * keep_c;
           }
           act_backward(kinds[0], ai, zr, ar, gr, gr, H);
           act_backward(kinds[1], af, zr ? zr + H : nullptr, ar + H, gr + H, gr + H, H);
@@ -638,8 +665,8 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
 }  // namespace
 
 TORCH_LIBRARY(gatelab_fused, m) {
-  m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
-  m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
+  m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor CP, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse) -> Tensor[]");
   m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("gru_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor A, Tensor GHn, Tensor S, Tensor h0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
   m.def("elman_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse, bool save_z, bool train) -> Tensor[]");
