@@ -1,10 +1,10 @@
-"""Speed of LSTM options that torch.nn has no kernel for (zoneout), fused against reference and torch.
+"""Speed of options torch.nn has no kernel for (zoneout), fused against reference and torch.nn.
 
 Same protocol as ``speed.py`` (shared/BENCHMARKING.md): one process, shared weights, warm-up, then
 interleaved pairs; medians and the median of per-pair ratios. For each option set and size:
 
-* ``torch``: torch.nn.LSTM *without* the option (the builtin speed the option should keep);
-* ``fused``: gatelab.LSTM with the option on the fused engine (``backend="fused"``, strict);
+* ``torch``: torch.nn.LSTM / GRU *without* the option (the builtin speed the option should keep);
+* ``fused``: gatelab.LSTM / GRU with the option on the fused engine (``backend="fused"``, strict);
 * ``reference``: the same layer on the autograd loop (what the option costs a user without gatelab's
   fused engine: a hand-written per-step loop).
 
@@ -30,10 +30,12 @@ from speed import compare, infer_step, train_step, write_atomic  # noqa: E402
 
 import gatelab  # noqa: E402
 
-OPTIONS = {
-    "zoneout (h 0.05, c 0.15)": {"zoneout": (0.05, 0.15)},
-    "zoneout 0.1 + hard_sigmoid gates": {"zoneout": 0.1, "gate_activation": "hard_sigmoid"},
+OPTIONS = {  # label: (cell, options)
+    "LSTM zoneout (h 0.05, c 0.15)": ("lstm", {"zoneout": (0.05, 0.15)}),
+    "LSTM zoneout 0.1 + hard_sigmoid gates": ("lstm", {"zoneout": 0.1, "gate_activation": "hard_sigmoid"}),
+    "GRU zoneout 0.1": ("gru", {"zoneout": 0.1}),
 }
+LAYERS = {"lstm": (torch.nn.LSTM, gatelab.LSTM), "gru": (torch.nn.GRU, gatelab.GRU)}
 
 
 def run(sizes: list[int], pairs: int, batch: int, T: int) -> tuple[list[dict], dict]:
@@ -44,12 +46,13 @@ def run(sizes: list[int], pairs: int, batch: int, T: int) -> tuple[list[dict], d
             "torch": torch.__version__, "batch": batch, "seq_len": T, "pairs": pairs,
             "fused_impl": gatelab.engines.fused.implementation()}
     rows = []
-    for label, options in OPTIONS.items():
+    for label, (cell, options) in OPTIONS.items():
+        builtin, layer = LAYERS[cell]
         for H in sizes:
             x = torch.randn(T, batch, H)
-            base = torch.nn.LSTM(H, H)
-            fused = gatelab.LSTM(H, H, backend="fused", strict=True, **options)
-            ref = gatelab.LSTM(H, H, backend="reference", **options)
+            base = builtin(H, H)
+            fused = layer(H, H, backend="fused", strict=True, **options)
+            ref = layer(H, H, backend="reference", **options)
             fused.load_state_dict(base.state_dict())
             ref.load_state_dict(base.state_dict())
             models = {"torch": lambda x, m=base: m(x)[0], "fused": lambda x, m=fused: m(x)[0],
@@ -63,7 +66,7 @@ def run(sizes: list[int], pairs: int, batch: int, T: int) -> tuple[list[dict], d
                              "torch_ms": round(t_torch, 3), "reference_ms": round(t_ref, 3),
                              "fused_over_torch": round(r_torch, 3), "reference_over_fused": round(1 / r_ref, 3),
                              "engine": fused.engine_name})
-                print(f"  {label} H={H} {mode}: fused {t_fused:.2f} ms = {r_torch:.2f}x torch.nn.LSTM, "
+                print(f"  {label} H={H} {mode}: fused {t_fused:.2f} ms = {r_torch:.2f}x torch.nn, "
                       f"{1 / r_ref:.2f}x faster than reference", file=sys.stderr, flush=True)
     return rows, meta
 
@@ -72,9 +75,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Machine: {meta['machine']}, {meta['cores']} cores, torch {meta['torch']} with {meta['threads']} threads; "
         f"fused implementation: {meta['fused_impl']}. Batch {meta['batch']}, sequence {meta['seq_len']}, float32, "
-        f"one layer, {meta['pairs']} interleaved pairs. torch.nn.LSTM runs without the option.",
+        f"one layer, {meta['pairs']} interleaved pairs. torch.nn.LSTM / GRU run without the option.",
         "",
-        "| option | H | mode | fused ms | fused / torch.nn.LSTM | reference / fused | torch ms | reference ms |",
+        "| option | H | mode | fused ms | fused / torch.nn | reference / fused | torch ms | reference ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -77,4 +77,4 @@ def test_options_speed_benchmark_runs_tiny(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert {r["option"] for r in rows} == set(bench.OPTIONS)
     assert all(r["engine"] == "fused" and r["fused_ms"] > 0 and r["reference_over_fused"] > 0 for r in rows)
-    assert "| zoneout" in capsys.readouterr().out
+    assert "| GRU zoneout" in capsys.readouterr().out

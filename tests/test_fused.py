@@ -113,6 +113,11 @@ LAYER_OPTIONS = [
     ("LSTM", {"zoneout": (0.4, 0.0), "candidate_activation": "gelu"}),
     ("LSTM", {"zoneout": 0.4, "peephole": True}),
     ("LSTM", {"zoneout": 0.3, "proj_size": 2, "bidirectional": True}),
+    ("GRU", {"zoneout": 0.3, "num_layers": 2, "bidirectional": True, "gate_activation": "hard_sigmoid"}),
+    ("GRU", {"zoneout": 0.4, "reset_after": False}),
+    ("RNN", {"zoneout": 0.3, "nonlinearity": "relu", "bidirectional": True, "recurrent_dropout": 0.2}),
+    ("RNN", {"zoneout": 0.5, "activation": "elu"}),
+    ("GatedStateRNN", {"zoneout": 0.3, "num_layers": 2, "bidirectional": True}),
 ]
 
 
@@ -161,7 +166,8 @@ def _direction_inputs(cell, T=4, B=3, seed=0, lengths=True, mask=True):
 
 
 def _zoneout_masks(cell, which: str, T=4, B=3, seed=5):
-    """Keep shares for (h, c): "train" 0/1 draws, "eval" constant rates, "c" only c, "" none."""
+    """Keep shares per state tensor: "train" 0/1 draws, "eval" constant rates, "c" only the LSTM's c,
+    "" none."""
     if not which:
         return None
     g = torch.Generator().manual_seed(seed)
@@ -171,10 +177,12 @@ def _zoneout_masks(cell, which: str, T=4, B=3, seed=5):
     return (None, draws[1]) if which == "c" else draws
 
 
+ZONEOUT_CASES = ([(c, o, z) for c, o in CPP_CASES for z in ("train", "eval")]
+                 + [(gatelab.LSTMCell, CPP_CASES[0][1], "c")])
+
+
 @pytest.mark.skipif(not cpp.load(), reason="C++ kernels unavailable (no compiler)")
-@pytest.mark.parametrize(("cell_cls", "options", "zoneout"),
-                         [(c, o, "") for c, o in CPP_CASES]
-                         + [(gatelab.LSTMCell, CPP_CASES[0][1], z) for z in ("train", "eval", "c")])
+@pytest.mark.parametrize(("cell_cls", "options", "zoneout"), [(c, o, "") for c, o in CPP_CASES] + ZONEOUT_CASES)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_cpp_loop_equals_pytorch_loop(cell_cls, options, zoneout, reverse):
     torch.manual_seed(0)
@@ -206,8 +214,9 @@ PY_ONLY_CASES = [
     (gatelab.GRUCell, {"reset_after": False, "gate_activation": "adaptive_sigmoid"}),
 ]
 GRADCHECK_CASES = ([(c, o, False, "") for c, o in CPP_CASES + PY_ONLY_CASES] + [(c, o, True, "") for c, o in CPP_CASES]
-                   + [(gatelab.LSTMCell, CPP_CASES[0][1], cpp_, z) for cpp_ in (False, True) for z in ("train", "eval")]
-                   + [(gatelab.LSTMCell, PY_ONLY_CASES[0][1], False, "train")])
+                   + [(c, o, cpp_, z) for c, o, z in ZONEOUT_CASES if z != "eval" for cpp_ in (False, True)]
+                   + [(gatelab.LSTMCell, PY_ONLY_CASES[0][1], False, "train"),
+                      (gatelab.GRUCell, PY_ONLY_CASES[3][1], False, "train")])
 
 
 @pytest.mark.parametrize(("cell_cls", "options", "use_cpp", "zoneout"), GRADCHECK_CASES)
@@ -300,6 +309,9 @@ def test_importing_gatelab_does_not_compile():
     ("LSTM", {"peephole": True}),
     ("LSTM", {"zoneout": (0.3, 0.6), "bidirectional": True}),  # eval: the expectation p·old + (1 − p)·new
     ("LSTM", {"zoneout": 0.2, "peephole": True}),
+    ("GRU", {"zoneout": 0.3, "bidirectional": True}),
+    ("RNN", {"zoneout": 0.3, "activation": "softsign"}),
+    ("GatedStateRNN", {"zoneout": 0.4}),
 ])
 @pytest.mark.parametrize("packed", [True, False])
 def test_inference_path_without_autograd_equals_reference(layer, options, packed):

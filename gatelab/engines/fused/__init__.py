@@ -45,10 +45,7 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
 
 
 def unsupported(layer: RecurrentLayer) -> list[str]:
-    out = cell_blockers(layer.cells[0])
-    if any(layer.zoneout) and not isinstance(layer.cells[0], LSTMCell):
-        out.append(f"zoneout is fused for LSTM only, not {type(layer.cells[0]).__name__}")
-    return out
+    return cell_blockers(layer.cells[0])
 
 
 def forward(layer: RecurrentLayer, batch: SequenceBatch, hx: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -79,8 +76,6 @@ def run_direction(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Same contract as :func:`gatelab.engines.reference.run_direction`; runs the C++ loop when the
     cell allows it and the kernels load, else the pure-PyTorch loop."""
-    if zoneout is not None and not isinstance(cell, LSTMCell):
-        raise ValueError(f"the fused engine runs zoneout for LSTM only, not {type(cell).__name__}")
     W_hh = cell.weight_hh if weight_hh is None else weight_hh
     step = STEPS[type(cell)](cell, W_hh)
     if not cpp.cell_blockers(cell) and cpp.load(strict=strict):

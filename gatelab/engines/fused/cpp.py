@@ -173,7 +173,7 @@ class CppLoop:
 
     def __init__(self, step: Step, zoneout: tuple[Tensor | None, ...] | None = None) -> None:
         self.step = step
-        self.zoneout = zoneout if zoneout is not None else (None, None)  # LSTM only: (m_h, m_c)
+        self.zoneout = zoneout if zoneout is not None else (None, None)  # keep shares per state tensor
         cell = step.cell
         kinds = [_kind(cell.activation_slots()[s]) for s in _SLOTS[type(cell)]]
         self.kinds = [k for k, _ in kinds]
@@ -192,12 +192,15 @@ class CppLoop:
                                                  reverse, z, keep)
             return out, (h, c), (saved, state[1])
         if self.name == "GRUCell":
-            out, h, *saved = ops.gru_forward(xw, W_hh, b_hh, state[0], lengths, rec_mask, k, p, reverse, z, keep)
+            out, h, *saved = ops.gru_forward(xw, W_hh, b_hh, state[0], lengths, rec_mask, self.zoneout[0], k, p,
+                                             reverse, z, keep)
             return out, (h,), (saved, state[0])
         if self.name == "ElmanCell":
-            out, h, *saved = ops.elman_forward(xw, W_hh, state[0], lengths, rec_mask, k[0], p[0], reverse, z, keep)
+            out, h, *saved = ops.elman_forward(xw, W_hh, state[0], lengths, rec_mask, self.zoneout[0], k[0], p[0],
+                                               reverse, z, keep)
             return out, (h,), (saved, state[0])
-        out, s, *saved = ops.gated_state_forward(xw, W_hh, state[0], lengths, rec_mask, k, p, reverse, z, keep)
+        out, s, *saved = ops.gated_state_forward(xw, W_hh, state[0], lengths, rec_mask, self.zoneout[0], k, p,
+                                                 reverse, z, keep)
         return out, (s,), (saved, state[0])
 
     def backward(self, saved, dout, dstate, W_hh, lengths, rec_mask, reverse):
@@ -211,15 +214,17 @@ class CppLoop:
             return dZ, dZ, (dh, dc), HR, []
         if self.name == "GRUCell":
             Z, A, GHn, S, HR = tensors
-            dXW, dGH, dh = ops.gru_backward(dout, dstate[0], Z, A, GHn, S, first, W_hh, lengths, rec_mask, k, p,
-                                            reverse)
+            dXW, dGH, dh = ops.gru_backward(dout, dstate[0], Z, A, GHn, S, first, W_hh, lengths, rec_mask,
+                                            self.zoneout[0], k, p, reverse)
             return dXW, dGH, (dh,), HR, []
         if self.name == "ElmanCell":
             Z, S, HR = tensors
-            dZ, dh = ops.elman_backward(dout, dstate[0], Z, S, W_hh, lengths, rec_mask, k[0], p[0], reverse)
+            dZ, dh = ops.elman_backward(dout, dstate[0], Z, S, W_hh, lengths, rec_mask, self.zoneout[0], k[0], p[0],
+                                        reverse)
             return dZ, dZ, (dh,), HR, []
-        Z, A, S, HR = tensors
-        dZ, ds = ops.gated_state_backward(dout, dstate[0], Z, A, S, first, W_hh, lengths, rec_mask, k, p, reverse)
+        Z, A, S, HR, SN = tensors
+        dZ, ds = ops.gated_state_backward(dout, dstate[0], Z, A, S, SN, first, W_hh, lengths, rec_mask,
+                                          self.zoneout[0], k, p, reverse)
         return dZ, dZ, (ds,), HR, []
 
 

@@ -392,11 +392,12 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
 // GRU, reset-after; kinds/params: sigma_r, sigma_z, phi. xw = W_ih x + b_ih (T, B, 3H) is
 // overwritten with the pre-activations (a_r, a_z, z_n); the recurrent product GH = W_hh h_rec + b_hh
 // is kept apart because r multiplies its n block. Saves A = (r, z, n), GHn (the n block of GH),
-// S (state after each step), HR.
+// S (state after each step), HR. Zoneout (zh: (T, B, H) shares of the old h kept, or absent): the
+// state after a step is m * old + (1 - m) * update; S and the output hold the zoned-out state.
 
 std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10::optional<Tensor>& b_hh,
                                 const Tensor& h0, const c10::optional<Tensor>& lengths,
-                                const c10::optional<Tensor>& mask, at::IntArrayRef kinds,
+                                const c10::optional<Tensor>& mask, const c10::optional<Tensor>& zh, at::IntArrayRef kinds,
                                 at::ArrayRef<double> params, bool reverse, bool save_z, bool train) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B, G = 3 * H;
@@ -409,7 +410,7 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
     const T ar_ = params[0], az_ = params[1], an_ = params[2];
     T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>(), *Sp = S.data_ptr<T>();
     T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *hp = h.data_ptr<T>(), *ghp = gh.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *bh = opt_ptr<T>(b_hh);
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *bh = opt_ptr<T>(b_hh), *MZ = opt_ptr<T>(zh);
     write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
@@ -431,9 +432,11 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
               zr[2 * H + j] += arow[j] * nr[j];
             }
             act_forward(kinds[2], an_, zr + 2 * H, arow + 2 * H, H);
+            const T* mz = MZ ? MZ + r * H : nullptr;
             for (int64_t j = 0; j < H; ++j) {
               const T z = arow[H + j], n = arow[2 * H + j];
-              orow[j] = Sr[j] = hrow[j] = (T(1) - z) * n + z * hrow[j];
+              const T hn = (T(1) - z) * n + z * hrow[j];
+              orow[j] = Sr[j] = hrow[j] = mz ? mz[j] * hrow[j] + (T(1) - mz[j]) * hn : hn;
             }
           } else {
             for (int64_t j = 0; j < H; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
@@ -449,7 +452,8 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
 std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Tensor& Z, const Tensor& A,
                                  const Tensor& GHn, const Tensor& S, const Tensor& h0, const Tensor& W_hh,
                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
-                                 at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+                                 const c10::optional<Tensor>& zh, at::IntArrayRef kinds, at::ArrayRef<double> params,
+                                 bool reverse) {
   const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B, G = 3 * H;
   Tensor dXW = at::empty_like(A), dGH = at::empty_like(A), dh = dhT.clone();
@@ -458,7 +462,7 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
     const T ar_ = params[0], az_ = params[1], an_ = params[2];
     const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>();
     const T *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *h0p = h0.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
     T *gxp = dXW.data_ptr<T>(), *ghp = dGH.data_ptr<T>(), *dhp = dh.data_ptr<T>();
     std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
@@ -474,11 +478,14 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
             for (int64_t j = 0; j < G; ++j) gxr[j] = ghr[j] = T(0);
             continue;
           }
+          const T* mz = MZ ? MZ + r * H : nullptr;
           for (int64_t j = 0; j < H; ++j) {
-            const T d = dor[j] + dhr[j], z = arow[H + j], n = arow[2 * H + j];
+            const T z = arow[H + j], n = arow[2 * H + j];
+            T d = dor[j] + dhr[j], kept = T(0);  // dL/dh after the step (zoned out, if any)
+            if (mz) { kept = d * mz[j]; d *= T(1) - mz[j]; }
             gxr[2 * H + j] = d * (T(1) - z);     // dL/dn
             gxr[H + j] = d * (hpr[j] - n);       // dL/dz
-            dhr[j] = d * z;                      // direct path; the product adds the rest
+            dhr[j] = d * z + kept;               // direct paths; the product adds the rest
           }
           act_backward(kinds[2], an_, zr ? zr + 2 * H : nullptr, arow + 2 * H, gxr + 2 * H, gxr + 2 * H, H);
           act_backward(kinds[1], az_, zr ? zr + H : nullptr, arow + H, gxr + H, gxr + H, H);
@@ -496,23 +503,26 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
 
 // ---------------------------------------------------------------------------------------------
 // Elman: h' = phi(xw + W_hh h_rec); xw (T, B, H) holds both biases and becomes the pre-activations.
-// The outputs double as the saved activations; S holds the state (differs on dead steps only).
+// S saves the activations phi(.) of live steps; without zoneout and lengths it is the output itself.
+// Zoneout (zh, or absent): the state and output are m * old + (1 - m) * phi(.).
 
 std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0,
                                   const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
-                                  int64_t kind, double param, bool reverse, bool save_z, bool train) {
+                                  const c10::optional<Tensor>& zh, int64_t kind, double param, bool reverse,
+                                  bool save_z, bool train) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B;
   const Keep keep(L, train);
+  const bool zone = zh.has_value();
   Tensor out = at::empty_like(xw), HR = at::empty({keep.n_rec, B, H}, h0.options());
-  Tensor S = !train ? at::empty({1, B, H}, h0.options()) : lengths.has_value() ? at::empty_like(xw) : out;
+  Tensor S = !train ? at::empty({1, B, H}, h0.options()) : lengths.has_value() || zone ? at::empty_like(xw) : out;
   Tensor h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "elman_forward", [&] {
     using T = scalar_t;
     const T a = param;
     T *Z = xw.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>();
     T* hp = h.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
     write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
@@ -523,7 +533,11 @@ std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Te
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r = t * B + b;
           T *hrow = hp + b * H, *Sr = Sp + (s * B + b) * H, *orow = Op + r * H;
-          if (L.live(t, b)) {
+          if (L.live(t, b) && zone) {
+            const T* mz = MZ + r * H;
+            act_forward(kind, a, Z + r * H, Sr, H);
+            for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j] = mz[j] * hrow[j] + (T(1) - mz[j]) * Sr[j];
+          } else if (L.live(t, b)) {
             act_forward(kind, a, Z + r * H, hrow, H);
             for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j];
             if (Sp != Op) for (int64_t j = 0; j < H; ++j) Sr[j] = hrow[j];
@@ -540,7 +554,8 @@ std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Te
 
 std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const Tensor& Z, const Tensor& S,
                                    const Tensor& W_hh, const c10::optional<Tensor>& lengths,
-                                   const c10::optional<Tensor>& mask, int64_t kind, double param, bool reverse) {
+                                   const c10::optional<Tensor>& mask, const c10::optional<Tensor>& zh, int64_t kind,
+                                   double param, bool reverse) {
   const Loop L = make_loop(S, lengths, reverse);
   const int64_t H = S.size(2), B = L.B;
   Tensor dZ = at::empty_like(S), dh = dhT.clone();
@@ -548,7 +563,7 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
     using T = scalar_t;
     const T a = param;
     const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
     T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>();
     std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
@@ -561,7 +576,16 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
             for (int64_t j = 0; j < H; ++j) gr[j] = T(0);
             continue;
           }
-          for (int64_t j = 0; j < H; ++j) { gr[j] = dOp[r * H + j] + dhr[j]; dhr[j] = T(0); }
+          if (MZ) {  // kept share -> old h; the rest -> through phi
+            const T* mz = MZ + r * H;
+            for (int64_t j = 0; j < H; ++j) {
+              const T d = dOp[r * H + j] + dhr[j];
+              gr[j] = d * (T(1) - mz[j]);
+              dhr[j] = d * mz[j];
+            }
+          } else {
+            for (int64_t j = 0; j < H; ++j) { gr[j] = dOp[r * H + j] + dhr[j]; dhr[j] = T(0); }
+          }
           act_backward(kind, a, Zp ? Zp + r * H : nullptr, Sp + r * H, gr, gr, H);
         }
       });
@@ -574,23 +598,26 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
 // ---------------------------------------------------------------------------------------------
 // Gated state: blocks f, i, o, n; s' = f s + i n, y = o s'; the state s recurs. kinds/params:
 // sigma_f, sigma_i, sigma_o, phi. xw becomes Z; saves A, S (state after each step), HR.
+// Zoneout (zs, or absent): the state handed on is m * s + (1 - m) * s' while y still reads s'; then
+// SN saves s' of each step (S the zoned-out state). Without zoneout SN is empty.
 
 std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& s0,
                                         const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
-                                        at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse,
-                                        bool save_z, bool train) {
+                                        const c10::optional<Tensor>& zs, at::IntArrayRef kinds,
+                                        at::ArrayRef<double> params, bool reverse, bool save_z, bool train) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = s0.size(1), B = L.B, G = 4 * H;
   const Keep keep(L, train);
   Tensor A = at::empty({keep.n, B, G}, xw.options());
   Tensor S = at::empty({keep.n, B, H}, s0.options()), out = at::empty({L.T, B, H}, s0.options());
+  Tensor SN = zs.has_value() && train ? at::empty_like(S) : at::empty({0}, s0.options());
   Tensor HR = at::empty({keep.n_rec, B, H}, s0.options());
   Tensor s = s0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gated_state_forward", [&] {
     using T = scalar_t;
     T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>();
-    T *HRp = HR.data_ptr<T>(), *sp = s.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    T *HRp = HR.data_ptr<T>(), *sp = s.data_ptr<T>(), *SNp = SN.numel() ? SN.data_ptr<T>() : nullptr;
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zs);
     write_rec(HRp + keep.rec(0) * B * H, sp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
@@ -603,9 +630,19 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
           T *zr = Z + r * G, *ar = Ap + q * G, *sr = sp + b * H, *Sr = Sp + q * H, *orow = Op + r * H;
           if (L.live(t, b)) {
             for (int64_t q = 0; q < 4; ++q) act_forward(kinds[q], T(params[q]), zr + q * H, ar + q * H, H);
-            for (int64_t j = 0; j < H; ++j) {
-              Sr[j] = sr[j] = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
-              orow[j] = ar[2 * H + j] * sr[j];
+            if (MZ) {
+              const T* mz = MZ + r * H;
+              for (int64_t j = 0; j < H; ++j) {
+                const T sn = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
+                orow[j] = ar[2 * H + j] * sn;
+                Sr[j] = sr[j] = mz[j] * sr[j] + (T(1) - mz[j]) * sn;
+                if (SNp) SNp[q * H + j] = sn;
+              }
+            } else {
+              for (int64_t j = 0; j < H; ++j) {
+                Sr[j] = sr[j] = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
+                orow[j] = ar[2 * H + j] * sr[j];
+              }
             }
           } else {
             for (int64_t j = 0; j < H; ++j) { Sr[j] = sr[j]; orow[j] = T(0); }
@@ -615,20 +652,23 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
       });
     }
   });
-  return {out, s, save_z ? xw : at::empty({0}, xw.options()), A, S, HR};
+  return {out, s, save_z ? xw : at::empty({0}, xw.options()), A, S, HR, SN};
 }
 
 std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, const Tensor& Z, const Tensor& A,
-                                         const Tensor& S, const Tensor& s0, const Tensor& W_hh,
+                                         const Tensor& S, const Tensor& SN, const Tensor& s0, const Tensor& W_hh,
                                          const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
-                                         at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+                                         const c10::optional<Tensor>& zs, at::IntArrayRef kinds,
+                                         at::ArrayRef<double> params, bool reverse) {
   const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = s0.size(1), B = L.B, G = 4 * H;
+  TORCH_CHECK(!zs.has_value() || SN.numel() == S.numel(), "gatelab fused: zoneout backward needs the states s'");
   Tensor dZ = at::empty_like(A), ds = dsT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gated_state_backward", [&] {
     using T = scalar_t;
     const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>();
     const T *dOp = dout.data_ptr<T>(), *s0p = s0.data_ptr<T>(), *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    const T *MZ = opt_ptr<T>(zs), *SNp = MZ ? SN.data_ptr<T>() : Sp;  // s' of each step
     T *dZp = dZ.data_ptr<T>(), *dsp = ds.data_ptr<T>();
     std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
@@ -637,20 +677,21 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
       at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r = t * B + b;
-          const T *zr = Zp ? Zp + r * G : nullptr, *ar = Ap + r * G, *Sr = Sp + r * H, *spr = sprev + b * H;
-          const T* dor = dOp + r * H;
+          const T *zr = Zp ? Zp + r * G : nullptr, *ar = Ap + r * G, *Sr = SNp + r * H, *spr = sprev + b * H;
+          const T *dor = dOp + r * H, *mz = MZ ? MZ + r * H : nullptr;
           T *gr = dZp + r * G, *dsr = dsp + b * H;
           if (!L.live(t, b)) {
             for (int64_t j = 0; j < G; ++j) gr[j] = T(0);
             continue;
           }
           for (int64_t j = 0; j < H; ++j) {
-            const T dst = dsr[j] + dor[j] * ar[2 * H + j];
+            const T keep_s = mz ? mz[j] : T(0);  // kept share of the handed-on state -> old s
+            const T dst = dsr[j] * (T(1) - keep_s) + dor[j] * ar[2 * H + j];
             gr[2 * H + j] = dor[j] * Sr[j];      // dL/do
             gr[j] = dst * spr[j];                // dL/df
             gr[H + j] = dst * ar[3 * H + j];     // dL/di
             gr[3 * H + j] = dst * ar[H + j];     // dL/dn
-            dsr[j] = dst * ar[j];
+            dsr[j] = dst * ar[j] + dsr[j] * keep_s;
           }
           for (int64_t q = 0; q < 4; ++q)
             act_backward(kinds[q], T(params[q]), zr ? zr + q * H : nullptr, ar + q * H, gr + q * H, gr + q * H, H);
@@ -667,12 +708,12 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
 TORCH_LIBRARY(gatelab_fused, m) {
   m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor CP, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse) -> Tensor[]");
-  m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
-  m.def("gru_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor A, Tensor GHn, Tensor S, Tensor h0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
-  m.def("elman_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse, bool save_z, bool train) -> Tensor[]");
-  m.def("elman_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor S, Tensor W_hh, Tensor? lengths, Tensor? mask, int kind, float param, bool reverse) -> Tensor[]");
-  m.def("gated_state_forward(Tensor xw, Tensor W_hh, Tensor s0, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
-  m.def("gated_state_backward(Tensor dout, Tensor dsT, Tensor Z, Tensor A, Tensor S, Tensor s0, Tensor W_hh, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, Tensor? zh, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
+  m.def("gru_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor A, Tensor GHn, Tensor S, Tensor h0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("elman_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor? lengths, Tensor? mask, Tensor? zh, int kind, float param, bool reverse, bool save_z, bool train) -> Tensor[]");
+  m.def("elman_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor S, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, int kind, float param, bool reverse) -> Tensor[]");
+  m.def("gated_state_forward(Tensor xw, Tensor W_hh, Tensor s0, Tensor? lengths, Tensor? mask, Tensor? zs, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
+  m.def("gated_state_backward(Tensor dout, Tensor dsT, Tensor Z, Tensor A, Tensor S, Tensor SN, Tensor s0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zs, int[] kinds, float[] params, bool reverse) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(gatelab_fused, CPU, m) {
