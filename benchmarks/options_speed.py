@@ -1,4 +1,4 @@
-"""Speed of options torch.nn has no kernel for (zoneout), fused against reference and torch.nn.
+"""Speed of options torch.nn has no kernel for (zoneout, layer norm), fused against reference and torch.nn.
 
 Same protocol as ``speed.py`` (shared/BENCHMARKING.md): one process, shared weights, warm-up, then
 interleaved pairs; medians and the median of per-pair ratios. For each option set and size:
@@ -8,8 +8,8 @@ interleaved pairs; medians and the median of per-pair ratios. For each option se
 * ``reference``: the same layer on the autograd loop (what the option costs a user without gatelab's
   fused engine: a hand-written per-step loop).
 
-Training mode (zoneout draws its masks every call) for fwd+bwd, eval mode (the expectation) for the
-no-grad forward. Usage: ``python benchmarks/options_speed.py [--sizes 128 256] [--pairs 7]
+Training mode for fwd+bwd (zoneout draws its masks every call), eval mode for the no-grad forward
+(zoneout: the expectation). Usage: ``python benchmarks/options_speed.py [--sizes 128 256] [--pairs 7]
 [--json out.json]``; ``--tiny`` is a seconds-long smoke run.
 """
 
@@ -34,6 +34,8 @@ OPTIONS = {  # label: (cell, options)
     "LSTM zoneout (h 0.05, c 0.15)": ("lstm", {"zoneout": (0.05, 0.15)}),
     "LSTM zoneout 0.1 + hard_sigmoid gates": ("lstm", {"zoneout": 0.1, "gate_activation": "hard_sigmoid"}),
     "GRU zoneout 0.1": ("gru", {"zoneout": 0.1}),
+    "LSTM layer_norm": ("lstm", {"layer_norm": True}),
+    "LSTM layer_norm + hard_sigmoid gates": ("lstm", {"layer_norm": True, "gate_activation": "hard_sigmoid"}),
 }
 LAYERS = {"lstm": (torch.nn.LSTM, gatelab.LSTM), "gru": (torch.nn.GRU, gatelab.GRU)}
 
@@ -53,8 +55,9 @@ def run(sizes: list[int], pairs: int, batch: int, T: int) -> tuple[list[dict], d
             base = builtin(H, H)
             fused = layer(H, H, backend="fused", strict=True, **options)
             ref = layer(H, H, backend="reference", **options)
-            fused.load_state_dict(base.state_dict())
-            ref.load_state_dict(base.state_dict())
+            missing, unexpected = fused.load_state_dict(base.state_dict(), strict=False)
+            assert not unexpected and all(".ln_" in k for k in missing), (missing, unexpected)  # gains stay at init
+            ref.load_state_dict(fused.state_dict())
             models = {"torch": lambda x, m=base: m(x)[0], "fused": lambda x, m=fused: m(x)[0],
                       "reference": lambda x, m=ref: m(x)[0]}
             for mode, make, training in (("fwd+bwd", train_step, True), ("fwd (no grad)", infer_step, False)):

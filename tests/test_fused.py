@@ -118,6 +118,11 @@ LAYER_OPTIONS = [
     ("RNN", {"zoneout": 0.3, "nonlinearity": "relu", "bidirectional": True, "recurrent_dropout": 0.2}),
     ("RNN", {"zoneout": 0.5, "activation": "elu"}),
     ("GatedStateRNN", {"zoneout": 0.3, "num_layers": 2, "bidirectional": True}),
+    # layer-norm LSTM (C++ loop; the input-side norm under autograd)
+    ("LSTM", {"layer_norm": True, "num_layers": 2, "bidirectional": True}),
+    ("LSTM", {"layer_norm": True, "gate_activation": "hard_sigmoid", "recurrent_dropout": 0.3}),
+    ("LSTM", {"layer_norm": True, "bias": False, "cell_activation": "gelu"}),
+    ("LSTM", {"layer_norm": True, "weight_dropout": 0.3, "candidate_activation": "relu", "batch_first": True}),
 ]
 
 
@@ -128,7 +133,10 @@ def test_layer_options(layer, options, packed, dtype):
     ref, fus = run_pair(LAYERS[layer], options, dtype, packed=packed)
     assert fus["layer"].engine_name == "fused"
     err = max_error(ref, fus)
-    assert err < TOL[dtype], err
+    # LayerNorm over rows of 4 and 16 values divides by small standard deviations: in float32 both
+    # engines sit 1e-6 to 4e-5 from the float64 result (measured), so they may differ by that much.
+    tol = 1e-4 if options.get("layer_norm") and dtype == torch.float32 else TOL[dtype]
+    assert err < tol, err
 
 
 def test_unbatched_input_and_initial_state():
@@ -248,9 +256,11 @@ def test_gradcheck_fused_direction(cell_cls, options, use_cpp, zoneout):
 def test_auto_picks_native_fused_and_reference():
     assert gatelab.LSTM(3, 4).engine_name == "native"
     assert gatelab.LSTM(3, 4, gate_activation="hard_sigmoid").engine_name == "fused"
-    layer = gatelab.LSTM(3, 4, layer_norm=True)
-    assert layer.engine_name == "reference"
-    assert "layer_norm" in layer.explain()
+    assert gatelab.LSTM(3, 4, layer_norm=True).engine_name == "fused"
+    for layer in (gatelab.LSTM(3, 4, variant="FGR"), gatelab.LSTM(3, 4, layer_norm=True, peephole=True),
+                  gatelab.LSTM(3, 4, layer_norm=True, zoneout=0.1)):
+        assert layer.engine_name == "reference"
+        assert "FGR" in layer.explain() or "layer_norm" in layer.explain()
     assert "zoneout" in gatelab.GRU(3, 4, zoneout=0.1).explain()
 
 
@@ -261,10 +271,63 @@ def test_explain_names_the_loop():
 
 def test_fused_backend_strict_raises_for_unfusable_option():
     with pytest.raises(ValueError, match="layer_norm"):
-        gatelab.LSTM(3, 4, layer_norm=True, backend="fused", strict=True)
+        gatelab.LSTM(3, 4, layer_norm=True, peephole=True, backend="fused", strict=True)
     with pytest.warns(UserWarning, match="falling back to 'reference'"):
-        layer = gatelab.LSTM(3, 4, layer_norm=True, backend="fused")
+        layer = gatelab.LSTM(3, 4, variant="FGR", backend="fused")
     assert layer.engine_name == "reference"
+
+
+def _perturbed(layer):
+    """Move every parameter off its initial value (LayerNorm gains start at 1 and biases at 0, where
+    a kernel that ignored them would still agree)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return layer
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_norm_lstm_with_moved_gains_equals_reference(training):
+    torch.manual_seed(0)
+    D = torch.float64
+    ref = _perturbed(gatelab.LSTM(3, 5, 2, bidirectional=True, layer_norm=True, backend="reference", dtype=D))
+    fus = gatelab.LSTM(3, 5, 2, bidirectional=True, layer_norm=True, backend="fused", strict=True, dtype=D)
+    fus.load_state_dict(ref.state_dict())
+    ref.train(training), fus.train(training)
+    assert fus.engine_name == "fused" and "layer-norm" in fus.explain()
+    x = torch.randn(6, 4, 3, dtype=D, requires_grad=True)
+    lengths = torch.tensor([6, 2, 5, 1])
+    results = []
+    for layer in (ref, fus):
+        out, (h, c) = layer(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        loss = (out.data * out.data.detach().sin()).sum() + (h * 1.7).sum() + (c * c.detach().cos()).sum()
+        results.append([out.data, h, c, *torch.autograd.grad(loss, [x, *layer.parameters()])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert any(n.startswith("cells.0.ln_") for n, _ in fus.named_parameters())
+
+
+def test_gradcheck_layer_norm_lstm_fused():
+    torch.manual_seed(0)
+    layer = _perturbed(gatelab.LSTM(2, 3, layer_norm=True, backend="fused", strict=True, dtype=torch.float64,
+                                    gate_activation="hard_sigmoid"))
+    names, params = zip(*layer.named_parameters())
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *ps):
+        out, (h, c) = torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+        return out, c
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7)
+
+
+def test_layer_norm_lstm_runs_the_reference_loop_without_cpp(monkeypatch):
+    monkeypatch.setattr(cpp, "_state", {"loaded": False, "error": "disabled for this test"})
+    layer = gatelab.LSTM(3, 4, layer_norm=True, backend="fused", dtype=torch.float64)
+    assert "layer_norm on the reference loop" in layer.explain()
+    ref, fus = run_pair(gatelab.LSTM, {"layer_norm": True}, strict=False)
+    assert max_error(ref, fus) < 1e-12
 
 
 def test_failed_compile_warns_once_and_falls_back(monkeypatch):
@@ -312,6 +375,7 @@ def test_importing_gatelab_does_not_compile():
     ("GRU", {"zoneout": 0.3, "bidirectional": True}),
     ("RNN", {"zoneout": 0.3, "activation": "softsign"}),
     ("GatedStateRNN", {"zoneout": 0.4}),
+    ("LSTM", {"layer_norm": True, "bidirectional": True, "gate_activation": "hard_sigmoid"}),
 ])
 @pytest.mark.parametrize("packed", [True, False])
 def test_inference_path_without_autograd_equals_reference(layer, options, packed):

@@ -13,10 +13,12 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ...activations import ModuleActivation
 from ...cells import LSTMCell, RecurrentCell
+from .. import reference
 from . import cpp
 from .function import FusedDirection, PyLoop, infer
 from .steps import STEPS
@@ -34,8 +36,8 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
     if type(cell) not in STEPS:
         out.append(f"the fused engine has no step for {type(cell).__name__}")
     if isinstance(cell, LSTMCell):
-        if cell.layer_norm:
-            out.append("layer_norm=True is not fused yet")
+        if cell.layer_norm and (blocked := [b for b in cpp.cell_blockers(cell) if "parameters are on" not in b]):
+            out.append(f"layer_norm=True is fused on the C++ loop only, which cannot run this cell ({blocked[0]})")
         if cell.full_gate_recurrence:
             out.append("full_gate_recurrence (FGR) is not fused yet")
     for slot, act in cell.activation_slots().items():
@@ -45,7 +47,10 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
 
 
 def unsupported(layer: RecurrentLayer) -> list[str]:
-    return cell_blockers(layer.cells[0])
+    out = cell_blockers(layer.cells[0])
+    if getattr(layer.cells[0], "layer_norm", False) and any(layer.zoneout):
+        out.append("layer_norm=True with zoneout is not fused")
+    return out
 
 
 def forward(layer: RecurrentLayer, batch: SequenceBatch, hx: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -54,12 +59,18 @@ def forward(layer: RecurrentLayer, batch: SequenceBatch, hx: tuple[Tensor, ...])
 
 def describe(layer: RecurrentLayer) -> str:
     """Which loop the fused engine runs for ``layer``: the C++ one, or the pure-PyTorch one and why."""
-    blockers = cpp.cell_blockers(layer.cells[0])
+    cell = layer.cells[0]
+    blockers = cpp.cell_blockers(cell)
+    layer_norm = isinstance(cell, LSTMCell) and cell.layer_norm
     if blockers:
-        return "fused engine, pure-PyTorch loop: " + "; ".join(blockers)
+        loop = "layer_norm on the reference loop" if layer_norm else "pure-PyTorch loop"
+        return f"fused engine, {loop}: " + "; ".join(blockers)
     if cpp.failed():
+        if layer_norm:
+            return "fused engine, layer_norm on the reference loop: " + cpp.status()
         return "fused engine, pure-PyTorch loop: " + cpp.status()
-    return "fused engine, C++ loop" + ("" if cpp.loaded() else " (compiled at first use)")
+    what = "C++ loop" + (" (layer-norm LSTM; the input-side norm under autograd)" if layer_norm else "")
+    return f"fused engine, {what}" + ("" if cpp.loaded() else " (compiled at first use)")
 
 
 def run_direction(
@@ -77,6 +88,8 @@ def run_direction(
     """Same contract as :func:`gatelab.engines.reference.run_direction`; runs the C++ loop when the
     cell allows it and the kernels load, else the pure-PyTorch loop."""
     W_hh = cell.weight_hh if weight_hh is None else weight_hh
+    if isinstance(cell, LSTMCell) and cell.layer_norm:
+        return _run_layer_norm(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout, strict)
     step = STEPS[type(cell)](cell, W_hh)
     if not cpp.cell_blockers(cell) and cpp.load(strict=strict):
         loop = cpp.CppLoop(step, None if zoneout is None else tuple(cpp.contiguous(m) for m in zoneout))
@@ -88,6 +101,33 @@ def run_direction(
         loop = PyLoop(step, zoneout)
     args = (loop, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh, *state)
     extra = step.extra_params()
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args[4:], *extra))
+    out, *final = FusedDirection.apply(*args, *extra) if needs_grad else infer(*args)
+    return out, tuple(final)
+
+
+def _run_layer_norm(cell: LSTMCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool,
+                    rec_mask: Tensor | None, W_hh: Tensor, zoneout: tuple[Tensor | None, ...] | None, strict: bool
+                    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The layer-norm LSTM: the input side ``LN(W_ih x) ⊙ g_ih + b`` for all steps under autograd, the
+    recurrence (with the norms of ``W_hh h`` and ``c'``) in the C++ loop. Without the C++ kernels it
+    runs the reference loop (which :func:`describe` and the load warning say)."""
+    if zoneout is not None or cpp.cell_blockers(cell) or not cpp.load(strict=strict):
+        if strict and (zoneout is not None or cpp.cell_blockers(cell)):
+            raise RuntimeError("the fused engine cannot run this layer-norm LSTM: " + "; ".join(
+                cpp.cell_blockers(cell) or ["zoneout with layer_norm"]))
+        return reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=W_hh,
+                                       zoneout=zoneout)
+    G = cell.weight_ih.shape[0]
+    xw = F.layer_norm(F.linear(x, cell.weight_ih), (G,), cell.ln_ih_weight, None, cell.layer_norm_eps)
+    if cell.bias:
+        xw = xw + (cell.bias_ih + cell.bias_hh)
+    loop = cpp.CppLoop(STEPS[LSTMCell](cell, W_hh))
+    state = tuple(s.contiguous() for s in state)
+    lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
+    args = (loop, reverse, lengths, cpp.contiguous(rec_mask), xw.contiguous(), None, W_hh.contiguous(), None, None,
+            *state)
+    extra = [cell.ln_hh_weight, cell.ln_c_weight, cell.ln_c_bias]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args[4:], *extra))
     out, *final = FusedDirection.apply(*args, *extra) if needs_grad else infer(*args)
     return out, tuple(final)

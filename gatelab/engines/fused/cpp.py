@@ -180,12 +180,19 @@ class CppLoop:
         self.params = [p for _, p in kinds]
         self.save_z = any(_needs_input(k, p) for k, p in kinds)  # keep pre-activations for the backward
         self.name = type(cell).__name__
+        self.layer_norm = isinstance(cell, LSTMCell) and cell.layer_norm
         self.fold_bias_hh = not isinstance(cell, GRUCell)
         self.ops = torch.ops.gatelab_fused
 
     def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse, keep=True):
         ops, k, p, z = self.ops, self.kinds, self.params, self.save_z and keep
         # xw is the caller's fresh buffer: the kernels turn it into the pre-activations in place.
+        if self.layer_norm:
+            c = self.step.cell
+            out, h, cs, *saved = ops.lstm_ln_forward(xw, W_hh, state[0], state[1], lengths, rec_mask,
+                                                     c.ln_hh_weight, c.ln_c_weight, c.ln_c_bias, c.layer_norm_eps,
+                                                     k, p, reverse, z, keep)
+            return out, (h, cs), (saved, state[1])
         if self.name == "LSTMCell":
             zh, zc = self.zoneout
             out, h, c, *saved = ops.lstm_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, zh, zc, k, p,
@@ -206,6 +213,14 @@ class CppLoop:
     def backward(self, saved, dout, dstate, W_hh, lengths, rec_mask, reverse):
         ops, k, p = self.ops, self.kinds, self.params
         tensors, first = saved
+        if self.layer_norm:
+            c = self.step.cell
+            Z, A, C, K, HR, Y, NH, RH, NC, RC = tensors
+            dZ, dGH, dh, dc, dY = ops.lstm_ln_backward(dout, dstate[0], dstate[1], Z, A, C, K, Y, NH, RH, NC, RC, first,
+                                                       W_hh, c.ln_hh_weight, c.ln_c_weight, lengths, rec_mask, k, p,
+                                                       reverse)
+            gains = [(dZ * NH).sum((0, 1)), (dY * NC).sum((0, 1)), dY.sum((0, 1))]  # g_hh, g_c, b_c
+            return dZ, dGH, (dh, dc), HR, gains
         if self.name == "LSTMCell":
             Z, A, C, K, HR, CP = tensors
             zh, zc = self.zoneout

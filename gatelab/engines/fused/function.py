@@ -103,9 +103,13 @@ class PyLoop:
         return dxws, dghs, dstate, h_recs, self.step.param_grads(pgrads)
 
 
-def input_projection(loop: TimeLoop, x: Tensor, W_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:
+def input_projection(loop: TimeLoop, x: Tensor, W_ih: Tensor | None, b_ih: Tensor | None, b_hh: Tensor | None
+                     ) -> Tensor:
     """``x W_ihᵀ + b`` for all steps as one product: (T, B, I) -> (T, B, G·H), a fresh buffer the
-    loop may overwrite."""
+    loop may overwrite. ``W_ih=None``: ``x`` is that projection already (the layer-norm LSTM
+    normalises it under autograd before the loop); a copy is returned."""
+    if W_ih is None:
+        return x.contiguous().clone()
     T, B, I = x.shape
     bias = None if b_ih is None else (b_ih + b_hh if loop.fold_bias_hh else b_ih)
     x2 = x.reshape(T * B, I)
@@ -124,7 +128,8 @@ def infer(loop: TimeLoop, reverse: bool, lengths: Tensor | None, rec_mask: Tenso
 class FusedDirection(torch.autograd.Function):
     """``apply(loop, reverse, lengths, rec_mask, x, W_ih, W_hh, b_ih, b_hh, *state, *extra)``
     returns ``(out (T, B, O), *final_state)``; ``extra`` are the loop's extra parameters (peepholes,
-    projection, learnable activations) in the order its backward returns their gradients."""
+    projection, learnable activations, layer-norm gains) in the order its backward returns their
+    gradients. ``W_ih=None`` (and no biases): ``x`` is the input projection already."""
 
     @staticmethod
     def forward(ctx: Any, loop: TimeLoop, reverse: bool, lengths: Tensor | None, rec_mask: Tensor | None,
@@ -144,7 +149,7 @@ class FusedDirection(torch.autograd.Function):
         x, W_ih, W_hh, lengths, rec_mask = ctx.saved_tensors
         loop: TimeLoop = ctx.loop
         T, B, I = x.shape
-        GH = W_ih.shape[0]
+        GH = W_hh.shape[0]
         cell = loop.step.cell
         sizes = cell.state_sizes()
         dstate = tuple(x.new_zeros(B, s) if d is None else d.contiguous() for s, d in zip(sizes, dfinal))
@@ -153,8 +158,11 @@ class FusedDirection(torch.autograd.Function):
                                                            ctx.reverse)
         dxw2, dgh2 = dxws.view(T * B, GH), dghs.view(T * B, GH)
         need = ctx.needs_input_grad  # skip the products nobody asked for (e.g. dx of a data batch)
-        dx = (dxw2 @ W_ih).view(T, B, I) if need[4] else None
-        dW_ih = dxw2.t() @ x.reshape(T * B, I) if need[5] else None
+        if W_ih is None:  # x was the projection itself
+            dx = dxws if need[4] else None
+        else:
+            dx = (dxw2 @ W_ih).view(T, B, I) if need[4] else None
+        dW_ih = dxw2.t() @ x.reshape(T * B, I) if W_ih is not None and need[5] else None
         dW_hh = dgh2.t() @ h_recs.view(T * B, -1) if need[6] or isinstance(loop, PyLoop) else None
         db_ih = dxw2.sum(0) if ctx.has_bias and need[7] else None
         db_hh = dgh2.sum(0) if ctx.has_bias and (need[8] or isinstance(loop, PyLoop)) else None

@@ -1,4 +1,4 @@
-// gatelab fused engine: the time loops of LSTM, GRU (reset-after), Elman and the gated-state cell,
+// gatelab fused engine: the time loops of LSTM (plain and layer-norm), GRU (reset-after), Elman and the gated-state cell,
 // forward and hand-written backward, for any stateless registered activation in any slot.
 //
 // Per step: one GEMM with W_hh (the BLAS torch links, on raw pointers), then one pass over the batch
@@ -389,6 +389,156 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
 }
 
 // ---------------------------------------------------------------------------------------------
+// Layer-norm LSTM (Ba et al. 2016; LSTMCell(layer_norm=True)): pre = xw + LN(W_hh h_rec) * g_hh,
+// with xw = LN(W_ih x) * g_ih + b_ih + b_hh from the caller (outside the loop, under autograd), and
+// h' = o * psi(LN(c') * g_c + b_c); the state c' itself is not normalised. LN normalises a row with
+// its mean and biased variance (+ eps), as torch's layer_norm. Besides A, C, K and HR the forward
+// saves Y (psi's input), NH and RH (the normalised recurrent product and its 1/std per row), NC and
+// RC (the same for c'). The backward returns dZ (= dL/dpre = dL/dxw), dGH (dL/d(W_hh h_rec), for
+// the weight gradient and the recurrent product) and dY (dL/dY, for the gradients of g_c and b_c);
+// the caller reduces the gain gradients from dZ * NH and dY * NC.
+
+// Row statistics accumulate in double (a float row of a few thousand values keeps full precision).
+template <typename T>
+inline void ln_row(const T* x, T* n, int64_t len, T eps, T& rstd) {
+  double mean = 0, var = 0;
+  for (int64_t j = 0; j < len; ++j) mean += x[j];
+  mean /= double(len);
+  for (int64_t j = 0; j < len; ++j) { const double d = x[j] - mean; var += d * d; }
+  const double r = 1.0 / std::sqrt(var / double(len) + double(eps));
+  rstd = T(r);
+  for (int64_t j = 0; j < len; ++j) n[j] = T((x[j] - mean) * r);
+}
+
+// dx = rstd * (dn - mean(dn) - n * mean(dn * n)) for n = (x - mean) * rstd.
+template <typename T>
+inline void ln_row_backward(const T* dn, const T* n, T rstd, T* dx, int64_t len) {
+  double m1 = 0, m2 = 0;
+  for (int64_t j = 0; j < len; ++j) { m1 += dn[j]; m2 += double(dn[j]) * n[j]; }
+  const T a = T(m1 / double(len)), c = T(m2 / double(len));
+  for (int64_t j = 0; j < len; ++j) dx[j] = rstd * (dn[j] - a - n[j] * c);
+}
+
+std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0, const Tensor& c0,
+                                    const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
+                                    const Tensor& g_hh, const Tensor& g_c, const Tensor& b_c, double eps,
+                                    at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse, bool save_z,
+                                    bool train) {
+  const Loop L = make_loop(xw, lengths, reverse);
+  const int64_t H = c0.size(1), B = L.B, G = 4 * H;
+  const Keep keep(L, train);
+  Tensor A = at::empty({keep.n, B, G}, xw.options()), NH = at::empty_like(A);
+  Tensor C = at::empty({keep.n, B, H}, c0.options()), K = at::empty_like(C), Y = at::empty_like(C), NC = at::empty_like(C);
+  Tensor RH = at::empty({keep.n, B}, c0.options()), RC = at::empty_like(RH);
+  Tensor out = at::empty({L.T, B, H}, c0.options()), HR = at::empty({keep.n_rec, B, H}, h0.options());
+  Tensor GH = at::empty({B, G}, xw.options()), h = h0.clone(), c = c0.clone();
+  AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_ln_forward", [&] {
+    using T = scalar_t;
+    const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4], e = eps;
+    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>(), *Yp = Y.data_ptr<T>();
+    T *NHp = NH.data_ptr<T>(), *NCp = NC.data_ptr<T>(), *RHp = RH.data_ptr<T>(), *RCp = RC.data_ptr<T>();
+    T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *GHp = GH.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    const T *gh = g_hh.data_ptr<T>(), *gc = g_c.data_ptr<T>(), *bc = b_c.data_ptr<T>();
+    write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
+    for (int64_t k = 0; k < L.T; ++k) {
+      const int64_t t = L.step(k);
+      const int64_t s = keep.at(t);
+      T* hr_next = k + 1 < L.T ? HRp + keep.rec(k + 1) * B * H : nullptr;
+      times_Wt<T>(GHp, HRp + keep.rec(k) * B * H, W, B, G, H, T(0));  // the raw recurrent product
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r = t * B + b, q = s * B + b;
+          T *zr = Z + r * G, *ar = Ap + q * G, *nh = NHp + q * G, *cr = cp + b * H, *hrow = hp + b * H;
+          T *Cr = Cp + q * H, *Kr = Kp + q * H, *yr = Yp + q * H, *nc = NCp + q * H, *orow = Op + r * H;
+          if (L.live(t, b)) {
+            ln_row(GHp + b * G, nh, G, e, RHp[q]);
+            for (int64_t j = 0; j < G; ++j) zr[j] += nh[j] * gh[j];
+            act_forward(kinds[0], ai, zr, ar, H);
+            act_forward(kinds[1], af, zr + H, ar + H, H);
+            act_forward(kinds[2], ag, zr + 2 * H, ar + 2 * H, H);
+            act_forward(kinds[3], ao, zr + 3 * H, ar + 3 * H, H);
+            for (int64_t j = 0; j < H; ++j) Cr[j] = cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
+            ln_row(Cr, nc, H, e, RCp[q]);
+            for (int64_t j = 0; j < H; ++j) yr[j] = nc[j] * gc[j] + bc[j];
+            act_forward(kinds[4], ak, yr, Kr, H);
+            for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j] = ar[3 * H + j] * Kr[j];
+          } else {
+            for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
+          }
+          if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
+        }
+      });
+    }
+  });
+  return {out, h, c, save_z ? xw : at::empty({0}, xw.options()), A, C, K, HR, Y, NH, RH, NC, RC};
+}
+
+std::vector<Tensor> lstm_ln_backward(const Tensor& dout, const Tensor& dhT, const Tensor& dcT, const Tensor& Z,
+                                     const Tensor& A, const Tensor& C, const Tensor& K, const Tensor& Y,
+                                     const Tensor& NH, const Tensor& RH, const Tensor& NC, const Tensor& RC,
+                                     const Tensor& c0, const Tensor& W_hh, const Tensor& g_hh, const Tensor& g_c,
+                                     const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
+                                     at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+  const Loop L = make_loop(A, lengths, reverse);
+  const int64_t H = c0.size(1), B = L.B, G = 4 * H;
+  Tensor dZ = at::empty_like(A), dGH = at::empty_like(A), dY = at::empty_like(C), dh = dhT.clone(), dc = dcT.clone();
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lstm_ln_backward", [&] {
+    using T = scalar_t;
+    const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
+    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>();
+    const T *Kp = K.data_ptr<T>(), *Yp = Y.data_ptr<T>(), *NHp = NH.data_ptr<T>(), *RHp = RH.data_ptr<T>();
+    const T *NCp = NC.data_ptr<T>(), *RCp = RC.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *c0p = c0.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *gh = g_hh.data_ptr<T>(), *gc = g_c.data_ptr<T>();
+    T *dZp = dZ.data_ptr<T>(), *dGHp = dGH.data_ptr<T>(), *dYp = dY.data_ptr<T>();
+    T *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+    std::vector<T> scratch;
+    for (int64_t k = L.T - 1; k >= 0; --k) {
+      const int64_t t = L.step(k);
+      const T* cprev = k == 0 ? c0p : Cp + L.step(k - 1) * B * H;
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+        std::vector<T> tmp(G), tmp2(G);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r = t * B + b;
+          const T *zr = Zp ? Zp + r * G : nullptr, *ar = Ap + r * G, *Kr = Kp + r * H, *yr = Yp + r * H;
+          const T *cpr = cprev + b * H, *dor = dOp + r * H, *nh = NHp + r * G, *nc = NCp + r * H;
+          T *gr = dZp + r * G, *ggr = dGHp + r * G, *dyr = dYp + r * H, *dhr = dhp + b * H, *dcr = dcp + b * H;
+          if (!L.live(t, b)) {  // state passed through; nothing to differentiate
+            for (int64_t j = 0; j < G; ++j) gr[j] = ggr[j] = T(0);
+            for (int64_t j = 0; j < H; ++j) dyr[j] = T(0);
+            continue;
+          }
+          for (int64_t j = 0; j < H; ++j) {
+            const T d = dor[j] + dhr[j];
+            gr[3 * H + j] = d * Kr[j];          // dL/do
+            tmp[j] = d * ar[3 * H + j];         // dL/dk
+            dhr[j] = T(0);                       // refilled by the recurrent product below
+          }
+          act_backward(kinds[4], ak, yr, Kr, tmp.data(), dyr, H);  // dL/dY
+          for (int64_t j = 0; j < H; ++j) tmp2[j] = dyr[j] * gc[j];
+          ln_row_backward(tmp2.data(), nc, RCp[r], tmp.data(), H);  // dL/dc' through the norm
+          for (int64_t j = 0; j < H; ++j) {
+            const T dcn = dcr[j] + tmp[j];
+            gr[j] = dcn * ar[2 * H + j];         // dL/di
+            gr[H + j] = dcn * cpr[j];            // dL/df
+            gr[2 * H + j] = dcn * ar[j];         // dL/dg
+            dcr[j] = dcn * ar[H + j];
+          }
+          act_backward(kinds[0], ai, zr, ar, gr, gr, H);
+          act_backward(kinds[1], af, zr ? zr + H : nullptr, ar + H, gr + H, gr + H, H);
+          act_backward(kinds[2], ag, zr ? zr + 2 * H : nullptr, ar + 2 * H, gr + 2 * H, gr + 2 * H, H);
+          act_backward(kinds[3], ao, zr ? zr + 3 * H : nullptr, ar + 3 * H, gr + 3 * H, gr + 3 * H, H);
+          for (int64_t j = 0; j < G; ++j) tmp2[j] = gr[j] * gh[j];
+          ln_row_backward(tmp2.data(), nh, RHp[r], ggr, G);    // dL/d(W_hh h_rec)
+        }
+      });
+      recurrent_grad<T>(dhp, dGHp + t * B * G, W, M, scratch, B, G, H);
+    }
+  });
+  return {dZ, dGH, dh, dc, dY};
+}
+
+// ---------------------------------------------------------------------------------------------
 // GRU, reset-after; kinds/params: sigma_r, sigma_z, phi. xw = W_ih x + b_ih (T, B, 3H) is
 // overwritten with the pre-activations (a_r, a_z, z_n); the recurrent product GH = W_hh h_rec + b_hh
 // is kept apart because r multiplies its n block. Saves A = (r, z, n), GHn (the n block of GH),
@@ -708,6 +858,8 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
 TORCH_LIBRARY(gatelab_fused, m) {
   m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor CP, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("lstm_ln_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor g_hh, Tensor g_c, Tensor b_c, float eps, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
+  m.def("lstm_ln_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor Y, Tensor NH, Tensor RH, Tensor NC, Tensor RC, Tensor c0, Tensor W_hh, Tensor g_hh, Tensor g_c, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
   m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, Tensor? zh, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("gru_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor A, Tensor GHn, Tensor S, Tensor h0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, int[] kinds, float[] params, bool reverse) -> Tensor[]");
   m.def("elman_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor? lengths, Tensor? mask, Tensor? zh, int kind, float param, bool reverse, bool save_z, bool train) -> Tensor[]");
@@ -719,6 +871,8 @@ TORCH_LIBRARY(gatelab_fused, m) {
 TORCH_LIBRARY_IMPL(gatelab_fused, CPU, m) {
   m.impl("lstm_forward", &lstm_forward);
   m.impl("lstm_backward", &lstm_backward);
+  m.impl("lstm_ln_forward", &lstm_ln_forward);
+  m.impl("lstm_ln_backward", &lstm_ln_backward);
   m.impl("gru_forward", &gru_forward);
   m.impl("gru_backward", &gru_backward);
   m.impl("elman_forward", &elman_forward);
