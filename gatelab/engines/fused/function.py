@@ -74,8 +74,8 @@ class PyLoop:
         steps, h_recs = saved
         T, B, _ = dout.shape
         GH = W_hh.shape[0]
-        dxws = dout.new_zeros(T, B, GH)
-        dghs = dout.new_zeros(T, B, GH)
+        dxws = dout.new_empty(T, B, GH)  # every step writes its row below
+        dghs = dout.new_empty(T, B, GH)
         pgrads: dict[str, Tensor] = {}
         for t in range(T) if reverse else range(T - 1, -1, -1):
             live = None if lengths is None else (lengths > t).unsqueeze(1).to(dout.dtype)
