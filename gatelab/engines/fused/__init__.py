@@ -86,7 +86,8 @@ def run_direction(
     strict: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Same contract as :func:`gatelab.engines.reference.run_direction`; runs the C++ loop when the
-    cell allows it and the kernels load, else the pure-PyTorch loop."""
+    cell allows it and the kernels load, else the pure-PyTorch loop (the layer-norm LSTM: see
+    :func:`_run_layer_norm`)."""
     W_hh = cell.weight_hh if weight_hh is None else weight_hh
     if isinstance(cell, LSTMCell) and cell.layer_norm:
         return _run_layer_norm(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout, strict)
@@ -99,8 +100,13 @@ def run_direction(
         lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
     else:
         loop = PyLoop(step, zoneout)
-    args = (loop, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh, *state)
-    extra = step.extra_params()
+    return _apply((loop, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh, *state),
+                  step.extra_params())
+
+
+def _apply(args: tuple, extra: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Run :class:`FusedDirection` (or, when nothing needs a gradient, the inference path that keeps
+    nothing) on ``args`` (its ``apply`` arguments) and the loop's extra parameters."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args[4:], *extra))
     out, *final = FusedDirection.apply(*args, *extra) if needs_grad else infer(*args)
     return out, tuple(final)
@@ -112,10 +118,10 @@ def _run_layer_norm(cell: LSTMCell, x: Tensor, state: tuple[Tensor, ...], length
     """The layer-norm LSTM: the input side ``LN(W_ih x) ⊙ g_ih + b`` for all steps under autograd, the
     recurrence (with the norms of ``W_hh h`` and ``c'``) in the C++ loop. Without the C++ kernels it
     runs the reference loop (which :func:`describe` and the load warning say)."""
-    if zoneout is not None or cpp.cell_blockers(cell) or not cpp.load(strict=strict):
-        if strict and (zoneout is not None or cpp.cell_blockers(cell)):
-            raise RuntimeError("the fused engine cannot run this layer-norm LSTM: " + "; ".join(
-                cpp.cell_blockers(cell) or ["zoneout with layer_norm"]))
+    blockers = cpp.cell_blockers(cell) + (["zoneout with layer_norm"] if zoneout is not None else [])
+    if strict and blockers:
+        raise RuntimeError("the fused engine cannot run this layer-norm LSTM: " + "; ".join(blockers))
+    if blockers or not cpp.load(strict=strict):
         return reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=W_hh,
                                        zoneout=zoneout)
     G = cell.weight_ih.shape[0]
@@ -127,10 +133,7 @@ def _run_layer_norm(cell: LSTMCell, x: Tensor, state: tuple[Tensor, ...], length
     lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
     args = (loop, reverse, lengths, cpp.contiguous(rec_mask), xw.contiguous(), None, W_hh.contiguous(), None, None,
             *state)
-    extra = [cell.ln_hh_weight, cell.ln_c_weight, cell.ln_c_bias]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args[4:], *extra))
-    out, *final = FusedDirection.apply(*args, *extra) if needs_grad else infer(*args)
-    return out, tuple(final)
+    return _apply(args, [cell.ln_hh_weight, cell.ln_c_weight, cell.ln_c_bias])  # the order CppLoop returns
 
 
 def implementation() -> str:
