@@ -47,10 +47,7 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
 
 
 def unsupported(layer: RecurrentLayer) -> list[str]:
-    out = cell_blockers(layer.cells[0])
-    if getattr(layer.cells[0], "layer_norm", False) and any(layer.zoneout):
-        out.append("layer_norm=True with zoneout is not fused")
-    return out
+    return cell_blockers(layer.cells[0])
 
 
 def forward(layer: RecurrentLayer, batch: SequenceBatch, hx: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -118,7 +115,7 @@ def _run_layer_norm(cell: LSTMCell, x: Tensor, state: tuple[Tensor, ...], length
     """The layer-norm LSTM: the input side ``LN(W_ih x) ⊙ g_ih + b`` for all steps under autograd, the
     recurrence (with the norms of ``W_hh h`` and ``c'``) in the C++ loop. Without the C++ kernels it
     runs the reference loop (which :func:`describe` and the load warning say)."""
-    blockers = cpp.cell_blockers(cell) + (["zoneout with layer_norm"] if zoneout is not None else [])
+    blockers = cpp.cell_blockers(cell)
     if strict and blockers:
         raise RuntimeError("the fused engine cannot run this layer-norm LSTM: " + "; ".join(blockers))
     if blockers or not cpp.load(strict=strict):
@@ -128,7 +125,7 @@ def _run_layer_norm(cell: LSTMCell, x: Tensor, state: tuple[Tensor, ...], length
     xw = F.layer_norm(F.linear(x, cell.weight_ih), (G,), cell.ln_ih_weight, None, cell.layer_norm_eps)
     if cell.bias:
         xw = xw + (cell.bias_ih + cell.bias_hh)
-    loop = cpp.CppLoop(STEPS[LSTMCell](cell, W_hh))
+    loop = cpp.CppLoop(STEPS[LSTMCell](cell, W_hh), None if zoneout is None else tuple(map(cpp.contiguous, zoneout)))
     state = tuple(s.contiguous() for s in state)
     lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
     args = (loop, reverse, lengths, cpp.contiguous(rec_mask), xw.contiguous(), None, W_hh.contiguous(), None, None,

@@ -189,7 +189,8 @@ class CppLoop:
         # xw is the caller's fresh buffer: the kernels turn it into the pre-activations in place.
         if self.layer_norm:
             c = self.step.cell
-            out, h, cs, *saved = ops.lstm_ln_forward(xw, W_hh, state[0], state[1], lengths, rec_mask,
+            zh, zc = self.zoneout
+            out, h, cs, *saved = ops.lstm_ln_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, zh, zc,
                                                      c.ln_hh_weight, c.ln_c_weight, c.ln_c_bias, c.layer_norm_eps,
                                                      k, p, reverse, z, keep)
             return out, (h, cs), (saved, state[1])
@@ -215,10 +216,11 @@ class CppLoop:
         tensors, first = saved
         if self.layer_norm:
             c = self.step.cell
-            Z, A, C, K, HR, Y, NH, RH, NC, RC = tensors
-            dZ, dGH, dh, dc, dY = ops.lstm_ln_backward(dout, dstate[0], dstate[1], Z, A, C, K, Y, NH, RH, NC, RC, first,
-                                                       W_hh, c.ln_hh_weight, c.ln_c_weight, lengths, rec_mask, k, p,
-                                                       reverse)
+            Z, A, C, K, HR, Y, NH, RH, NC, RC, CP = tensors
+            zh, zc = self.zoneout
+            dZ, dGH, dh, dc, dY = ops.lstm_ln_backward(dout, dstate[0], dstate[1], Z, A, C, K, Y, NH, RH, NC, RC, CP,
+                                                       first, W_hh, c.ln_hh_weight, c.ln_c_weight, lengths, rec_mask,
+                                                       zh, zc, k, p, reverse)
             gains = [(dZ * NH).sum((0, 1)), (dY * NC).sum((0, 1)), dY.sum((0, 1))]  # g_hh, g_c, b_c
             return dZ, dGH, (dh, dc), HR, gains
         if self.name == "LSTMCell":

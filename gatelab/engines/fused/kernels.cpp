@@ -394,7 +394,7 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
 // h' = o * psi(LN(c') * g_c + b_c); the state c' itself is not normalised. LN normalises a row with
 // its mean and biased variance (+ eps), as torch's layer_norm. Besides A, C, K and HR the forward
 // saves Y (psi's input), NH and RH (the normalised recurrent product and its 1/std per row), NC and
-// RC (the same for c'). The backward returns dZ (= dL/dpre = dL/dxw), dGH (dL/d(W_hh h_rec), for
+// RC (the same for c'); with zoneout (zh, zc as for lstm_forward) also CP. The backward returns dZ (= dL/dpre = dL/dxw), dGH (dL/d(W_hh h_rec), for
 // the weight gradient and the recurrent product) and dY (dL/dY, for the gradients of g_c and b_c);
 // the caller reduces the gain gradients from dZ * NH and dY * NC.
 
@@ -421,15 +421,18 @@ inline void ln_row_backward(const T* dn, const T* n, T rstd, T* dx, int64_t len)
 
 std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0, const Tensor& c0,
                                     const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
+                                    const c10::optional<Tensor>& zh, const c10::optional<Tensor>& zc,
                                     const Tensor& g_hh, const Tensor& g_c, const Tensor& b_c, double eps,
                                     at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse, bool save_z,
                                     bool train) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B, G = 4 * H;
   const Keep keep(L, train);
+  const bool zone = zh.has_value() || zc.has_value();
   Tensor A = at::empty({keep.n, B, G}, xw.options()), NH = at::empty_like(A);
   Tensor C = at::empty({keep.n, B, H}, c0.options()), K = at::empty_like(C), Y = at::empty_like(C), NC = at::empty_like(C);
   Tensor RH = at::empty({keep.n, B}, c0.options()), RC = at::empty_like(RH);
+  Tensor CP = zone && train ? at::empty_like(C) : at::empty({0}, c0.options());  // zoned-out c, as lstm_forward
   Tensor out = at::empty({L.T, B, H}, c0.options()), HR = at::empty({keep.n_rec, B, H}, h0.options());
   Tensor GH = at::empty({B, G}, xw.options()), h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_ln_forward", [&] {
@@ -440,6 +443,8 @@ std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const 
     T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *GHp = GH.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
     const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
     const T *gh = g_hh.data_ptr<T>(), *gc = g_c.data_ptr<T>(), *bc = b_c.data_ptr<T>();
+    const T *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
+    T* CPp = CP.numel() ? CP.data_ptr<T>() : nullptr;
     write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
@@ -458,30 +463,40 @@ std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const 
             act_forward(kinds[1], af, zr + H, ar + H, H);
             act_forward(kinds[2], ag, zr + 2 * H, ar + 2 * H, H);
             act_forward(kinds[3], ao, zr + 3 * H, ar + 3 * H, H);
-            for (int64_t j = 0; j < H; ++j) Cr[j] = cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
+            for (int64_t j = 0; j < H; ++j) Cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
             ln_row(Cr, nc, H, e, RCp[q]);
             for (int64_t j = 0; j < H; ++j) yr[j] = nc[j] * gc[j] + bc[j];
             act_forward(kinds[4], ak, yr, Kr, H);
-            for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j] = ar[3 * H + j] * Kr[j];
+            const T *mh = MH ? MH + r * H : nullptr, *mc = MC ? MC + r * H : nullptr;
+            for (int64_t j = 0; j < H; ++j) {
+              const T hn = ar[3 * H + j] * Kr[j];
+              cr[j] = mc ? mc[j] * cr[j] + (T(1) - mc[j]) * Cr[j] : Cr[j];
+              orow[j] = hrow[j] = mh ? mh[j] * hrow[j] + (T(1) - mh[j]) * hn : hn;
+            }
           } else {
             for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
           }
+          if (CPp) for (int64_t j = 0; j < H; ++j) CPp[q * H + j] = cr[j];
           if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
         }
       });
     }
   });
-  return {out, h, c, save_z ? xw : at::empty({0}, xw.options()), A, C, K, HR, Y, NH, RH, NC, RC};
+  return {out, h, c, save_z ? xw : at::empty({0}, xw.options()), A, C, K, HR, Y, NH, RH, NC, RC, CP};
 }
 
 std::vector<Tensor> lstm_ln_backward(const Tensor& dout, const Tensor& dhT, const Tensor& dcT, const Tensor& Z,
                                      const Tensor& A, const Tensor& C, const Tensor& K, const Tensor& Y,
                                      const Tensor& NH, const Tensor& RH, const Tensor& NC, const Tensor& RC,
-                                     const Tensor& c0, const Tensor& W_hh, const Tensor& g_hh, const Tensor& g_c,
-                                     const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
-                                     at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+                                     const Tensor& CP, const Tensor& c0, const Tensor& W_hh, const Tensor& g_hh,
+                                     const Tensor& g_c, const c10::optional<Tensor>& lengths,
+                                     const c10::optional<Tensor>& mask, const c10::optional<Tensor>& zh,
+                                     const c10::optional<Tensor>& zc, at::IntArrayRef kinds,
+                                     at::ArrayRef<double> params, bool reverse) {
   const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B, G = 4 * H;
+  const bool zone = zh.has_value() || zc.has_value();
+  TORCH_CHECK(!zone || CP.numel() == C.numel(), "gatelab fused: zoneout backward needs the zoned-out cell states");
   Tensor dZ = at::empty_like(A), dGH = at::empty_like(A), dY = at::empty_like(C), dh = dhT.clone(), dc = dcT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lstm_ln_backward", [&] {
     using T = scalar_t;
@@ -492,10 +507,11 @@ std::vector<Tensor> lstm_ln_backward(const Tensor& dout, const Tensor& dhT, cons
     const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *gh = g_hh.data_ptr<T>(), *gc = g_c.data_ptr<T>();
     T *dZp = dZ.data_ptr<T>(), *dGHp = dGH.data_ptr<T>(), *dYp = dY.data_ptr<T>();
     T *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+    const T *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc), *Sp = zone ? CP.data_ptr<T>() : Cp;  // c handed on
     std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
       const int64_t t = L.step(k);
-      const T* cprev = k == 0 ? c0p : Cp + L.step(k - 1) * B * H;
+      const T* cprev = k == 0 ? c0p : Sp + L.step(k - 1) * B * H;
       at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
         std::vector<T> tmp(G), tmp2(G);
         for (int64_t b = b0; b < b1; ++b) {
@@ -508,21 +524,24 @@ std::vector<Tensor> lstm_ln_backward(const Tensor& dout, const Tensor& dhT, cons
             for (int64_t j = 0; j < H; ++j) dyr[j] = T(0);
             continue;
           }
+          const T *mh = MH ? MH + r * H : nullptr, *mc = MC ? MC + r * H : nullptr;
           for (int64_t j = 0; j < H; ++j) {
-            const T d = dor[j] + dhr[j];
+            T d = dor[j] + dhr[j];               // dL/dh after the step (zoned out, if any)
+            dhr[j] = T(0);                       // refilled by the recurrent product below
+            if (mh) { dhr[j] = d * mh[j]; d *= T(1) - mh[j]; }
             gr[3 * H + j] = d * Kr[j];          // dL/do
             tmp[j] = d * ar[3 * H + j];         // dL/dk
-            dhr[j] = T(0);                       // refilled by the recurrent product below
           }
           act_backward(kinds[4], ak, yr, Kr, tmp.data(), dyr, H);  // dL/dY
           for (int64_t j = 0; j < H; ++j) tmp2[j] = dyr[j] * gc[j];
           ln_row_backward(tmp2.data(), nc, RCp[r], tmp.data(), H);  // dL/dc' through the norm
           for (int64_t j = 0; j < H; ++j) {
-            const T dcn = dcr[j] + tmp[j];
+            const T keep_c = mc ? mc[j] : T(0);
+            const T dcn = dcr[j] * (T(1) - keep_c) + tmp[j];
             gr[j] = dcn * ar[2 * H + j];         // dL/di
             gr[H + j] = dcn * cpr[j];            // dL/df
             gr[2 * H + j] = dcn * ar[j];         // dL/dg
-            dcr[j] = dcn * ar[H + j];
+            dcr[j] = dcn * ar[H + j] + dcr[j] * keep_c;
           }
           act_backward(kinds[0], ai, zr, ar, gr, gr, H);
           act_backward(kinds[1], af, zr ? zr + H : nullptr, ar + H, gr + H, gr + H, H);
@@ -858,8 +877,8 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
 TORCH_LIBRARY(gatelab_fused, m) {
   m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor CP, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse) -> Tensor[]");
-  m.def("lstm_ln_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor g_hh, Tensor g_c, Tensor b_c, float eps, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
-  m.def("lstm_ln_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor Y, Tensor NH, Tensor RH, Tensor NC, Tensor RC, Tensor c0, Tensor W_hh, Tensor g_hh, Tensor g_c, Tensor? lengths, Tensor? mask, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("lstm_ln_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, Tensor g_hh, Tensor g_c, Tensor b_c, float eps, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
+  m.def("lstm_ln_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor Y, Tensor NH, Tensor RH, Tensor NC, Tensor RC, Tensor CP, Tensor c0, Tensor W_hh, Tensor g_hh, Tensor g_c, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse) -> Tensor[]");
   m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, Tensor? zh, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("gru_backward(Tensor dout, Tensor dhT, Tensor Z, Tensor A, Tensor GHn, Tensor S, Tensor h0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, int[] kinds, float[] params, bool reverse) -> Tensor[]");
   m.def("elman_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor? lengths, Tensor? mask, Tensor? zh, int kind, float param, bool reverse, bool save_z, bool train) -> Tensor[]");
