@@ -416,3 +416,20 @@ def test_loading_the_kernels_keeps_subnormal_numbers():
     assert cpp.load(strict=True)
     tiny = torch.tensor(1e-310, dtype=torch.float64)
     assert (tiny * 1).item() != 0.0
+
+
+def test_layer_norm_gain_gradients_do_not_read_dead_steps():
+    """Dead (padded) steps of a packed batch save no statistics; the gain gradients must not pick up
+    whatever memory held before. Poison freed blocks of the buffers' size with NaN first."""
+    torch.manual_seed(0)
+    T, B, H = 6, 4, 5
+    D = torch.float64
+    fus = _perturbed(gatelab.LSTM(3, H, layer_norm=True, backend="fused", strict=True, dtype=D))
+    x = torch.randn(T, B, 3, dtype=D)
+    lengths = torch.tensor([6, 1, 2, 1])
+    for _ in range(5):
+        poison = [torch.full((size,), float("nan"), dtype=D) for size in [T * B * 4 * H] * 6 + [T * B * H] * 12]
+        del poison
+        out, (h, c) = fus(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        grads = torch.autograd.grad(out.data.sum() + c.sum(), list(fus.parameters()))
+        assert all(torch.isfinite(g).all() for g in grads)

@@ -473,8 +473,9 @@ std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const 
               cr[j] = mc ? mc[j] * cr[j] + (T(1) - mc[j]) * Cr[j] : Cr[j];
               orow[j] = hrow[j] = mh ? mh[j] * hrow[j] + (T(1) - mh[j]) * hn : hn;
             }
-          } else {
-            for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
+          } else {  // the caller reduces gain gradients over NH and NC: no stale memory on dead steps
+            for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); nc[j] = T(0); }
+            for (int64_t j = 0; j < G; ++j) nh[j] = T(0);
           }
           if (CPp) for (int64_t j = 0; j < H; ++j) CPp[q * H + j] = cr[j];
           if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
