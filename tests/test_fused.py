@@ -433,3 +433,14 @@ def test_layer_norm_gain_gradients_do_not_read_dead_steps():
         out, (h, c) = fus(pack_padded_sequence(x, lengths, enforce_sorted=False))
         grads = torch.autograd.grad(out.data.sum() + c.sum(), list(fus.parameters()))
         assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_layer_norm_lstm_on_another_device_runs_the_reference_loop_even_when_strict(monkeypatch):
+    """The C++ loop is CPU-only; a layer-norm LSTM whose parameters moved (simulated here) runs the
+    reference loop, as the engine choice promised, instead of raising under strict=True."""
+    original = cpp.cell_blockers
+    monkeypatch.setattr(cpp, "cell_blockers",
+                        lambda cell: original(cell) + ["the C++ loop runs on the CPU, parameters are on cuda:0"])
+    ref, fus = run_pair(gatelab.LSTM, {"layer_norm": True, "bidirectional": True})
+    assert fus["layer"].engine_name == "fused" and "reference loop" in fus["layer"].explain()
+    assert max_error(ref, fus) < 1e-12

@@ -36,7 +36,7 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
     if type(cell) not in STEPS:
         out.append(f"the fused engine has no step for {type(cell).__name__}")
     if isinstance(cell, LSTMCell):
-        if cell.layer_norm and (blocked := [b for b in cpp.cell_blockers(cell) if "parameters are on" not in b]):
+        if cell.layer_norm and (blocked := _layer_norm_blockers(cell)):
             out.append(f"layer_norm=True is fused on the C++ loop only, which cannot run this cell ({blocked[0]})")
         if cell.full_gate_recurrence:
             out.append("full_gate_recurrence (FGR) is not fused yet")
@@ -44,6 +44,12 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
         if isinstance(act, ModuleActivation):
             out.append(f"{slot} is an nn.Module ({act.name}) whose parameter derivatives the fused engine does not know")
     return out
+
+
+def _layer_norm_blockers(cell: LSTMCell) -> list[str]:
+    """What keeps the C++ loop from a layer-norm LSTM cell, its device aside: a cell moved to another
+    device after the engine was chosen runs the reference loop (see :func:`_run_layer_norm`)."""
+    return [b for b in cpp.cell_blockers(cell) if not b.startswith("the C++ loop runs on the CPU")]
 
 
 def unsupported(layer: RecurrentLayer) -> list[str]:
@@ -113,12 +119,11 @@ def _run_layer_norm(cell: LSTMCell, x: Tensor, state: tuple[Tensor, ...], length
                     rec_mask: Tensor | None, W_hh: Tensor, zoneout: tuple[Tensor | None, ...] | None, strict: bool
                     ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The layer-norm LSTM: the input side ``LN(W_ih x) ⊙ g_ih + b`` for all steps under autograd, the
-    recurrence (with the norms of ``W_hh h`` and ``c'``) in the C++ loop. Without the C++ kernels it
-    runs the reference loop (which :func:`describe` and the load warning say)."""
-    blockers = cpp.cell_blockers(cell)
-    if strict and blockers:
+    recurrence (with the norms of ``W_hh h`` and ``c'``) in the C++ loop. Without the C++ kernels, or
+    on another device than the CPU, it runs the reference loop (:func:`describe` says so)."""
+    if strict and (blockers := _layer_norm_blockers(cell)):
         raise RuntimeError("the fused engine cannot run this layer-norm LSTM: " + "; ".join(blockers))
-    if blockers or not cpp.load(strict=strict):
+    if cpp.cell_blockers(cell) or not cpp.load(strict=strict):  # e.g. on CUDA: the C++ loop is CPU-only
         return reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=W_hh,
                                        zoneout=zoneout)
     G = cell.weight_ih.shape[0]

@@ -178,7 +178,10 @@ class CppLoop:
         kinds = [_kind(cell.activation_slots()[s]) for s in _SLOTS[type(cell)]]
         self.kinds = [k for k, _ in kinds]
         self.params = [p for _, p in kinds]
-        self.save_z = any(_needs_input(k, p) for k, p in kinds)  # keep pre-activations for the backward
+        # keep the pre-activations when a derivative reads them (the LSTM's ψ reads the saved cell
+        # state or its normalised form instead)
+        gates = kinds[:4] if isinstance(cell, LSTMCell) else kinds
+        self.save_z = any(_needs_input(k, p) for k, p in gates)
         self.name = type(cell).__name__
         self.layer_norm = isinstance(cell, LSTMCell) and cell.layer_norm
         self.fold_bias_hh = not isinstance(cell, GRUCell)

@@ -140,7 +140,9 @@ class FusedDirection(torch.autograd.Function):
         out, final, saved = loop.forward(xw, W_hh, None if loop.fold_bias_hh else b_hh, tuple(rest[:n_state]),
                                          lengths, rec_mask, reverse)
         ctx.loop, ctx.reverse, ctx.saved_loop, ctx.has_bias = loop, reverse, saved, b_ih is not None
-        ctx.save_for_backward(x, W_ih, W_hh, lengths, rec_mask)
+        ctx.x_shape = x.shape
+        # x is needed for dW_ih only: with W_ih=None it is the projection itself, not worth keeping
+        ctx.save_for_backward(x if W_ih is not None else None, W_ih, W_hh, lengths, rec_mask)
         return (out, *final)
 
     @staticmethod
@@ -148,12 +150,12 @@ class FusedDirection(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor | None, *dfinal: Tensor | None) -> tuple[Tensor | None, ...]:
         x, W_ih, W_hh, lengths, rec_mask = ctx.saved_tensors
         loop: TimeLoop = ctx.loop
-        T, B, I = x.shape
+        T, B, I = ctx.x_shape
         GH = W_hh.shape[0]
         cell = loop.step.cell
         sizes = cell.state_sizes()
-        dstate = tuple(x.new_zeros(B, s) if d is None else d.contiguous() for s, d in zip(sizes, dfinal))
-        dout = x.new_zeros(T, B, cell.output_size) if dout is None else dout.contiguous()
+        dstate = tuple(W_hh.new_zeros(B, s) if d is None else d.contiguous() for s, d in zip(sizes, dfinal))
+        dout = W_hh.new_zeros(T, B, cell.output_size) if dout is None else dout.contiguous()
         dxws, dghs, dstate0, h_recs, extra = loop.backward(ctx.saved_loop, dout, dstate, W_hh, lengths, rec_mask,
                                                            ctx.reverse)
         dxw2, dgh2 = dxws.view(T * B, GH), dghs.view(T * B, GH)

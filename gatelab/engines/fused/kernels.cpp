@@ -1,4 +1,5 @@
-// gatelab fused engine: the time loops of LSTM (plain and layer-norm), GRU (reset-after), Elman and the gated-state cell,
+// gatelab fused engine: the time loops of LSTM (plain and layer-norm), GRU (reset-after), Elman and
+// the gated-state cell,
 // forward and hand-written backward, for any stateless registered activation in any slot.
 //
 // Per step: one GEMM with W_hh (the BLAS torch links, on raw pointers), then one pass over the batch
@@ -394,9 +395,10 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
 // h' = o * psi(LN(c') * g_c + b_c); the state c' itself is not normalised. LN normalises a row with
 // its mean and biased variance (+ eps), as torch's layer_norm. Besides A, C, K and HR the forward
 // saves Y (psi's input), NH and RH (the normalised recurrent product and its 1/std per row), NC and
-// RC (the same for c'); with zoneout (zh, zc as for lstm_forward) also CP. The backward returns dZ (= dL/dpre = dL/dxw), dGH (dL/d(W_hh h_rec), for
-// the weight gradient and the recurrent product) and dY (dL/dY, for the gradients of g_c and b_c);
-// the caller reduces the gain gradients from dZ * NH and dY * NC.
+// RC (the same for c'); with zoneout (zh, zc as for lstm_forward) also CP. The backward returns
+// dZ (= dL/dpre = dL/dxw), dGH (dL/d(W_hh h_rec), for the weight gradient and the recurrent
+// product) and dY (dL/dY, for the gradients of g_c and b_c); the caller reduces the gain gradients
+// from dZ * NH and dY * NC, so dead steps save zeros there.
 
 // Row statistics accumulate in double (a float row of a few thousand values keeps full precision).
 template <typename T>
@@ -430,7 +432,8 @@ std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const 
   const Keep keep(L, train);
   const bool zone = zh.has_value() || zc.has_value();
   Tensor A = at::empty({keep.n, B, G}, xw.options()), NH = at::empty_like(A);
-  Tensor C = at::empty({keep.n, B, H}, c0.options()), K = at::empty_like(C), Y = at::empty_like(C), NC = at::empty_like(C);
+  Tensor C = at::empty({keep.n, B, H}, c0.options()), K = at::empty_like(C), Y = at::empty_like(C);
+  Tensor NC = at::empty_like(C);
   Tensor RH = at::empty({keep.n, B}, c0.options()), RC = at::empty_like(RH);
   Tensor CP = zone && train ? at::empty_like(C) : at::empty({0}, c0.options());  // zoned-out c, as lstm_forward
   Tensor out = at::empty({L.T, B, H}, c0.options()), HR = at::empty({keep.n_rec, B, H}, h0.options());
@@ -438,9 +441,10 @@ std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const 
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_ln_forward", [&] {
     using T = scalar_t;
     const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4], e = eps;
-    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>(), *Yp = Y.data_ptr<T>();
-    T *NHp = NH.data_ptr<T>(), *NCp = NC.data_ptr<T>(), *RHp = RH.data_ptr<T>(), *RCp = RC.data_ptr<T>();
-    T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *GHp = GH.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
+    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>();
+    T *Yp = Y.data_ptr<T>(), *NHp = NH.data_ptr<T>(), *NCp = NC.data_ptr<T>(), *RHp = RH.data_ptr<T>();
+    T *RCp = RC.data_ptr<T>(), *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *GHp = GH.data_ptr<T>();
+    T *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
     const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
     const T *gh = g_hh.data_ptr<T>(), *gc = g_c.data_ptr<T>(), *bc = b_c.data_ptr<T>();
     const T *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
@@ -799,7 +803,7 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
           const int64_t r = t * B + b, q = s * B + b;
           T *zr = Z + r * G, *ar = Ap + q * G, *sr = sp + b * H, *Sr = Sp + q * H, *orow = Op + r * H;
           if (L.live(t, b)) {
-            for (int64_t q = 0; q < 4; ++q) act_forward(kinds[q], T(params[q]), zr + q * H, ar + q * H, H);
+            for (int64_t g = 0; g < 4; ++g) act_forward(kinds[g], T(params[g]), zr + g * H, ar + g * H, H);
             if (MZ) {
               const T* mz = MZ + r * H;
               for (int64_t j = 0; j < H; ++j) {
@@ -863,8 +867,8 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
             gr[3 * H + j] = dst * ar[H + j];     // dL/dn
             dsr[j] = dst * ar[j] + dsr[j] * keep_s;
           }
-          for (int64_t q = 0; q < 4; ++q)
-            act_backward(kinds[q], T(params[q]), zr ? zr + q * H : nullptr, ar + q * H, gr + q * H, gr + q * H, H);
+          for (int64_t g = 0; g < 4; ++g)
+            act_backward(kinds[g], T(params[g]), zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, H);
         }
       });
       recurrent_grad<T>(dsp, dZp + t * B * G, W, M, scratch, B, G, H);
