@@ -63,8 +63,8 @@ class PyLoop:
                 new = tuple(s if m is None else m[t] * old + (1 - m[t]) * s for old, s, m in zip(state, new, self.zoneout))
                 out = new[0] if self.output_is_state else out
             if lengths is not None:
-                live = (lengths > t).unsqueeze(1).to(xw.dtype)  # (B, 1)
-                new = tuple(torch.lerp(old, s, live) for old, s in zip(state, new))
+                live = (lengths > t).unsqueeze(1)  # (B, 1); where, not a blend: a dead row's update may be inf
+                new = tuple(torch.where(live, s, old) for old, s in zip(state, new))
                 out = out * live
             state = new
             outs[t] = out
