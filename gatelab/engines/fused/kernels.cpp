@@ -255,6 +255,66 @@ inline void write_rec(T* hr, const T* h, const T* mask, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// One batch row of an LSTM step (H units), shared by the plain and the layer-norm loops. Gate order
+// i, f, g, o; `a` holds the five activation parameters (sigma_i, sigma_f, phi, sigma_o, psi).
+
+template <typename T>
+inline void lstm_gates_forward(at::IntArrayRef kinds, const T* a, const T* zr, T* ar, int64_t H) {
+  for (int64_t g = 0; g < 4; ++g) act_forward(kinds[g], a[g], zr + g * H, ar + g * H, H);
+}
+
+// c' = f c + i g.
+template <typename T>
+inline void lstm_cell_update(const T* ar, const T* c, T* cn, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) cn[j] = ar[H + j] * c[j] + ar[j] * ar[2 * H + j];
+}
+
+// h' = o k, then the state handed on: c <- m_c c + (1 - m_c) c', h <- m_h h + (1 - m_h) h' (no
+// zoneout share: the update itself); the output is the new h.
+template <typename T>
+inline void lstm_hand_on(const T* ar, const T* k, const T* cn, const T* mh, const T* mc, T* c, T* h, T* out,
+                         int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T hn = ar[3 * H + j] * k[j];
+    c[j] = mc ? mc[j] * c[j] + (T(1) - mc[j]) * cn[j] : cn[j];
+    out[j] = h[j] = mh ? mh[j] * h[j] + (T(1) - mh[j]) * hn : hn;
+  }
+}
+
+// Backward of the output side: dL/dh after the step (dout + dh) -> dL/do into gr, dL/dk into dk;
+// dh keeps the zoned-out share (the recurrent product adds the rest later).
+template <typename T>
+inline void lstm_output_backward(const T* dor, const T* mh, const T* ar, const T* k, T* dh, T* gr, T* dk, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    T d = dor[j] + dh[j];
+    dh[j] = T(0);
+    if (mh) { dh[j] = d * mh[j]; d *= T(1) - mh[j]; }
+    gr[3 * H + j] = d * k[j];
+    dk[j] = d * ar[3 * H + j];
+  }
+}
+
+// Backward of the cell update: dcc = dL/dc' through the output, dc = dL/dc after the step (becomes
+// dL/dc before it) -> dL/di, dL/df, dL/dg into gr.
+template <typename T>
+inline void lstm_cell_backward(const T* dcc, const T* mc, const T* ar, const T* cprev, T* dc, T* gr, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T keep_c = mc ? mc[j] : T(0);
+    const T dcn = dc[j] * (T(1) - keep_c) + dcc[j];
+    gr[j] = dcn * ar[2 * H + j];
+    gr[H + j] = dcn * cprev[j];
+    gr[2 * H + j] = dcn * ar[j];
+    dc[j] = dcn * ar[H + j] + dc[j] * keep_c;
+  }
+}
+
+template <typename T>
+inline void lstm_gates_backward(at::IntArrayRef kinds, const T* a, const T* zr, const T* ar, T* gr, int64_t H) {
+  for (int64_t g = 0; g < 4; ++g)
+    act_backward(kinds[g], a[g], zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, H);
+}
+
+// ---------------------------------------------------------------------------------------------
 // LSTM, gates i, f, g, o; kinds/params: sigma_i, sigma_f, phi, sigma_o, psi.
 // xw (T, B, 4H) holds W_ih x + b_ih + b_hh and is overwritten with the pre-activations Z, returned
 // when save_z (some derivative needs its input). Saves A (activations), C (the cell's update c' of
@@ -278,7 +338,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
   Tensor h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_forward", [&] {
     using T = scalar_t;
-    const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
+    const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
     T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>();
     T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
     T *CPp = CP.numel() ? CP.data_ptr<T>() : nullptr;
@@ -295,29 +355,14 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
           T *zr = Z + r * G, *ar = Ap + q * G, *cr = cp + b * H, *hrow = hp + b * H;
           T *Cr = Cp + q * H, *Kr = Kp + q * H, *orow = Op + r * H;
           if (L.live(t, b)) {
-            act_forward(kinds[0], ai, zr, ar, H);
-            act_forward(kinds[1], af, zr + H, ar + H, H);
-            act_forward(kinds[2], ag, zr + 2 * H, ar + 2 * H, H);
-            act_forward(kinds[3], ao, zr + 3 * H, ar + 3 * H, H);
-            if (!zone) {
-              for (int64_t j = 0; j < H; ++j) Cr[j] = cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
-              act_forward(kinds[4], ak, Cr, Kr, H);
-              for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j] = ar[3 * H + j] * Kr[j];
-            } else {
-              const T *mh = MH ? MH + r * H : nullptr, *mc = MC ? MC + r * H : nullptr;
-              for (int64_t j = 0; j < H; ++j) Cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
-              act_forward(kinds[4], ak, Cr, Kr, H);
-              for (int64_t j = 0; j < H; ++j) {
-                const T hn = ar[3 * H + j] * Kr[j];
-                if (mc) cr[j] = mc[j] * cr[j] + (T(1) - mc[j]) * Cr[j]; else cr[j] = Cr[j];
-                orow[j] = hrow[j] = mh ? mh[j] * hrow[j] + (T(1) - mh[j]) * hn : hn;
-              }
-              if (CPp) for (int64_t j = 0; j < H; ++j) CPp[q * H + j] = cr[j];
-            }
+            lstm_gates_forward(kinds, a, zr, ar, H);
+            lstm_cell_update(ar, cr, Cr, H);
+            act_forward(kinds[4], a[4], Cr, Kr, H);
+            lstm_hand_on(ar, Kr, Cr, MH ? MH + r * H : nullptr, MC ? MC + r * H : nullptr, cr, hrow, orow, H);
           } else {
             for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
-            if (CPp) for (int64_t j = 0; j < H; ++j) CPp[q * H + j] = cr[j];
           }
+          if (CPp) for (int64_t j = 0; j < H; ++j) CPp[q * H + j] = cr[j];
           if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
         }
       });
@@ -339,7 +384,7 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
   Tensor dZ = at::empty_like(A), dh = dhT.clone(), dc = dcT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lstm_backward", [&] {
     using T = scalar_t;
-    const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
+    const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
     const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>();
     const T *Kp = K.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *c0p = c0.data_ptr<T>();
     const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
@@ -360,27 +405,10 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
             for (int64_t j = 0; j < G; ++j) gr[j] = T(0);
             continue;
           }
-          const T *mh = MH ? MH + r * H : nullptr, *mc = MC ? MC + r * H : nullptr;
-          for (int64_t j = 0; j < H; ++j) {
-            T d = dor[j] + dhr[j];               // dL/dh after the step (zoned out, if any)
-            dhr[j] = T(0);                       // refilled by the recurrent product below
-            if (mh) { dhr[j] = d * mh[j]; d *= T(1) - mh[j]; }  // kept share -> old h; the rest -> update
-            gr[3 * H + j] = d * Kr[j];          // dL/do
-            tmp[j] = d * ar[3 * H + j];         // dL/dk
-          }
-          act_backward(kinds[4], ak, Cr, Kr, tmp.data(), tmp.data(), H);
-          for (int64_t j = 0; j < H; ++j) {
-            const T keep_c = mc ? mc[j] : T(0);
-            const T dcn = dcr[j] * (T(1) - keep_c) + tmp[j];
-            gr[j] = dcn * ar[2 * H + j];         // dL/di
-            gr[H + j] = dcn * cpr[j];            // dL/df
-            gr[2 * H + j] = dcn * ar[j];         // dL/dg
-            dcr[j] = dcn * ar[H + j] + dcr[j] * keep_c;
-          }
-          act_backward(kinds[0], ai, zr, ar, gr, gr, H);
-          act_backward(kinds[1], af, zr ? zr + H : nullptr, ar + H, gr + H, gr + H, H);
-          act_backward(kinds[2], ag, zr ? zr + 2 * H : nullptr, ar + 2 * H, gr + 2 * H, gr + 2 * H, H);
-          act_backward(kinds[3], ao, zr ? zr + 3 * H : nullptr, ar + 3 * H, gr + 3 * H, gr + 3 * H, H);
+          lstm_output_backward(dor, MH ? MH + r * H : nullptr, ar, Kr, dhr, gr, tmp.data(), H);
+          act_backward(kinds[4], a[4], Cr, Kr, tmp.data(), tmp.data(), H);  // dL/dc' through psi
+          lstm_cell_backward(tmp.data(), MC ? MC + r * H : nullptr, ar, cpr, dcr, gr, H);
+          lstm_gates_backward(kinds, a, zr, ar, gr, H);
         }
       });
       recurrent_grad<T>(dhp, dZp + t * B * G, W, M, scratch, B, G, H);
@@ -440,7 +468,7 @@ std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const 
   Tensor GH = at::empty({B, G}, xw.options()), h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_ln_forward", [&] {
     using T = scalar_t;
-    const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4], e = eps;
+    const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])}, e = eps;
     T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>();
     T *Yp = Y.data_ptr<T>(), *NHp = NH.data_ptr<T>(), *NCp = NC.data_ptr<T>(), *RHp = RH.data_ptr<T>();
     T *RCp = RC.data_ptr<T>(), *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *GHp = GH.data_ptr<T>();
@@ -463,20 +491,12 @@ std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const 
           if (L.live(t, b)) {
             ln_row(GHp + b * G, nh, G, e, RHp[q]);
             for (int64_t j = 0; j < G; ++j) zr[j] += nh[j] * gh[j];
-            act_forward(kinds[0], ai, zr, ar, H);
-            act_forward(kinds[1], af, zr + H, ar + H, H);
-            act_forward(kinds[2], ag, zr + 2 * H, ar + 2 * H, H);
-            act_forward(kinds[3], ao, zr + 3 * H, ar + 3 * H, H);
-            for (int64_t j = 0; j < H; ++j) Cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j];
+            lstm_gates_forward(kinds, a, zr, ar, H);
+            lstm_cell_update(ar, cr, Cr, H);
             ln_row(Cr, nc, H, e, RCp[q]);
             for (int64_t j = 0; j < H; ++j) yr[j] = nc[j] * gc[j] + bc[j];
-            act_forward(kinds[4], ak, yr, Kr, H);
-            const T *mh = MH ? MH + r * H : nullptr, *mc = MC ? MC + r * H : nullptr;
-            for (int64_t j = 0; j < H; ++j) {
-              const T hn = ar[3 * H + j] * Kr[j];
-              cr[j] = mc ? mc[j] * cr[j] + (T(1) - mc[j]) * Cr[j] : Cr[j];
-              orow[j] = hrow[j] = mh ? mh[j] * hrow[j] + (T(1) - mh[j]) * hn : hn;
-            }
+            act_forward(kinds[4], a[4], yr, Kr, H);
+            lstm_hand_on(ar, Kr, Cr, MH ? MH + r * H : nullptr, MC ? MC + r * H : nullptr, cr, hrow, orow, H);
           } else {  // the caller reduces gain gradients over NH and NC: no stale memory on dead steps
             for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); nc[j] = T(0); }
             for (int64_t j = 0; j < G; ++j) nh[j] = T(0);
@@ -505,7 +525,7 @@ std::vector<Tensor> lstm_ln_backward(const Tensor& dout, const Tensor& dhT, cons
   Tensor dZ = at::empty_like(A), dGH = at::empty_like(A), dY = at::empty_like(C), dh = dhT.clone(), dc = dcT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lstm_ln_backward", [&] {
     using T = scalar_t;
-    const T ai = params[0], af = params[1], ag = params[2], ao = params[3], ak = params[4];
+    const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
     const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>();
     const T *Kp = K.data_ptr<T>(), *Yp = Y.data_ptr<T>(), *NHp = NH.data_ptr<T>(), *RHp = RH.data_ptr<T>();
     const T *NCp = NC.data_ptr<T>(), *RCp = RC.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *c0p = c0.data_ptr<T>();
@@ -529,29 +549,12 @@ std::vector<Tensor> lstm_ln_backward(const Tensor& dout, const Tensor& dhT, cons
             for (int64_t j = 0; j < H; ++j) dyr[j] = T(0);
             continue;
           }
-          const T *mh = MH ? MH + r * H : nullptr, *mc = MC ? MC + r * H : nullptr;
-          for (int64_t j = 0; j < H; ++j) {
-            T d = dor[j] + dhr[j];               // dL/dh after the step (zoned out, if any)
-            dhr[j] = T(0);                       // refilled by the recurrent product below
-            if (mh) { dhr[j] = d * mh[j]; d *= T(1) - mh[j]; }
-            gr[3 * H + j] = d * Kr[j];          // dL/do
-            tmp[j] = d * ar[3 * H + j];         // dL/dk
-          }
-          act_backward(kinds[4], ak, yr, Kr, tmp.data(), dyr, H);  // dL/dY
+          lstm_output_backward(dor, MH ? MH + r * H : nullptr, ar, Kr, dhr, gr, tmp.data(), H);
+          act_backward(kinds[4], a[4], yr, Kr, tmp.data(), dyr, H);  // dL/dY
           for (int64_t j = 0; j < H; ++j) tmp2[j] = dyr[j] * gc[j];
           ln_row_backward(tmp2.data(), nc, RCp[r], tmp.data(), H);  // dL/dc' through the norm
-          for (int64_t j = 0; j < H; ++j) {
-            const T keep_c = mc ? mc[j] : T(0);
-            const T dcn = dcr[j] * (T(1) - keep_c) + tmp[j];
-            gr[j] = dcn * ar[2 * H + j];         // dL/di
-            gr[H + j] = dcn * cpr[j];            // dL/df
-            gr[2 * H + j] = dcn * ar[j];         // dL/dg
-            dcr[j] = dcn * ar[H + j] + dcr[j] * keep_c;
-          }
-          act_backward(kinds[0], ai, zr, ar, gr, gr, H);
-          act_backward(kinds[1], af, zr ? zr + H : nullptr, ar + H, gr + H, gr + H, H);
-          act_backward(kinds[2], ag, zr ? zr + 2 * H : nullptr, ar + 2 * H, gr + 2 * H, gr + 2 * H, H);
-          act_backward(kinds[3], ao, zr ? zr + 3 * H : nullptr, ar + 3 * H, gr + 3 * H, gr + 3 * H, H);
+          lstm_cell_backward(tmp.data(), MC ? MC + r * H : nullptr, ar, cpr, dcr, gr, H);
+          lstm_gates_backward(kinds, a, zr, ar, gr, H);
           for (int64_t j = 0; j < G; ++j) tmp2[j] = gr[j] * gh[j];
           ln_row_backward(tmp2.data(), nh, RHp[r], ggr, G);    // dL/d(W_hh h_rec)
         }
