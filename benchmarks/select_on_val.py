@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gatelab  # noqa: E402
+from gatelab.checkpoint import atomic_write  # noqa: E402
 from gatelab.config import load  # noqa: E402
 from gatelab.train import HIGHER_IS_BETTER  # noqa: E402
 
@@ -41,15 +40,6 @@ def parse_candidate(text: str) -> tuple[str, list[str]]:
     if not sep or not label:
         raise SystemExit(f"--candidate: expected LABEL=KEY=VALUE[,KEY=VALUE...] or LABEL=, got {text!r}")
     return label, [item for item in rest.split(",") if item]
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def summarise(runs: list[dict], metric: str) -> dict[str, dict]:
@@ -100,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                              "wall_seconds": round(time.perf_counter() - t0, 1)})
                 print(f"{label:24s} task.seed={task_seed} seed={seed}: val {metric} {val[metric]:.4f} "
                       f"(loss {val.get('loss', float('nan')):.4f}; {run.summary['weights']})", flush=True)
-                write_atomic(out, {"config": args.config, "metric": metric, "runs": runs,
-                                   "summary": summarise(runs, metric)})
+                atomic_write(out, json.dumps({"config": args.config, "metric": metric, "runs": runs,
+                                   "summary": summarise(runs, metric)}, indent=1) + "\n")
     print(f"\nvalidation {metric} per candidate ({len(args.seeds)} seeds x {len(args.task_seeds) or 1} splits):")
     for label, s in summarise(runs, metric).items():
         print(f"  {label:24s} mean {s['mean']:.4f}  worst {s['worst']:.4f}  stdev {s['stdev']:.4f}")

@@ -89,11 +89,10 @@ def factory(name: str) -> Callable[..., Task] | None:
 
 def get(name: str, **kwargs) -> Task:
     """Build the task called ``name`` (see :func:`available`) with ``kwargs`` for its constructor."""
-    family, sep, arg = name.partition(":")
-    if not sep and name in _TASKS:
-        return _TASKS[name](**kwargs)
-    if sep and family in _FAMILIES and arg:
-        return _FAMILIES[family](arg, **kwargs)
+    make = factory(name)
+    if make is not None:
+        _, sep, arg = name.partition(":")
+        return make(arg, **kwargs) if sep else make(**kwargs)
     raise ValueError(
         f"unknown task {name!r}; available: {', '.join(available())}; "
         f"also 'charlm:/path/to/file.txt' for any UTF-8 text file"
