@@ -70,8 +70,7 @@ def build(cell: str, H: int, batch: int, T: int) -> dict[str, Callable[[torch.Te
 
 def naive_loop(cell: str, layer: gatelab.layers.RecurrentLayer) -> Callable[[torch.Tensor], torch.Tensor]:
     """What a user writes today: a per-step loop of torch ops with the custom activations."""
-    c = layer.cells[0]
-    W_ih, W_hh, b_ih, b_hh = c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh
+    W_ih, W_hh, b_ih, b_hh = layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0
 
     def lstm(x: torch.Tensor) -> torch.Tensor:
         h = c_ = x.new_zeros(x.shape[1], W_hh.shape[1])

@@ -59,14 +59,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 def listing(what: str = "all") -> str:
     """What ``gatelab list`` prints: cells, activations, presets, tasks and configs."""
     from . import activations, engines, init, tasks
-    from .cells import VARIANTS
-    from .config import CELL_SLOTS
-    from .models import CELL_LAYERS
+    from .cells import VARIANTS, registry
 
     parts = []
     if what in ("all", "cells"):
-        rows = [f"  {cell:<12} gatelab.{CELL_LAYERS[cell].__name__:<14} slots: {', '.join(slots)}"
-                for cell, slots in CELL_SLOTS.items()]
+        entries = [registry.get(name) for name in registry.available()]
+        rows = [f"  {e.name:<12} {e.layer.__module__.split('.')[0]}.{e.layer.__name__:<14} slots: {', '.join(e.roles)}"
+                for e in entries]
         parts.append("cells (model.cell):\n" + "\n".join(rows))
     if what in ("all", "activations"):
         parts.append("activations (any slot; 'name:param' where one is taken):\n  "

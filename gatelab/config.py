@@ -48,21 +48,15 @@ __all__ = [
     "to_toml",
     "apply_overrides",
     "parse_override_args",
-    "CELLS",
     "HEADS",
     "OPTIMIZERS",
     "SCHEDULES",
 ]
 
-CELLS = ("lstm", "gru", "rnn", "gated_state")
-# The activation slots of each cell type, as the layers name them.
-CELL_SLOTS = {
-    "lstm": ("gate_activation", "candidate_activation", "cell_activation"),
-    "gru": ("gate_activation", "candidate_activation"),
-    "rnn": ("activation",),
-    "gated_state": ("gate_activation", "candidate_activation"),
-}
 HEADS = ("auto", "last", "mean", "every")
+# The ModelConfig fields that set activation slots; which of them a cell takes is the cell's fact
+# (``registry.get(cell).roles``).
+ACTIVATION_KEYS = ("activation", "gate_activation", "candidate_activation", "cell_activation")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("none", "cosine", "step")
 
@@ -116,7 +110,9 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _choice("model.cell", self.cell, CELLS)
+        from .cells import registry
+
+        _choice("model.cell", self.cell, registry.available())
         _choice("model.head", self.head, HEADS)
         if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
             raise ConfigError(f"model.hidden_sizes: expected one positive size per layer, got {list(self.hidden_sizes)}")
@@ -129,14 +125,14 @@ class ModelConfig:
 
         _choice("model.backend", self.backend, engines.BACKENDS)
         _choice("model.init", self.init, init.SCHEMES)
-        slots = CELL_SLOTS[self.cell]
-        for slot in ("activation", "gate_activation", "candidate_activation", "cell_activation"):
+        slots = registry.get(self.cell).roles
+        for slot in ACTIVATION_KEYS:
             value = getattr(self, slot)
             if value is None:
                 continue
             if slot not in slots:
                 raise ConfigError(f"model.{slot}: cell {self.cell!r} has no such slot; its activation slots: "
-                                  f"{', '.join(slots)}")
+                                  f"{', '.join(slots) or 'none'}")
             for name in value.values() if isinstance(value, dict) else (value,):
                 try:
                     activations.get(name)
@@ -145,8 +141,7 @@ class ModelConfig:
 
     def activation_slots(self) -> dict[str, Any]:
         """The activation slots that are set, as layer keyword arguments."""
-        names = ("activation", "gate_activation", "candidate_activation", "cell_activation")
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in ACTIVATION_KEYS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import torch
 
 from ._version import __version__
+from .cells import registry
 from .checkpoint import atomic_write, write_json
 from .config import ConfigError, ExperimentConfig, load
 from .train import HIGHER_IS_BETTER, NonFiniteError, fit
@@ -40,7 +41,8 @@ def grid(base: ExperimentConfig, cells: Sequence[str], activations: Sequence[str
     out = []
     for cell in cells:
         for act in activations:
-            slot = "activation" if cell == "rnn" else "gate_activation"
+            roles = registry.get(cell).roles  # the gates' slot, or the only one a gateless cell has
+            slot = "gate_activation" if "gate_activation" in roles else next(iter(roles))
             slots = {f"model.{s}": None for s in ("activation", "gate_activation", "candidate_activation",
                                                     "cell_activation")}  # the base's own slots may not fit the cell
             cfg = base.replace(**{**slots, "name": f"{base.name}-{cell}-{act}", "model.cell": cell, f"model.{slot}": act})

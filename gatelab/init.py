@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .cells import ElmanCell, GRUCell, RecurrentCell
+from .cells import RecurrentCell
 
 SCHEMES = ("torch", "orthogonal", "identity", "chrono")
 
@@ -28,13 +28,6 @@ SCHEMES = ("torch", "orthogonal", "identity", "chrono")
 def _blocks(cell: RecurrentCell, t: Tensor) -> dict[str, Tensor]:
     """Views of ``t``'s row blocks by name (``weight_ih``, ``weight_hh`` or a bias)."""
     return dict(zip(cell.blocks, t.split(cell.hidden_size, 0)))
-
-
-def _keep_gate(cell: RecurrentCell) -> str | None:
-    """The block whose bias controls memory retention: ``f`` (LSTM, gated state) or ``z`` (GRU)."""
-    if isinstance(cell, GRUCell):
-        return "z"
-    return "f" if "f" in cell.blocks else None
 
 
 @torch.no_grad()
@@ -67,8 +60,8 @@ def init_cell(
         for b in biases:
             b.zero_()
     elif scheme == "chrono":
-        gate = _keep_gate(cell)
-        if gate is None or isinstance(cell, ElmanCell):
+        gate = cell.keep_gate
+        if gate is None:
             raise ValueError(f"init='chrono' needs a forget gate; {type(cell).__name__} has none")
         if chrono_max_length is None or chrono_max_length < 3:
             raise ValueError(f"init='chrono' needs chrono_max_length >= 3 (the longest dependency), "
@@ -89,8 +82,8 @@ def init_cell(
 @torch.no_grad()
 def set_forget_bias(cell: RecurrentCell, value: float) -> None:
     """Make the effective bias ``b_ih + b_hh`` of the forget gate (GRU: ``z``) equal ``value``."""
-    gate = _keep_gate(cell)
-    if gate is None or isinstance(cell, ElmanCell):
+    gate = cell.keep_gate
+    if gate is None:
         raise ValueError(f"forget_bias needs a forget gate; {type(cell).__name__} "
                          f"{'with gates=' + repr(getattr(cell, 'gates', '')) if hasattr(cell, 'gates') else ''} has none")
     if cell.bias_ih is None:

@@ -14,15 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import ActivationSpec
+from .cells import registry
 from .cells.base import GateActivationSpec
-from .config import CELL_SLOTS, ConfigError, ModelConfig
-from .layers import GRU, LSTM, RNN, GatedStateRNN, RecurrentLayer
+from .config import ConfigError, ModelConfig
 from .tasks import Task
 from .tasks.base import IGNORE_INDEX
 
-__all__ = ["SequenceModel", "build_model", "CELL_LAYERS", "State"]
-
-CELL_LAYERS: dict[str, type[RecurrentLayer]] = {"lstm": LSTM, "gru": GRU, "rnn": RNN, "gated_state": GatedStateRNN}
+__all__ = ["SequenceModel", "build_model", "State"]
 HEADS = ("last", "mean", "every")
 OBJECTIVES = ("mse", "cross_entropy")
 
@@ -38,7 +36,8 @@ class SequenceModel(nn.Module):
       ``(B, T)`` int64, or one-hot rows ``(B, T, input_size)``, which give the same result); without it,
       ``(B, T, input_size)`` features (ids are one-hot encoded). ``input_projection > 0`` adds a linear
       map to that size.
-    * Stack: one gatelab layer of type ``cell`` (``"lstm" | "gru" | "rnn" | "gated_state"``) per entry of
+    * Stack: one layer of the registered cell kind ``cell`` (``"lstm"``, ``"gru"``, ``"rnn"``, ``"gated_state"``,
+      any name in :func:`gatelab.cells.registry.available`) per entry of
       ``hidden_sizes``, so layers may differ in size; ``dropout`` between layers and before the head.
       The activation slots and ``layer_options`` (peephole, variant, zoneout, ...) go to every layer.
     * Head, a linear map to ``output_size``: ``"last"`` reads each sequence's own last step (from
@@ -75,18 +74,14 @@ class SequenceModel(nn.Module):
         layer_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if cell not in CELL_LAYERS:
-            raise ValueError(f"unknown cell {cell!r}; valid: {', '.join(CELL_LAYERS)}")
+        layer_class = registry.get(cell).layer
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
         slots = {"activation": activation, "gate_activation": gate_activation,
                  "candidate_activation": candidate_activation, "cell_activation": cell_activation}
-        slots = {k: v for k, v in slots.items() if v is not None}
-        for slot in slots:
-            if slot not in CELL_SLOTS[cell]:
-                raise ValueError(f"cell {cell!r} has no {slot}; its activation slots: {', '.join(CELL_SLOTS[cell])}")
+        slots = {k: v for k, v in slots.items() if v is not None}  # the layer's signature checks them
         self.input_size, self.output_size = input_size, output_size
         self.cell, self.head_mode, self.objective = cell, head, objective
         self.hidden_sizes = tuple(hidden_sizes)
@@ -101,7 +96,7 @@ class SequenceModel(nn.Module):
         options = dict(layer_options or {})
         self.layers = nn.ModuleList()
         for hidden in self.hidden_sizes:
-            layer = CELL_LAYERS[cell](size, hidden, batch_first=True, bidirectional=bidirectional, backend=backend,
+            layer = layer_class(size, hidden, batch_first=True, bidirectional=bidirectional, backend=backend,
                                       init=init, forget_bias=forget_bias, **slots, **options)
             self.layers.append(layer)
             size = layer.output_size * layer.num_directions

@@ -105,7 +105,7 @@ def test_activation_slots_and_layer_options_reach_every_layer():
         assert cell.sigma_f.key == "hard_sigmoid" and cell.peephole
         assert layer.engine_name == "fused"
     assert model.engines == ["fused", "fused"]
-    with pytest.raises(ValueError, match="cell 'rnn' has no gate_activation"):
+    with pytest.raises(TypeError, match="RNN.__init__.. got an unexpected keyword argument 'gate_activation'"):
         SequenceModel(3, 1, cell="rnn", gate_activation="sigmoid")
 
 

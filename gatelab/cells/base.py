@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import activations
@@ -14,17 +18,55 @@ from ..activations import ActivationSpec, Bound
 GateActivationSpec = ActivationSpec | Mapping[str, ActivationSpec]
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One activation slot of a cell kind.
+
+    ``attr`` is the attribute that holds the activation (``sigma_f``, ``phi``); ``role`` the
+    constructor argument that sets it (``gate_activation``, one argument for every gate; a mapping
+    per gate name picks ``gate``); ``default`` what it holds unless set; ``torch`` the activation
+    kinds torch's own kernel computes there (empty: torch has no such slot).
+    """
+
+    attr: str
+    role: str
+    default: str
+    gate: str | None = None
+    torch: tuple[str, ...] = ()
+
+
 class RecurrentCell(nn.Module):
     """Base of the one-step cells.
 
     Holds ``weight_ih (G·H, I)``, ``weight_hh (G·H, R)``, ``bias_ih``, ``bias_hh`` exactly as
     ``torch.nn`` does (``R`` is the recurrent input size: ``H``, or ``proj_size`` for a projected
     LSTM), with the ``G`` row blocks named by :attr:`blocks` in torch's order.
+
+    Each cell kind declares its facts as class attributes, and everything outside the cell (config,
+    models, the CLI, init, the engines) reads them here instead of keeping a table of its own:
+
+    * ``name``: the registry name (``"lstm"``; ``model.cell`` in a config).
+    * ``slots``: its activation slots (:class:`Slot`), in the order the C++ kernels take them.
+    * ``state_names`` / ``output_state``: the state tensors, and the index of the one that is also the
+      per-step output (``None`` when the output is computed from the state, as ``y = o ⊙ s``).
+    * ``zoneout_states``: the states zoneout may act on (default: all).
+    * ``recurrence``: ``"matrix"``, one product ``W_hh h`` per step whose input is state 0 (what the
+      fused engine hoists around); the cell's elementwise rest is :meth:`combine`.
+    * ``torch_cell`` / ``torch_mode``: the ``torch.nn`` cell it equals with default options and torch's
+      kernel mode string (``None`` when torch has none); :meth:`torch_differences` says why not.
+    * ``keep_gate``: the block whose bias controls memory retention (``forget_bias``, chrono init).
     """
 
+    name: ClassVar[str] = ""
     blocks: tuple[str, ...] = ()  # row blocks of weight_ih / weight_hh, in order
     gate_names: tuple[str, ...] = ()  # blocks whose activation is the gate activation
-    default_gate_activation: ActivationSpec = "sigmoid"
+    slots: ClassVar[tuple[Slot, ...]] = ()
+    output_state: ClassVar[int | None] = 0
+    zoneout_states: ClassVar[tuple[str, ...] | None] = None
+    recurrence: ClassVar[str] = "matrix"
+    torch_cell: ClassVar[type[nn.Module] | None] = None
+    torch_mode: str | None = None
+    keep_gate: str | None = None
 
     def __init__(
         self,
@@ -82,6 +124,25 @@ class RecurrentCell(nn.Module):
             for p in self._uniform_parameters():
                 p.uniform_(-bound, bound)
 
+    @contextlib.contextmanager
+    def using(self, weights: Mapping[str, Tensor]) -> Iterator[RecurrentCell]:
+        """Within the block the cell computes with ``weights`` (its parameter names, as
+        ``named_parameters()`` gives them, to tensors) in place of its own parameters. A layer binds its
+        torch-named weights (parametrisations applied) to its cells this way for each call."""
+        saved = []
+        try:
+            for name, value in weights.items():
+                path, _, leaf = name.rpartition(".")
+                owner = self.get_submodule(path)
+                if leaf not in owner._parameters:
+                    raise KeyError(f"{type(self).__name__} has no parameter {name!r}")
+                saved.append((owner, leaf, owner._parameters[leaf]))
+                owner._parameters[leaf] = value
+            yield self
+        finally:
+            for owner, leaf, value in reversed(saved):
+                owner._parameters[leaf] = value
+
     # -- activations -----------------------------------------------------------------------------
 
     def _slot(self, attr: str, spec: ActivationSpec, role: str) -> Bound:
@@ -95,9 +156,15 @@ class RecurrentCell(nn.Module):
         setattr(self, attr, act)
         return act
 
+    @classmethod
+    def roles(cls) -> dict[str, str]:
+        """Constructor argument -> default activation, for every activation slot of this kind."""
+        return {s.role: s.default for s in cls.slots}
+
     def _gate_slots(self, spec: GateActivationSpec | None, gates: Sequence[str]) -> None:
         """Set ``self.sigma_<gate>`` for every gate from one spec or a mapping per gate name."""
-        spec = self.default_gate_activation if spec is None else spec
+        default = {s.gate: s.default for s in self.slots if s.gate is not None}
+        spec = None if spec is None else spec
         if isinstance(spec, Mapping):
             unknown = sorted(set(spec) - set(self.gate_names))
             if unknown:
@@ -111,17 +178,55 @@ class RecurrentCell(nn.Module):
                     f"{type(self).__name__}: gate_activation names {', '.join(map(repr, inactive))}, but in this "
                     f"configuration only {', '.join(gates) or 'no gate'} have an activation (removed or coupled gates)"
                 )
-            per_gate = {g: spec.get(g, self.default_gate_activation) for g in gates}
+            per_gate = {g: spec.get(g, default[g]) for g in gates}
         else:
-            per_gate = dict.fromkeys(gates, spec)
+            per_gate = {g: default[g] if spec is None else spec for g in gates}
         for g, s in per_gate.items():
             self._slot(f"sigma_{g}", s, f"gate_activation[{g!r}]")
 
     def activation_slots(self) -> dict[str, Bound]:
-        """Slot name → the activation it holds (``sigma_i``, ``phi``, ``psi`` ...)."""
-        return {k: v for k, v in vars(self).items() if k.startswith(("sigma_", "phi", "psi"))} | {
-            k: m for k, m in self._modules.items() if k.startswith(("sigma_", "phi", "psi"))
-        }
+        """Slot attribute → the activation it holds (``sigma_i``, ``phi``, ``psi`` ...), in :attr:`slots`
+        order; a slot this configuration does not have (a removed or coupled gate) is absent."""
+        out = {}
+        for s in self.slots:
+            act = self._modules.get(s.attr, self.__dict__.get(s.attr))
+            if act is not None:
+                out[s.attr] = act
+        return out
+
+    def torch_differences(self) -> list[str]:
+        """How this cell differs from :attr:`torch_cell` (empty when it computes exactly what torch's does)."""
+        if self.torch_cell is None:
+            return [f"torch has no {type(self).__name__}"]
+        out = []
+        acts = self.activation_slots()
+        for s in self.slots:
+            kind = getattr(acts.get(s.attr), "kind", "")
+            if s.attr in acts and kind not in s.torch:
+                role = s.role + (f"[{s.gate!r}]" if s.gate else "")
+                out.append(f"{role} is {getattr(acts[s.attr], 'key', type(acts[s.attr]).__name__)} "
+                           f"(torch has {' or '.join(s.torch)})")
+        return out
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def step(
+        self, x: Tensor, state: tuple[Tensor, ...], rec_mask: Tensor | None = None, weight_hh: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One step on batched, validated tensors: ``(output, new state)``. The engines call this.
+
+        For a ``"matrix"`` recurrence the default is the two products and :meth:`combine`:
+        ``combine(W_ih x + b_ih, W_hh h_rec + b_hh, state)`` with ``h_rec = state[0]`` (times the
+        recurrent dropout mask, when given); ``weight_hh`` replaces ``W_hh`` (DropConnect).
+        """
+        h_rec = state[0] if rec_mask is None else state[0] * rec_mask
+        W_hh = self.weight_hh if weight_hh is None else weight_hh
+        return self.combine(F.linear(x, self.weight_ih, self.bias_ih), F.linear(h_rec, W_hh, self.bias_hh), state)
+
+    def combine(self, xw: Tensor, gh: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The elementwise part of a step: from ``xw = W_ih x + b_ih`` and ``gh = W_hh h_rec + b_hh``
+        (both ``(B, G·H)``) and the old state, the output and the new state."""
+        raise NotImplementedError(f"{type(self).__name__} defines step() itself, not combine()")
 
     # -- inputs ----------------------------------------------------------------------------------
 

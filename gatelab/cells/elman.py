@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..activations import ActivationSpec
-from .base import RecurrentCell, unbatch
+from .base import RecurrentCell, Slot, unbatch
 
 
 class ElmanCell(RecurrentCell):
@@ -21,7 +20,10 @@ class ElmanCell(RecurrentCell):
     Call: ``h' = cell(x, h)`` with ``x (B, I)`` or ``(I,)``; ``h`` may be omitted (zeros).
     """
 
+    name = "rnn"
     blocks = ("h",)
+    slots = (Slot("phi", "activation", "tanh", torch=("tanh", "relu")),)
+    torch_cell = nn.RNNCell
 
     def __init__(
         self,
@@ -45,11 +47,10 @@ class ElmanCell(RecurrentCell):
         h = self._check_state("hx", hx, x.shape[0], self.hidden_size, batched, x)
         return unbatch(self.step(x, (h,))[0], batched)
 
-    def step(
-        self, x: Tensor, state: tuple[Tensor, ...], rec_mask: Tensor | None = None, weight_hh: Tensor | None = None
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        (h,) = state
-        h_rec = h if rec_mask is None else h * rec_mask
-        W_hh = self.weight_hh if weight_hh is None else weight_hh
-        h = self.phi(F.linear(x, self.weight_ih, self.bias_ih) + F.linear(h_rec, W_hh, self.bias_hh))
+    @property
+    def torch_mode(self) -> str:
+        return "RNN_RELU" if getattr(self.phi, "kind", "") == "relu" else "RNN_TANH"
+
+    def combine(self, xw: Tensor, gh: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        h = self.phi(xw + gh)
         return h, (h,)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..activations import ActivationSpec
-from .base import GateActivationSpec, RecurrentCell, unbatch
+from .base import GateActivationSpec, RecurrentCell, Slot, unbatch
 
 
 class GatedStateCell(RecurrentCell):
@@ -24,9 +23,18 @@ class GatedStateCell(RecurrentCell):
     the state ``s`` itself and the output is not squashed. Call: ``(y, s') = cell(x, s)``.
     """
 
+    name = "gated_state"
     blocks = ("f", "i", "o", "n")
     gate_names = ("f", "i", "o")
+    slots = (
+        Slot("sigma_f", "gate_activation", "sigmoid", gate="f"),
+        Slot("sigma_i", "gate_activation", "sigmoid", gate="i"),
+        Slot("sigma_o", "gate_activation", "sigmoid", gate="o"),
+        Slot("phi", "candidate_activation", "tanh"),
+    )
     state_names = ("s",)
+    output_state = None  # the output y = o ⊙ s' is not the state
+    keep_gate = "f"
 
     def __init__(
         self,
@@ -50,15 +58,9 @@ class GatedStateCell(RecurrentCell):
         y, (s,) = self.step(x, (s,))
         return unbatch(y, batched), unbatch(s, batched)
 
-    def step(
-        self, x: Tensor, state: tuple[Tensor, ...], rec_mask: Tensor | None = None, weight_hh: Tensor | None = None
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def combine(self, xw: Tensor, gh: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         (s,) = state
-        s_rec = s if rec_mask is None else s * rec_mask
-        W_hh = self.weight_hh if weight_hh is None else weight_hh
-        pre_f, pre_i, pre_o, pre_n = (
-            F.linear(x, self.weight_ih, self.bias_ih) + F.linear(s_rec, W_hh, self.bias_hh)
-        ).chunk(4, 1)
+        pre_f, pre_i, pre_o, pre_n = (xw + gh).chunk(4, 1)
         f, i, o = self.sigma_f(pre_f), self.sigma_i(pre_i), self.sigma_o(pre_o)
         s = f * s + i * self.phi(pre_n)
         y = o * s

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..activations import ActivationSpec
-from .base import GateActivationSpec, RecurrentCell, unbatch
+from .base import GateActivationSpec, RecurrentCell, Slot, unbatch
 
 
 class GRUCell(RecurrentCell):
@@ -26,8 +26,17 @@ class GRUCell(RecurrentCell):
     ``{"r": ..., "z": ...}``.
     """
 
+    name = "gru"
     blocks = ("r", "z", "n")
     gate_names = ("r", "z")
+    slots = (
+        Slot("sigma_r", "gate_activation", "sigmoid", gate="r", torch=("sigmoid",)),
+        Slot("sigma_z", "gate_activation", "sigmoid", gate="z", torch=("sigmoid",)),
+        Slot("phi", "candidate_activation", "tanh", torch=("tanh",)),
+    )
+    torch_cell = nn.GRUCell
+    torch_mode = "GRU"
+    keep_gate = "z"  # h' = (1 − z) n + z h: z plays the forget gate's part
 
     def __init__(
         self,
@@ -68,6 +77,10 @@ class GRUCell(RecurrentCell):
             n = self.phi(gi_n + F.linear(r * h_rec, W_hn, b_hn))
         h = (1 - z) * n + z * h
         return h, (h,)
+
+    def torch_differences(self) -> list[str]:
+        out = [] if self.reset_after else ["reset_after=False (torch's GRU resets after the product)"]
+        return out + super().torch_differences()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..activations import ActivationSpec
-from .base import GateActivationSpec, RecurrentCell, _check_size, unbatch
+from .base import GateActivationSpec, RecurrentCell, Slot, _check_size, unbatch
 
 # Greff et al. 2017, "LSTM: A Search Space Odyssey": every variant is the vanilla LSTM (with
 # peepholes) with one change.
@@ -68,7 +68,18 @@ class LSTMCell(RecurrentCell):
     Call: ``(h', c') = cell(x, (h, c))``; the state may be omitted (zeros), the input unbatched.
     """
 
+    name = "lstm"
     gate_names = ("i", "f", "o")
+    slots = (  # the C++ kernels' order: the row blocks i, f, g, o, then ψ
+        Slot("sigma_i", "gate_activation", "sigmoid", gate="i", torch=("sigmoid",)),
+        Slot("sigma_f", "gate_activation", "sigmoid", gate="f", torch=("sigmoid",)),
+        Slot("phi", "candidate_activation", "tanh", torch=("tanh",)),
+        Slot("sigma_o", "gate_activation", "sigmoid", gate="o", torch=("sigmoid",)),
+        Slot("psi", "cell_activation", "tanh", torch=("tanh",)),
+    )
+    zoneout_states = ("h", "c")  # never FGR's previous gates
+    torch_cell = nn.LSTMCell
+    torch_mode = "LSTM"
     layer_norm_eps = 1e-5
 
     def __init__(
@@ -145,6 +156,15 @@ class LSTMCell(RecurrentCell):
             self.ln_c_weight = nn.Parameter(torch.ones(H, **factory))
             self.ln_c_bias = nn.Parameter(torch.zeros(H, **factory))
         self.reset_parameters()
+
+    @property
+    def keep_gate(self) -> str | None:
+        return "f" if "f" in self.blocks else None
+
+    def torch_differences(self) -> list[str]:
+        out = [] if self.gates == "ifo" else [f"gates={self.gates!r} (torch has all of i, f, o)"]
+        out += [f"{opt}=True" for opt in ("coupled", "peephole", "layer_norm", "full_gate_recurrence") if getattr(self, opt)]
+        return out + super().torch_differences()
 
     @property
     def state_names(self) -> tuple[str, ...]:

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..engines import reference
-from ..layers.base import RecurrentLayer
+from ..layers.base import DirectionCall, RecurrentLayer
 from ..tasks import Batch
 
 __all__ = ["CellTrace", "GradientFlow", "gradient_flow", "recording", "recurrent_layers", "unpack_batch", "trace_key"]
@@ -56,6 +55,7 @@ class CellTrace:
     lengths: Tensor | None  # (B,) or None
     states: list[tuple[Tensor, ...]] = field(default_factory=list)
     call: int = 0  # how many earlier recorded calls of the same cell this forward made
+    weights: dict[str, Tensor] = field(default_factory=dict)  # the cell's parameters as that call bound them
 
     @property
     def reverse(self) -> bool:
@@ -77,56 +77,39 @@ def recording(model: nn.Module, *, leaf_states: bool = True) -> Iterator[list[Ce
     """Within the block, every recurrent layer of ``model`` runs on the reference loop and appends a
     :class:`CellTrace` per cell and call to the yielded list.
 
-    ``leaf_states``: an initial state that does not require grad is replaced by a leaf that does, so
-    the states have gradients even when the parameters are frozen. The layers' engines are restored
-    on exit (also after an error); the layers' source is not touched.
+    It attaches through each layer's public step hook
+    (:meth:`~gatelab.layers.RecurrentLayer.register_step_hook`), which runs the reference loop while
+    registered; the hooks are removed on exit (also after an error). ``leaf_states``: an initial state
+    that does not require grad is replaced by a leaf that does, so the states have gradients even when
+    the parameters are frozen.
     """
     layers = recurrent_layers(model)
     if not layers:
         raise TypeError(f"{type(model).__name__} contains no gatelab recurrent layer (gatelab.RNN, LSTM, GRU, "
                         f"GatedStateRNN); the diagnostics read the states of those")
     traces: list[CellTrace] = []
-    saved: list[tuple[RecurrentLayer, str]] = []
+    handles = []
     try:
         for name, layer in layers:
-            saved.append((layer, layer.engine_name))
-            # Instance attribute: the reference engine's forward calls layer.run_stack(batch, hx, loop),
-            # which now runs the recording loop instead.
-            layer.engine_name = "reference"
-            layer.run_stack = _recording_stack(name, layer, traces, leaf_states)
+            handles.append(layer.register_step_hook(_recorder(name, traces, leaf_states)))
         yield traces
     finally:
-        for layer, engine in saved:
-            layer.__dict__.pop("run_stack", None)
-            layer.engine_name = engine
+        for handle in handles:
+            handle.remove()
 
 
-def _recording_stack(name: str, layer: RecurrentLayer, traces: list[CellTrace], leaf_states: bool) -> Callable:
-    index = {id(cell): k for k, cell in enumerate(layer.cells)}
-    D = layer.num_directions
-
-    def run_direction(
-        cell: nn.Module, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool, *,
-        rec_mask: Tensor | None = None, weight_hh: Tensor | None = None,
-        zoneout: tuple[Tensor | None, ...] | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _recorder(name: str, traces: list[CellTrace], leaf_states: bool) -> Callable[[DirectionCall], Callable]:
+    def hook(call: DirectionCall) -> Callable:
         if leaf_states and torch.is_grad_enabled():
-            state = tuple(s if s.requires_grad else s.detach().requires_grad_() for s in state)
-        k = index[id(cell)]
-        calls = sum(1 for tr in traces if tr.cell is cell)
-        T = x.shape[0]
-        trace = CellTrace(name, k // D, k % D, tuple(cell.state_names), cell, x, state, lengths,
-                          [()] * T, calls)
+            call.state = tuple(s if s.requires_grad else s.detach().requires_grad_() for s in call.state)
+        calls = sum(1 for tr in traces if tr.module == name and (tr.layer, tr.direction) == (call.layer, call.direction))
+        trace = CellTrace(name, call.layer, call.direction, tuple(call.cell.state_names), call.cell, call.x,
+                          call.state, call.lengths, [()] * call.x.shape[0], calls,
+                          {n: p for n, p in call.cell.named_parameters()})
         traces.append(trace)
-        return reference.run_direction(
-            cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=weight_hh, zoneout=zoneout,
-            on_step=trace.states.__setitem__,
-        )
+        return trace.states.__setitem__
 
-    def run_stack(batch: Any, hx: tuple[Tensor, ...], _engine_loop: Callable) -> tuple[Tensor, tuple[Tensor, ...]]:
-        return RecurrentLayer.run_stack(layer, batch, hx, run_direction)
-
-    return run_stack
+    return hook
 
 
 # -- batches and losses ----------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def jacobian_norms(
         raise ValueError(f"state must be one of {', '.join(names)} or 'all', got {state!r}")
 
     def step(x_t: Tensor, s: Tensor) -> Tensor:  # (B, I), (B, S) -> (B, S)
-        _, new = cell.step(x_t, tuple(s.split(sizes, 1)))
+        with cell.using(trace.weights):  # the weights the recorded call ran with
+            _, new = cell.step(x_t, tuple(s.split(sizes, 1)))
         return torch.cat(new, 1)
 
     # The trajectory in processing order: xs[j] is read by step j+1, ss[j] is the state after j steps.

@@ -1,20 +1,66 @@
 """Engines run a recurrent layer over a sequence; the layer chooses one and can say why.
 
-* ``reference``: a plain autograd loop over the cell's ``step``; the readable specification.
 * ``native``: torch's own fused kernels (cuDNN, oneDNN, ATen), for configurations that are exactly
   torch's.
 * ``fused``: gatelab's engine for any registered activation: one input GEMM, one fused elementwise
-  step per time step, hand-written backpropagation through time.
+  step per time step, hand-written backpropagation through time (its loops: :data:`fused.LOOPS`).
+* ``reference``: a plain autograd loop over the cell's ``step``; the readable specification.
 
-Each engine has ``unsupported(layer) -> list[str]`` (why it cannot run that layer as configured, in
-its current train/eval mode; empty when it can) and ``forward(layer, batch, hx)``.
+:data:`ENGINES` is ordered: ``backend="auto"`` runs the first engine with nothing unsupported
+(:func:`choose`). An engine is an object with ``name``, ``title``, ``unsupported(layer)``,
+``describe(layer)`` and ``run_direction`` (or, running the whole stack at once, ``run_stack``); see
+:mod:`.base`. A new engine is one class and one entry here.
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import TYPE_CHECKING
+
 from . import fused, native, reference
+from .base import DirectionEngine, Engine, Stack, StackEngine
 
-ENGINES = {"reference": reference, "native": native, "fused": fused}
-BACKENDS = ("auto", *ENGINES)
+if TYPE_CHECKING:
+    from ..layers.base import RecurrentLayer
 
-__all__ = ["ENGINES", "BACKENDS", "fused", "native", "reference"]
+ENGINES: tuple[Engine, ...] = (native.ENGINE, fused.ENGINE, reference.ENGINE)
+BACKENDS = ("auto", *(e.name for e in ENGINES))
+
+
+def get(name: str) -> Engine:
+    """The engine called ``name``; ``ValueError`` listing the names otherwise."""
+    for engine in ENGINES:
+        if engine.name == name:
+            return engine
+    raise ValueError(f"unknown engine {name!r}; valid: {', '.join(e.name for e in ENGINES)}")
+
+
+def choose(layer: RecurrentLayer, backend: str, strict: bool) -> tuple[Engine, str]:
+    """The engine for ``layer`` in its current mode, and why (the text of ``explain()``).
+
+    ``"auto"``: the first of :data:`ENGINES` with nothing unsupported. A named backend that cannot run
+    the layer falls back to ``reference`` with a warning, or raises ``ValueError`` when ``strict``.
+    """
+    owner = type(layer).__name__
+    if backend == "auto":
+        why = "backend='auto'"
+        for engine in ENGINES:
+            blockers = engine.unsupported(layer)
+            if not blockers:
+                return engine, why + (f": activations and options are exactly torch's, so {engine.describe(layer)} runs"
+                                      if engine is ENGINES[0] else f". Runs {engine.describe(layer)}")
+            why += f"; {engine.title} does not apply{' either' if engine is not ENGINES[0] else ''}: " + "; ".join(blockers)
+        raise AssertionError("the reference engine runs every layer")
+    engine = get(backend)
+    blockers = engine.unsupported(layer)
+    if not blockers:
+        return engine, f"backend={backend!r} was asked for. Runs {engine.describe(layer)}"
+    message = f"backend={backend!r} cannot run this layer: " + "; ".join(blockers)
+    if strict:
+        raise ValueError(f"{owner}: {message} (strict=True)")
+    warnings.warn(f"{owner}: {message}; falling back to 'reference'", UserWarning, stacklevel=4)
+    return reference.ENGINE, message + "; fell back to 'reference'"
+
+
+__all__ = ["ENGINES", "BACKENDS", "Engine", "DirectionEngine", "StackEngine", "Stack", "choose", "get",
+           "fused", "native", "reference"]

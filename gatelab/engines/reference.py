@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..cells import RecurrentCell
+from .base import OnStep, ZoneoutMasks
 
 if TYPE_CHECKING:
     from ..layers.base import RecurrentLayer
-    from ..layers.sequence import SequenceBatch
-
-name = "reference"
 
 
-def unsupported(layer: RecurrentLayer) -> list[str]:
-    return []
+class ReferenceEngine:
+    """Runs any cell and every option: the specification the other engines are tested against."""
+
+    name = "reference"
+    title = "the reference loop"
+
+    def unsupported(self, layer: RecurrentLayer) -> list[str]:
+        return []
+
+    def describe(self, layer: RecurrentLayer) -> str:
+        return "the reference loop (autograd over the cell's step)"
+
+    def run_direction(
+        self, cell: RecurrentCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool, *,
+        rec_mask: Tensor | None = None, weight_hh: Tensor | None = None, zoneout: ZoneoutMasks | None = None,
+        strict: bool = False, on_step: OnStep | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=weight_hh,
+                             zoneout=zoneout, on_step=on_step)
 
 
-def forward(layer: RecurrentLayer, batch: SequenceBatch, hx: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-    return layer.run_stack(batch, hx, run_direction)
+ENGINE = ReferenceEngine()
 
 
 def run_direction(
@@ -34,26 +47,20 @@ def run_direction(
     *,
     rec_mask: Tensor | None = None,
     weight_hh: Tensor | None = None,
-    zoneout: tuple[Tensor | None, ...] | None = None,
-    on_step: Callable[[int, tuple[Tensor, ...]], None] | None = None,
+    zoneout: ZoneoutMasks | None = None,
+    on_step: OnStep | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Run ``cell`` over ``x (T, B, I)`` from ``state``; return ``(out (T, B, O), final state)``.
-
-    With ``lengths``, sequence ``b`` runs steps ``0 .. lengths[b]-1`` only (in reverse order when
-    ``reverse``): its state is held and its output is zero elsewhere, as torch does for packed input.
-    ``zoneout`` gives per state tensor the share ``m (T, B, S)`` of the old value each unit keeps
-    (``m ⊙ old + (1 − m) ⊙ new``; 0/1 draws in training, the rate in eval; None: no zoneout on that
-    state); the layer draws it (``layers.base._zoneout_masks``). ``on_step(t, state)``,
-    if given, sees every step's new state before the length mask (the diagnostics record them).
-    """
+    """The contract of :meth:`gatelab.engines.base.DirectionEngine.run_direction`, as a loop over
+    ``cell.step``. ``on_step(t, state)``, if given, sees every step's new state before the length
+    mask (the layer's step hooks, :meth:`gatelab.layers.RecurrentLayer.register_step_hook`)."""
     T = x.shape[0]
     outputs: list[Tensor] = [x.new_empty(0)] * T
-    output_is_state = cell.state_names[0] == "h"
+    k = cell.output_state  # which state is the output (None: the output is computed)
     for t in range(T - 1, -1, -1) if reverse else range(T):
         out, new = cell.step(x[t], state, rec_mask=rec_mask, weight_hh=weight_hh)
         if zoneout is not None:
             new = tuple(s if m is None else zoneout_mix(old, s, m[t]) for old, s, m in zip(state, new, zoneout))
-            out = new[0] if output_is_state else out
+            out = out if k is None else new[k]
         if on_step is not None:
             on_step(t, new)
         if lengths is not None:

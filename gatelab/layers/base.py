@@ -1,38 +1,117 @@
-"""The sequence layer all four public layers share: stacking, directions, masks, engine choice."""
+"""The sequence layer all public layers share: torch's parameters, stacking, directions, masks, engine choice."""
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import re
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
+from torch.utils.hooks import RemovableHandle
 
 from .. import engines
 from ..cells import RecurrentCell
 from ..cells.base import _check_size
+from ..engines import reference
+from ..engines.base import Engine, OnStep, Stack
+from ..engines.native import WEIGHT_NAMES
 from ..init import SCHEMES, init_cell
 from .sequence import SequenceBatch, to_sequence_batch
 
-RunDirection = Callable[..., tuple[Tensor, tuple[Tensor, ...]]]
 _TORCH_KEY = re.compile(r"^(?P<name>.+)_l(?P<layer>\d+)(?P<reverse>_reverse)?$")
+
+# One line per option, shared by the generated docstrings of the public layers.
+OPTION_DOCS: dict[str, str] = {
+    "input_size": "features of each input step",
+    "hidden_size": "features of the hidden state",
+    "num_layers": "stacked layers",
+    "nonlinearity": "torch's name for ``activation``: φ of the Elman step (``\"tanh\"``, ``\"relu\"``, any registered one)",
+    "bias": "use ``b_ih`` and ``b_hh``",
+    "batch_first": "input and output are ``(B, T, F)`` instead of ``(T, B, F)``",
+    "dropout": "dropout on each layer's output but the last (torch's)",
+    "bidirectional": "run a reverse direction too and concatenate",
+    "proj_size": "> 0: ``h' = W_hr h'`` with ``weight_hr_l{k} (P, H)`` (torch's LSTM projection)",
+    "device": "where the parameters live",
+    "dtype": "the parameters' dtype",
+    "activation": "φ of the Elman step, any registered activation (overrides ``nonlinearity``)",
+    "gate_activation": "the gates' activation: one, or a mapping per gate name (``{\"f\": \"sigmoid\", \"i\": \"elliott\"}``)",
+    "candidate_activation": "φ, the candidate's activation",
+    "cell_activation": "ψ, applied to the cell state before the output gate",
+    "peephole": "diagonal peephole weights ``weight_ci/cf/co_l{k}`` (H,)",
+    "peephole_output": "``\"current\"``: the output gate reads ``c'`` (Gers 2002, ONNX); ``\"previous\"``: it reads ``c``",
+    "coupled": "CIFG: ``i = 1 − f``; the input gate has no weights",
+    "gates": "the subset of ``\"ifo\"`` kept; a removed gate is the constant 1",
+    "layer_norm": "LayerNorm on ``W_ih x``, on ``W_hh h`` and on ``c'`` (Ba et al. 2016)",
+    "full_gate_recurrence": "Greff's FGR: each gate also reads the previous step's gates (state ``(h, c, gates)``)",
+    "variant": "a Greff et al. 2017 preset (``vanilla NIG NFG NOG NIAF NOAF NP CIFG FGR``)",
+    "reset_after": "``True``: torch's reset-after GRU; ``False``: Cho 2014's reset-before",
+    "residual": "add each layer's input to its output (layer 0 through ``weight_res_l0`` when sizes differ)",
+    "residual_projection": "allow that learned projection; ``False`` raises when layer 0's sizes differ",
+    "input_dropout": "variational dropout on each layer's input: one mask per sequence, every step",
+    "recurrent_dropout": "variational dropout on the recurrent input ``h``: one mask per sequence",
+    "weight_dropout": "DropConnect on ``W_hh``, resampled every forward",
+    "zoneout": "keep each unit's old state with this probability (one rate, or one per state); eval uses the expectation",
+    "init": "``\"torch\"`` U(±1/√H), ``\"orthogonal\"``, ``\"identity\"`` (IRNN) or ``\"chrono\"``",
+    "forget_bias": "set the effective forget-gate bias ``b_ih + b_hh`` (GRU: the z gate) to this value",
+    "chrono_max_length": "the longest dependency, for ``init=\"chrono\"``",
+    "backend": "engine: ``\"auto\"`` (the first that applies), ``\"native\"``, ``\"fused\"`` or ``\"reference\"``",
+    "strict": "raise instead of falling back to a slower engine",
+}
+LAYER_OPTIONS = ("residual", "residual_projection", "input_dropout", "recurrent_dropout", "weight_dropout", "zoneout",
+                 "init", "forget_bias", "chrono_max_length", "backend", "strict")
+
+
+def options_doc(*names: str) -> str:
+    """The ``Args`` block of a layer's docstring: one line per option, from :data:`OPTION_DOCS`."""
+    width = max(map(len, names))
+    return "\n    Args:\n" + "".join(f"        {n:<{width}}  {OPTION_DOCS[n]}\n" for n in names)
+
+
+@dataclass
+class DirectionCall:
+    """What a step hook sees when one layer and direction starts: ``layer``, ``direction`` (1 =
+    reverse), the ``cell`` (weights bound), its input ``x (T, B, I)``, its initial ``state`` (each
+    ``(B, size)``) and ``lengths``. A hook may replace ``state`` (for example by leaves that require
+    grad) before the loop starts."""
+
+    layer: int
+    direction: int
+    cell: RecurrentCell
+    x: Tensor
+    state: tuple[Tensor, ...]
+    lengths: Tensor | None
+
+
+StepHook = Callable[[DirectionCall], OnStep | None]
 
 
 class RecurrentLayer(nn.Module):
-    """A stack of recurrent layers over time, with torch.nn's arguments, returns and state_dict keys.
+    """A stack of recurrent layers over time, with torch.nn's arguments, returns and parameters.
 
-    The stack holds one cell per layer and direction (``cells[layer * D + direction]``); engines run
-    them over time (:mod:`gatelab.engines`). Parameters are exposed and saved under torch's names
-    (``weight_ih_l0``, ``bias_hh_l1_reverse`` ...), so a ``torch.nn`` module's ``state_dict`` loads
-    directly. Options beyond torch are documented on the public subclasses.
+    The layer owns its parameters under torch's names, in torch's order: per layer ``k`` and
+    direction, ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``,
+    ``weight_hr_l{k}`` (``..._reverse`` for the reverse direction), then the cell's own extras in the
+    same scheme (``weight_ci_l0``, ``ln_ih_weight_l0``, a learnable gate's ``sigma_f_weight_l0``);
+    ``weight_res_l0`` (residual projection) comes first. So ``named_parameters()``, ``state_dict()``,
+    ``all_weights`` and ``torch.nn.utils.parametrize`` work as on ``torch.nn.LSTM``: a parametrised
+    weight is what every engine computes with.
+
+    ``cells[layer * D + direction]`` are the one-step cells that define the maths; within a call
+    their parameters are bound to the layer's (parametrisations applied once per call), at rest they
+    hold the layer's current values. The layer runs the stack (dropout and residual sums between
+    layers, the random masks drawn once per call) and hands each layer and direction to its engine
+    (:mod:`gatelab.engines`). Options beyond torch are documented on the public subclasses.
     """
 
-    cell_class: type[RecurrentCell]
+    cell_class: ClassVar[type[RecurrentCell]]
 
     def __init__(
         self,
@@ -44,6 +123,7 @@ class RecurrentLayer(nn.Module):
         dropout: float = 0.0,
         bidirectional: bool = False,
         *,
+        cell_options: Mapping[str, Any] | None = None,
         residual: bool = False,
         residual_projection: bool = True,
         input_dropout: float = 0.0,
@@ -57,7 +137,6 @@ class RecurrentLayer(nn.Module):
         strict: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        **cell_options: Any,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -69,7 +148,7 @@ class RecurrentLayer(nn.Module):
             _check_rate(owner, name, p)
         if dropout > 0 and num_layers == 1:
             warnings.warn(f"{owner}: dropout={dropout} acts between layers and num_layers=1: it has no effect",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=3)
         if init not in SCHEMES:
             raise ValueError(f"{owner}: unknown init {init!r}; valid: {', '.join(SCHEMES)}")
         if backend not in engines.BACKENDS:
@@ -92,25 +171,21 @@ class RecurrentLayer(nn.Module):
         self.strict = bool(strict)
         D = self.num_directions
 
-        accepted = set(inspect.signature(self.cell_class).parameters) - {"input_size", "hidden_size", "bias", "device", "dtype"}
-        unknown = sorted(set(cell_options) - accepted)
-        if unknown:
-            raise TypeError(f"{owner} got unexpected option(s) {', '.join(unknown)}; its cell {self.cell_class.__name__} "
-                            f"takes {', '.join(sorted(accepted))} (layer options are torch's plus residual, dropouts, "
-                            f"zoneout, init, forget_bias, backend, strict)")
-        self.cells = nn.ModuleList()
-        for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else D * self._output_size_of(hidden_size, cell_options)
+        cells: list[RecurrentCell] = []
+        layer_input = input_size
+        for _ in range(num_layers):
             for _ in range(D):
-                self.cells.append(self.cell_class(layer_input, hidden_size, bias, **cell_options,
-                                                  device=device, dtype=dtype))
-        self.output_size = self.cells[0].output_size
-        self.zoneout = _zoneout_rates(owner, zoneout, self.cells[0].state_names)
-        for cell in self.cells:
-            init_cell(cell, init, forget_bias=forget_bias, chrono_max_length=chrono_max_length)
+                cell = self.cell_class(layer_input, hidden_size, bias, **dict(cell_options or {}), device=device,
+                                       dtype=dtype)
+                init_cell(cell, init, forget_bias=forget_bias, chrono_max_length=chrono_max_length)
+                cells.append(cell)
+            layer_input = D * cells[-1].output_size
+        self.output_size = cells[0].output_size
+        self.zoneout = _zoneout_rates(owner, zoneout, cells[0])
 
         # Residual: layer l's input is added to its output. Layers >= 1 always match; layer 0 needs
-        # input_size == D * output_size or a learned projection weight_res_l0 (D·O, I).
+        # input_size == D * output_size or a learned projection weight_res_l0 (D·O, I). Registered
+        # first: the parameter order of earlier gatelab versions, which optimiser states rely on.
         self.weight_res_l0: nn.Parameter | None = None
         if self.residual and input_size != D * self.output_size:
             if not residual_projection:
@@ -122,9 +197,71 @@ class RecurrentLayer(nn.Module):
             self.weight_res_l0 = nn.Parameter(torch.empty(D * self.output_size, input_size, device=device, dtype=dtype))
             nn.init.xavier_uniform_(self.weight_res_l0)
 
-        self._register_state_dict_hook(_to_torch_keys)
-        self._register_load_state_dict_pre_hook(_from_torch_keys, with_module=True)
-        self.engine_name, self._why = self._choose_engine()
+        # Each cell's parameters become the layer's, under torch's names; the cells keep the same
+        # tensors for reading at rest. cells are not submodules: the layer's parameters are the only ones.
+        self._cells: tuple[RecurrentCell, ...] = tuple(cells)
+        # per cell: (its parameter name, the layer's torch name)
+        self._bindings: tuple[tuple[tuple[str, str], ...], ...] = tuple(
+            tuple((q, self._torch_name(q, k)) for q, _ in cell.named_parameters()) for k, cell in enumerate(cells)
+        )
+        for cell, binding in zip(cells, self._bindings):
+            for (_, p), (_, name) in zip(cell.named_parameters(), binding):
+                self.register_parameter(name, p)
+        self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()
+        self._register_load_state_dict_pre_hook(_from_earlier_keys, with_module=True)
+        self.engine, self._why = self._choose_engine()
+
+    # -- parameters under torch's names ------------------------------------------------------------
+
+    def _torch_name(self, name: str, k: int) -> str:
+        """``weight_ih`` of cell ``k`` -> ``weight_ih_l1_reverse``; a submodule's ``sigma_f.weight`` ->
+        ``sigma_f_weight_l0``."""
+        layer, d = divmod(k, self.num_directions)
+        return f"{name.replace('.', '_')}_l{layer}{'_reverse' if d else ''}"
+
+    @property
+    def cells(self) -> tuple[RecurrentCell, ...]:
+        """The one-step cell of each layer and direction (``cells[layer * D + direction]``), holding the
+        layer's current weights (a parametrised weight as its value, detached)."""
+        with torch.no_grad():
+            for cell, binding in zip(self._cells, self._bindings):
+                for q, name in binding:
+                    path, _, leaf = q.rpartition(".")
+                    cell.get_submodule(path)._parameters[leaf] = (
+                        getattr(self, name) if parametrize.is_parametrized(self, name) else self._parameters[name])
+        return self._cells
+
+    @contextlib.contextmanager
+    def _weights_bound(self) -> Iterator[tuple[RecurrentCell, ...]]:
+        """Within the block every cell computes with the layer's weights as its attributes return them:
+        torch's names, each parametrisation evaluated once (:meth:`RecurrentCell.using`)."""
+        with contextlib.ExitStack() as stack:
+            for cell, binding in zip(self._cells, self._bindings):
+                stack.enter_context(cell.using({q: getattr(self, name) for q, name in binding}))
+            yield self._cells
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        """torch's names of :attr:`_flat_weights`."""
+        return [n for names in self._all_weights for n in names]
+
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """Per layer and direction, the torch names of ``w_ih, w_hh, b_ih, b_hh[, w_hr]`` (torch's ``_all_weights``)."""
+        return [[self._torch_name(n, k) for n in WEIGHT_NAMES if getattr(cell, n, None) is not None]
+                for k, cell in enumerate(self._cells)]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """As torch's: per layer and direction the list ``[w_ih, w_hh, b_ih, b_hh(, w_hr)]``."""
+        return [[getattr(self, n) for n in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """Accepted for torch compatibility; gatelab keeps torch's separate weights, so there is nothing to do."""
 
     # -- configuration ---------------------------------------------------------------------------
 
@@ -132,13 +269,9 @@ class RecurrentLayer(nn.Module):
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
-    @staticmethod
-    def _output_size_of(hidden_size: int, cell_options: dict[str, Any]) -> int:
-        return cell_options.get("proj_size", 0) or hidden_size
-
     @property
     def state_names(self) -> tuple[str, ...]:
-        return self.cells[0].state_names
+        return self._cells[0].state_names
 
     def extra_options(self, runtime: bool = False) -> list[str]:
         """Options beyond torch.nn that are on. With ``runtime``, only those that act in the current
@@ -153,41 +286,43 @@ class RecurrentLayer(nn.Module):
                 out.append(f"{name}={getattr(self, name)}")
         return out
 
-    def _choose_engine(self) -> tuple[str, str]:
+    @property
+    def engine_name(self) -> str:
+        """The name of the engine that runs the next call (``reference`` while a step hook is registered)."""
+        return reference.ENGINE.name if self._step_hooks else self.engine.name
+
+    def _choose_engine(self) -> tuple[Engine, str]:
         """Pick the engine for the current configuration and mode; return it and the reason."""
-        native_blockers = engines.native.unsupported(self)
-        if self.backend == "auto":
-            if not native_blockers:
-                return "native", "backend='auto': activations and options are exactly torch's, so torch's kernel runs"
-            why = "backend='auto'; torch's kernel does not apply: " + "; ".join(native_blockers)
-            fused_blockers = engines.fused.unsupported(self)
-            if not fused_blockers:
-                return "fused", why + ". Runs the " + engines.fused.describe(self)
-            return "reference", why + "; the fused engine does not apply either: " + "; ".join(fused_blockers)
-        blockers = engines.ENGINES[self.backend].unsupported(self)
-        if not blockers:
-            why = f"backend={self.backend!r} was asked for"
-            return self.backend, why + (". Runs the " + engines.fused.describe(self) if self.backend == "fused" else "")
-        message = f"backend={self.backend!r} cannot run this layer: " + "; ".join(blockers)
-        if self.strict:
-            raise ValueError(f"{type(self).__name__}: {message} (strict=True)")
-        warnings.warn(f"{type(self).__name__}: {message}; falling back to 'reference'", UserWarning, stacklevel=3)
-        return "reference", message + "; fell back to 'reference'"
+        return engines.choose(self, self.backend, self.strict)
 
     def explain(self) -> str:
         """Which engine runs this layer in its current mode, and why."""
-        engine, why = self._choose_engine_quiet()
-        return f"{type(self).__name__}: engine {engine!r} ({'training' if self.training else 'eval'} mode). {why}"
-
-    def _choose_engine_quiet(self) -> tuple[str, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return self._choose_engine()
+            engine, why = self._choose_engine()
+        if self._step_hooks:
+            engine, why = reference.ENGINE, (f"{len(self._step_hooks)} step hook(s) registered: the reference loop "
+                                             f"runs, the only one that exposes every step's state (else: {why})")
+        return f"{type(self).__name__}: engine {engine.name!r} ({'training' if self.training else 'eval'} mode). {why}"
 
     def train(self, mode: bool = True) -> RecurrentLayer:
         super().train(mode)
-        self.engine_name, self._why = self._choose_engine_quiet()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.engine, self._why = self._choose_engine()
         return self
+
+    def register_step_hook(self, hook: StepHook) -> RemovableHandle:
+        """Call ``hook(call)`` (a :class:`DirectionCall`) whenever a layer and direction starts; it may
+        return ``on_step(t, state)``, which then sees every step's new state (before the length mask).
+
+        While any hook is registered the layer runs the reference loop, the only one that exposes every
+        step's state (``explain()`` says so); the diagnostics record states this way. Returns a
+        handle whose ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._step_hooks)
+        self._step_hooks[handle.id] = hook
+        return handle
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -199,13 +334,19 @@ class RecurrentLayer(nn.Module):
         ``(T, I)`` or a ``PackedSequence``; ``lengths`` (B,) may be given with padded input instead of
         packing. Returns ``(output, h_n)`` as torch does (``(output, (h_n, c_n))`` for an LSTM)."""
         owner = type(self).__name__
-        ref = self.cells[0].weight_ih
+        ref = next(self.parameters())
         batch = to_sequence_batch(input, self.input_size, self.batch_first, lengths, owner)
         if batch.data.dtype != ref.dtype or batch.data.device != ref.device:
             raise ValueError(f"{owner}: input is {batch.data.dtype} on {batch.data.device}, parameters are "
                              f"{ref.dtype} on {ref.device}")
         hx = self._check_hx(hx, batch)
-        out, hn = engines.ENGINES[self.engine_name].forward(self, batch, hx)
+        engine = reference.ENGINE if self._step_hooks else self.engine
+        with self._weights_bound() as cells:
+            if isinstance(engine, engines.StackEngine):
+                stack = Stack(cells, self.num_layers, self.bidirectional, self.bias, self.dropout, self.training)
+                out, hn = engine.run_stack(stack, batch.data, batch.lengths, hx)
+            else:
+                out, hn = self._run_stack(engine, cells, batch, hx)
         if not batch.batched:
             hn = tuple(h.squeeze(1) for h in hn)
         return batch.restore(out), self._pack_state(hn)
@@ -217,7 +358,7 @@ class RecurrentLayer(nn.Module):
         """Validate the initial state; return it as a tuple of ``(L·D, B, size)`` tensors."""
         owner = type(self).__name__
         LD, B, x = self.num_layers * self.num_directions, batch.batch_size, batch.data
-        sizes = self.cells[0].state_sizes()
+        sizes = self._cells[0].state_sizes()
         names = self.state_names
         if hx is None:
             return tuple(x.new_zeros(LD, B, s) for s in sizes)
@@ -238,10 +379,9 @@ class RecurrentLayer(nn.Module):
             out.append(h if batch.batched else h.unsqueeze(1))
         return tuple(out)
 
-    def run_stack(
-        self, batch: SequenceBatch, hx: tuple[Tensor, ...], run_direction: RunDirection
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """Run every layer and direction with ``run_direction`` (an engine's one-direction loop).
+    def _run_stack(self, engine: Engine, cells: tuple[RecurrentCell, ...], batch: SequenceBatch,
+                   hx: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Run every layer and direction on ``engine`` (a direction engine).
 
         Between layers: dropout (torch's), then the residual sum. Per layer and direction, sampled
         once per call in training: the variational input mask (B, I), the recurrent mask (B, R), the
@@ -257,13 +397,19 @@ class RecurrentLayer(nn.Module):
             outs = []
             for d in range(D):
                 k = layer * D + d
-                cell = self.cells[k]
+                cell = cells[k]
                 state = tuple(h[k] for h in hx)
                 rec_mask = _mask(state[0], self.recurrent_dropout) if self.training and self.recurrent_dropout else None
                 w_hh = F.dropout(cell.weight_hh, self.weight_dropout, True) if self.training and self.weight_dropout else None
                 zoneout = _zoneout_masks(x.shape[0], state, self.zoneout, self.training) if any(self.zoneout) else None
-                out, state = run_direction(cell, x, state, lengths, d == 1, rec_mask=rec_mask, weight_hh=w_hh,
-                                           zoneout=zoneout)
+                options = {"rec_mask": rec_mask, "weight_hh": w_hh, "zoneout": zoneout}
+                if self._step_hooks:
+                    call = DirectionCall(layer, d, cell, x, state, lengths)
+                    observers = [o for hook in list(self._step_hooks.values()) if (o := hook(call)) is not None]
+                    out, state = reference.run_direction(cell, x, call.state, lengths, d == 1, **options,
+                                                         on_step=_fan_out(observers))
+                else:
+                    out, state = engine.run_direction(cell, x, state, lengths, d == 1, **options, strict=self.strict)
                 outs.append(out)
                 finals.append(state)
             x = outs[0] if D == 1 else torch.cat(outs, 2)
@@ -276,31 +422,6 @@ class RecurrentLayer(nn.Module):
         hn = tuple(torch.stack(parts) for parts in zip(*finals))
         return x, hn
 
-    def flatten_parameters(self) -> None:
-        """Accepted for torch compatibility; gatelab keeps weights per cell, so there is nothing to do."""
-
-    # -- torch names -----------------------------------------------------------------------------
-
-    def _cell_index(self, layer: int, reverse: bool) -> int:
-        return layer * self.num_directions + int(reverse)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            m = _TORCH_KEY.match(name)
-            cells = self._modules.get("cells")
-            if m is None or cells is None:
-                raise
-            k = self._cell_index(int(m["layer"]), bool(m["reverse"]))
-            if k >= len(cells) or (m["reverse"] and not self.bidirectional):
-                raise
-            return getattr(cells[k], m["name"])
-
-    @property
-    def _flat_weights(self) -> list[Tensor]:
-        return engines.native.flat_weights(self)
-
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
@@ -308,28 +429,33 @@ class RecurrentLayer(nn.Module):
         for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
+        cell = self._cells[0]
+        acts = ", ".join(f"{k}={getattr(v, 'key', type(v).__name__)}" for k, v in cell.activation_slots().items())
         extras = self.extra_options()
-        return s + (", " + ", ".join(extras) if extras else "") + f", engine={self.engine_name!r}"
+        return s + f", {acts}" + (", " + ", ".join(extras) if extras else "") + f", engine={self.engine_name!r}"
 
 
-def _to_torch_keys(module: RecurrentLayer, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """state_dict hook: ``cells.3.weight_ih`` -> ``weight_ih_l1_reverse`` (torch's names)."""
-    D = module.num_directions
-    head = prefix + "cells."
-    for key in [k for k in state_dict if k.startswith(head)]:
-        index, _, name = key[len(head):].partition(".")
-        layer, d = divmod(int(index), D)
-        state_dict[f"{prefix}{name}_l{layer}{'_reverse' if d else ''}"] = state_dict.pop(key)
+def _fan_out(observers: list[OnStep]) -> OnStep | None:
+    if not observers:
+        return None
+    if len(observers) == 1:
+        return observers[0]
+
+    def on_step(t: int, state: tuple[Tensor, ...]) -> None:
+        for observe in observers:
+            observe(t, state)
+
+    return on_step
 
 
-def _from_torch_keys(module: RecurrentLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """load_state_dict pre-hook: torch's names -> ``cells.K.name``."""
+def _from_earlier_keys(module: RecurrentLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: the keys of earlier gatelab versions, where a learnable activation's
+    parameter was saved as ``sigma_f.weight_l0``, are today's ``sigma_f_weight_l0``."""
+    own = set(module._parameters)
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        m = _TORCH_KEY.match(key[len(prefix):])
-        if m is None or m["name"] == "weight_res":
-            continue
-        k = module._cell_index(int(m["layer"]), bool(m["reverse"]))
-        state_dict[f"{prefix}cells.{k}.{m['name']}"] = state_dict.pop(key)
+        rest = key[len(prefix):]
+        if "." in rest and _TORCH_KEY.match(rest) and rest.replace(".", "_") in own:
+            state_dict[prefix + rest.replace(".", "_")] = state_dict.pop(key)
 
 
 def _check_rate(owner: str, name: str, p: float) -> None:
@@ -337,15 +463,17 @@ def _check_rate(owner: str, name: str, p: float) -> None:
         raise ValueError(f"{owner}: {name} must be a probability in [0, 1), got {p!r}")
 
 
-def _zoneout_rates(owner: str, zoneout: float | tuple[float, ...], names: tuple[str, ...]) -> tuple[float, ...]:
-    """One zoneout rate per state tensor: a float applies to all of h and c (never to FGR's gates)."""
-    zonable = tuple(n for n in names if n != "gates")
+def _zoneout_rates(owner: str, zoneout: float | tuple[float, ...], cell: RecurrentCell) -> tuple[float, ...]:
+    """One zoneout rate per state tensor: a float applies to every state the cell lets zoneout act on."""
+    names = cell.state_names
+    zonable = tuple(n for n in names if cell.zoneout_states is None or n in cell.zoneout_states)
     rates = tuple(zoneout) if isinstance(zoneout, (tuple, list)) else (zoneout,) * len(zonable)
     if len(rates) != len(zonable):
         raise ValueError(f"{owner}: zoneout takes one rate or one per state ({', '.join(zonable)}), got {zoneout!r}")
     for r in rates:
         _check_rate(owner, "zoneout", r)
-    return tuple(float(r) for r in rates) + (0.0,) * (len(names) - len(zonable))
+    by_name = dict(zip(zonable, (float(r) for r in rates)))
+    return tuple(by_name.get(n, 0.0) for n in names)
 
 
 def _zoneout_masks(T: int, state: tuple[Tensor, ...], rates: tuple[float, ...], training: bool

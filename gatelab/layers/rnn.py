@@ -8,21 +8,12 @@ import torch
 from torch import nn
 
 from ..activations import ActivationSpec
-from ..cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell
+from ..cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell, registry
 from ..cells.base import GateActivationSpec
-from ..engines import native
-from .base import RecurrentLayer
+from .base import LAYER_OPTIONS, RecurrentLayer, options_doc
 
-_LAYER_OPTIONS_DOC = """
-    Beyond torch (keyword-only): ``residual`` (add each layer's input to its output; layer 0 uses a
-    learned projection ``weight_res_l0`` when sizes differ, unless ``residual_projection=False``),
-    ``input_dropout`` and ``recurrent_dropout`` (variational: one mask per sequence and layer, reused
-    at every step, off in eval), ``weight_dropout`` (DropConnect on ``W_hh``, resampled each forward),
-    ``zoneout`` (one rate, or one per state; eval uses the expectation), ``init`` (``"torch"``,
-    ``"orthogonal"``, ``"identity"``, ``"chrono"`` with ``chrono_max_length``), ``forget_bias``,
-    ``backend`` (``"auto"``, ``"native"``, ``"reference"``), ``strict`` (raise instead of falling
-    back) and the cell's activation slots and options. ``explain()`` says which engine runs and why.
-"""
+_TORCH_ARGS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
+_FACTORY = ("device", "dtype")
 
 
 class _TorchCompatible(RecurrentLayer):
@@ -32,7 +23,8 @@ class _TorchCompatible(RecurrentLayer):
 
     @classmethod
     def from_torch(cls, module: nn.RNNBase, **options: Any) -> _TorchCompatible:
-        """A gatelab layer with ``module``'s configuration and weights (plus any extra ``options``)."""
+        """A gatelab layer with ``module``'s configuration and weights (plus any extra ``options``,
+        keyword arguments of this class)."""
         if not isinstance(module, cls.torch_class):
             raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls.torch_class.__name__}, "
                             f"got {type(module).__name__}")
@@ -53,16 +45,16 @@ class _TorchCompatible(RecurrentLayer):
 
     def to_torch(self) -> nn.RNNBase:
         """The equivalent ``torch.nn`` module with these weights; raises if torch cannot express it."""
-        differences = native.cell_differences(self.cells[0]) + self.extra_options()
+        differences = self.cells[0].torch_differences() + self.extra_options()
         if differences:
             raise ValueError(f"{type(self).__name__}.to_torch: torch.nn cannot express " + "; ".join(differences))
-        p = self.cells[0].weight_ih
+        p = next(self.parameters())
         module = self.torch_class(
             self.input_size, self.hidden_size, num_layers=self.num_layers, bias=self.bias,
             batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
             device=p.device, dtype=p.dtype, **self._to_torch_kwargs(),
         )
-        module.load_state_dict(self.state_dict())
+        module.load_state_dict({k: v.detach() for k, v in zip(self._flat_weights_names, self._flat_weights)})
         return module
 
     def _to_torch_kwargs(self) -> dict[str, Any]:
@@ -72,9 +64,9 @@ class _TorchCompatible(RecurrentLayer):
 class RNN(_TorchCompatible):
     __doc__ = """Elman RNN over a sequence, a drop-in ``torch.nn.RNN`` whose activation is any registered one.
 
-    ``nonlinearity`` (torch's name) or ``activation`` picks φ in ``h' = φ(W_ih x + b_ih + W_hh h + b_hh)``;
-    ``"tanh"`` and ``"relu"`` run on torch's kernel.
-    """ + _LAYER_OPTIONS_DOC
+    ``h' = φ(W_ih x + b_ih + W_hh h + b_hh)``; ``nonlinearity`` (torch's name) or ``activation`` picks
+    φ, and ``"tanh"`` and ``"relu"`` run on torch's kernel. Returns ``(output, h_n)``.
+    """ + options_doc(*_TORCH_ARGS[:3], "nonlinearity", *_TORCH_ARGS[3:], *_FACTORY, "activation", *LAYER_OPTIONS)
     cell_class = ElmanCell
     torch_class = nn.RNN
 
@@ -92,14 +84,31 @@ class RNN(_TorchCompatible):
         dtype: torch.dtype | None = None,
         *,
         activation: ActivationSpec | None = None,
-        **options: Any,
+        residual: bool = False,
+        residual_projection: bool = True,
+        input_dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        weight_dropout: float = 0.0,
+        zoneout: float | tuple[float, ...] = 0.0,
+        init: str = "torch",
+        forget_bias: float | None = None,
+        chrono_max_length: int | None = None,
+        backend: str = "auto",
+        strict: bool = False,
     ) -> None:
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         device=device, dtype=dtype, activation=activation or nonlinearity, **options)
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            cell_options={"activation": activation or nonlinearity},
+            residual=residual, residual_projection=residual_projection, input_dropout=input_dropout,
+            recurrent_dropout=recurrent_dropout, weight_dropout=weight_dropout, zoneout=zoneout, init=init,
+            forget_bias=forget_bias, chrono_max_length=chrono_max_length, backend=backend, strict=strict,
+            device=device, dtype=dtype,
+        )
 
     @property
     def nonlinearity(self) -> str:
-        return self.cells[0].phi.key if hasattr(self.cells[0].phi, "key") else type(self.cells[0].phi).__name__
+        phi = self._cells[0].phi
+        return phi.key if hasattr(phi, "key") else type(phi).__name__
 
     @classmethod
     def _torch_kwargs(cls, module: nn.RNNBase) -> dict[str, Any]:
@@ -112,11 +121,11 @@ class RNN(_TorchCompatible):
 class LSTM(_TorchCompatible):
     __doc__ = """LSTM over a sequence, a drop-in ``torch.nn.LSTM`` with every activation pluggable.
 
-    Takes torch's arguments (``proj_size`` included) and every :class:`~gatelab.LSTMCell` option:
-    ``gate_activation`` (one or per gate), ``candidate_activation``, ``cell_activation``,
-    ``peephole``, ``peephole_output``, ``coupled``, ``gates``, ``layer_norm``, ``variant``.
-    Returns ``(output, (h_n, c_n))``; with ``variant="FGR"`` the state is ``(h_n, c_n, gates_n)``.
-    """ + _LAYER_OPTIONS_DOC
+    The maths is :class:`~gatelab.LSTMCell`'s. Returns ``(output, (h_n, c_n))``; with
+    ``variant="FGR"`` the state is ``(h_n, c_n, gates_n)``.
+    """ + options_doc(*_TORCH_ARGS, "proj_size", *_FACTORY, "gate_activation", "candidate_activation",
+                      "cell_activation", "peephole", "peephole_output", "coupled", "gates", "layer_norm",
+                      "full_gate_recurrence", "variant", *LAYER_OPTIONS)
     cell_class = LSTMCell
     torch_class = nn.LSTM
 
@@ -136,11 +145,38 @@ class LSTM(_TorchCompatible):
         gate_activation: GateActivationSpec | None = None,
         candidate_activation: ActivationSpec | None = None,
         cell_activation: ActivationSpec | None = None,
-        **options: Any,
+        peephole: bool | None = None,
+        peephole_output: str = "current",
+        coupled: bool | None = None,
+        gates: str | None = None,
+        layer_norm: bool = False,
+        full_gate_recurrence: bool | None = None,
+        variant: str | None = None,
+        residual: bool = False,
+        residual_projection: bool = True,
+        input_dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        weight_dropout: float = 0.0,
+        zoneout: float | tuple[float, ...] = 0.0,
+        init: str = "torch",
+        forget_bias: float | None = None,
+        chrono_max_length: int | None = None,
+        backend: str = "auto",
+        strict: bool = False,
     ) -> None:
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         device=device, dtype=dtype, proj_size=proj_size, gate_activation=gate_activation,
-                         candidate_activation=candidate_activation, cell_activation=cell_activation, **options)
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            cell_options={
+                "proj_size": proj_size, "gate_activation": gate_activation,
+                "candidate_activation": candidate_activation, "cell_activation": cell_activation,
+                "peephole": peephole, "peephole_output": peephole_output, "coupled": coupled, "gates": gates,
+                "layer_norm": layer_norm, "full_gate_recurrence": full_gate_recurrence, "variant": variant,
+            },
+            residual=residual, residual_projection=residual_projection, input_dropout=input_dropout,
+            recurrent_dropout=recurrent_dropout, weight_dropout=weight_dropout, zoneout=zoneout, init=init,
+            forget_bias=forget_bias, chrono_max_length=chrono_max_length, backend=backend, strict=strict,
+            device=device, dtype=dtype,
+        )
         self.proj_size = proj_size
 
     def _pack_state(self, hn):
@@ -157,9 +193,9 @@ class LSTM(_TorchCompatible):
 class GRU(_TorchCompatible):
     __doc__ = """GRU over a sequence, a drop-in ``torch.nn.GRU`` with pluggable gate and candidate activations.
 
-    Takes torch's arguments and the :class:`~gatelab.GRUCell` options ``gate_activation`` (one or
-    ``{"r": ..., "z": ...}``), ``candidate_activation`` and ``reset_after``.
-    """ + _LAYER_OPTIONS_DOC
+    The maths is :class:`~gatelab.GRUCell`'s (gates ``r, z``, candidate ``n``). Returns ``(output, h_n)``.
+    """ + options_doc(*_TORCH_ARGS, *_FACTORY, "gate_activation", "candidate_activation", "reset_after",
+                      *LAYER_OPTIONS)
     cell_class = GRUCell
     torch_class = nn.GRU
 
@@ -177,18 +213,35 @@ class GRU(_TorchCompatible):
         *,
         gate_activation: GateActivationSpec | None = None,
         candidate_activation: ActivationSpec = "tanh",
-        **options: Any,
+        reset_after: bool = True,
+        residual: bool = False,
+        residual_projection: bool = True,
+        input_dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        weight_dropout: float = 0.0,
+        zoneout: float | tuple[float, ...] = 0.0,
+        init: str = "torch",
+        forget_bias: float | None = None,
+        chrono_max_length: int | None = None,
+        backend: str = "auto",
+        strict: bool = False,
     ) -> None:
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         device=device, dtype=dtype, gate_activation=gate_activation,
-                         candidate_activation=candidate_activation, **options)
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            cell_options={"gate_activation": gate_activation, "candidate_activation": candidate_activation,
+                          "reset_after": reset_after},
+            residual=residual, residual_projection=residual_projection, input_dropout=input_dropout,
+            recurrent_dropout=recurrent_dropout, weight_dropout=weight_dropout, zoneout=zoneout, init=init,
+            forget_bias=forget_bias, chrono_max_length=chrono_max_length, backend=backend, strict=strict,
+            device=device, dtype=dtype,
+        )
 
 
 class GatedStateRNN(RecurrentLayer):
     __doc__ = """The gated-state recurrence of :class:`~gatelab.GatedStateCell` over a sequence.
 
-    torch's layer arguments; returns ``(output, s_n)`` where ``output`` holds ``y_t = o_t ⊙ s_t``.
-    """ + _LAYER_OPTIONS_DOC
+    ``s' = f ⊙ s + i ⊙ s̃``, ``y = o ⊙ s'``; returns ``(output, s_n)`` where ``output`` holds ``y_t``.
+    """ + options_doc(*_TORCH_ARGS, *_FACTORY, "gate_activation", "candidate_activation", *LAYER_OPTIONS)
     cell_class = GatedStateCell
 
     def __init__(
@@ -205,8 +258,27 @@ class GatedStateRNN(RecurrentLayer):
         *,
         gate_activation: GateActivationSpec | None = None,
         candidate_activation: ActivationSpec = "tanh",
-        **options: Any,
+        residual: bool = False,
+        residual_projection: bool = True,
+        input_dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        weight_dropout: float = 0.0,
+        zoneout: float | tuple[float, ...] = 0.0,
+        init: str = "torch",
+        forget_bias: float | None = None,
+        chrono_max_length: int | None = None,
+        backend: str = "auto",
+        strict: bool = False,
     ) -> None:
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         device=device, dtype=dtype, gate_activation=gate_activation,
-                         candidate_activation=candidate_activation, **options)
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            cell_options={"gate_activation": gate_activation, "candidate_activation": candidate_activation},
+            residual=residual, residual_projection=residual_projection, input_dropout=input_dropout,
+            recurrent_dropout=recurrent_dropout, weight_dropout=weight_dropout, zoneout=zoneout, init=init,
+            forget_bias=forget_bias, chrono_max_length=chrono_max_length, backend=backend, strict=strict,
+            device=device, dtype=dtype,
+        )
+
+
+for _layer in (LSTM, GRU, RNN, GatedStateRNN):
+    registry.register(_layer.cell_class, _layer)

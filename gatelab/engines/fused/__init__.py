@@ -2,15 +2,15 @@
 registered activation, and hand-written backpropagation through time with the weight gradients as
 GEMMs after the loop.
 
-Two implementations of the same algorithm: C++ kernels (compiled at first use and cached; see
-:mod:`.cpp`) and a pure-PyTorch twin (:mod:`.function`, :mod:`.steps`), which always works and is
-what the C++ is tested against.
+Its time loops are an ordered list, :data:`LOOPS`: the first one with nothing unsupported for the
+cell (and available: the C++ kernels compile at first use) runs. Today: the C++ loops (:mod:`.cpp`)
+and the pure-PyTorch twin (:mod:`.function`, :mod:`.steps`), which always works and is what the C++
+is tested against. A new loop (the GPU one) is one class with the :class:`Loop` shape and one entry.
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,24 +19,113 @@ from torch import Tensor
 from ...activations import ModuleActivation
 from ...cells import LSTMCell, RecurrentCell
 from .. import reference
+from ..base import ZoneoutMasks
 from . import cpp
 from .function import FusedDirection, PyLoop, infer
-from .steps import STEPS
+from .steps import step_class
 
 if TYPE_CHECKING:
     from ...layers.base import RecurrentLayer
-    from ...layers.sequence import SequenceBatch
 
-name = "fused"
+
+class Loop(Protocol):
+    """One implementation of the fused engine's time loop."""
+
+    name: str
+
+    def unsupported(self, cell: RecurrentCell) -> list[str]:
+        """Why this loop cannot run ``cell`` as configured, here (its device included); empty: it can."""
+
+    def unavailable(self) -> list[str]:
+        """Why the loop cannot run at all just now (kernels that failed to build); empty: it can."""
+
+    def ready(self, strict: bool) -> bool:
+        """Make the loop usable (build what it needs); False if it cannot, or raise when ``strict``."""
+
+    def describe(self, cell: RecurrentCell) -> str:
+        """The phrase ``explain()`` uses for this loop running ``cell``."""
+
+    def run(self, cell: RecurrentCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool,
+            rec_mask: Tensor | None, W_hh: Tensor, zoneout: ZoneoutMasks | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Same contract as :meth:`gatelab.engines.base.DirectionEngine.run_direction`."""
+
+
+def _is_layer_norm(cell: RecurrentCell) -> bool:
+    return isinstance(cell, LSTMCell) and cell.layer_norm
+
+
+class CppLoops:
+    """The C++ time loops (:mod:`.cpp`): LSTM (plain and layer-norm), GRU, Elman, gated state on the CPU."""
+
+    name = "C++"
+
+    def unsupported(self, cell: RecurrentCell) -> list[str]:
+        return cpp.cell_blockers(cell)
+
+    def unavailable(self) -> list[str]:
+        return [cpp.status()] if cpp.failed() else []
+
+    def ready(self, strict: bool) -> bool:
+        return cpp.load(strict=strict)
+
+    def describe(self, cell: RecurrentCell) -> str:
+        what = "C++ loop" + (" (layer-norm LSTM; the input-side norm under autograd)" if _is_layer_norm(cell) else "")
+        return what + ("" if cpp.loaded() else " (compiled at first use)")
+
+    def run(self, cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout):
+        loop = cpp.CppLoop(step_class(cell)(cell, W_hh), None if zoneout is None else tuple(map(cpp.contiguous, zoneout)))
+        state = tuple(s.contiguous() for s in state)
+        lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
+        rec_mask, W_hh = cpp.contiguous(rec_mask), W_hh.contiguous()
+        if not _is_layer_norm(cell):
+            args = (loop, reverse, lengths, rec_mask, x.contiguous(), cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh)
+            return _apply((*args, *state), loop.step.extra_params())
+        # The layer-norm LSTM: the input side LN(W_ih x) ⊙ g_ih + b for all steps under autograd, the
+        # recurrence (with the norms of W_hh h and c') in the C++ loop.
+        G = cell.weight_ih.shape[0]
+        xw = F.layer_norm(F.linear(x, cell.weight_ih), (G,), cell.ln_ih_weight, None, cell.layer_norm_eps)
+        if cell.bias:
+            xw = xw + (cell.bias_ih + cell.bias_hh)
+        args = (loop, reverse, lengths, rec_mask, xw.contiguous(), None, W_hh, None, None, *state)
+        return _apply(args, [cell.ln_hh_weight, cell.ln_c_weight, cell.ln_c_bias])  # the order CppLoop returns
+
+
+class PyTorchLoop:
+    """The pure-PyTorch time loop over a per-cell step (:mod:`.steps`): every option, any device."""
+
+    name = "PyTorch"
+
+    def unsupported(self, cell: RecurrentCell) -> list[str]:
+        if _is_layer_norm(cell):
+            return ["layer_norm=True is fused on the C++ loop only"]
+        return []
+
+    def unavailable(self) -> list[str]:
+        return []
+
+    def ready(self, strict: bool) -> bool:
+        return True
+
+    def describe(self, cell: RecurrentCell) -> str:
+        return "pure-PyTorch loop"
+
+    def run(self, cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout):
+        loop = PyLoop(step_class(cell)(cell, W_hh), zoneout)
+        return _apply((loop, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh, *state),
+                      loop.step.extra_params())
+
+
+LOOPS: tuple[Loop, ...] = (CppLoops(), PyTorchLoop())
 
 
 def cell_blockers(cell: RecurrentCell) -> list[str]:
-    """Why the fused engine cannot run ``cell`` (empty when it can)."""
+    """Why the fused engine cannot run ``cell`` on any loop (empty when it can)."""
     out = []
-    if type(cell) not in STEPS:
-        out.append(f"the fused engine has no step for {type(cell).__name__}")
+    if step_class(cell) is None:
+        out.append(f"the fused engine has no step for {type(cell).__name__} (it needs a 'matrix' recurrence "
+                   f"with combine(), or a hand-written step)")
     if isinstance(cell, LSTMCell):
-        if cell.layer_norm and (blocked := _layer_norm_blockers(cell)):
+        if cell.layer_norm and (blocked := [b for b in cpp.cell_blockers(cell) if not b.startswith(cpp.DEVICE_BLOCKER)]):
             out.append(f"layer_norm=True is fused on the C++ loop only, which cannot run this cell ({blocked[0]})")
         if cell.full_gate_recurrence:
             out.append("full_gate_recurrence (FGR) is not fused yet")
@@ -46,65 +135,42 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
     return out
 
 
-def _layer_norm_blockers(cell: LSTMCell) -> list[str]:
-    """What keeps the C++ loop from a layer-norm LSTM cell, its device aside: a cell moved to another
-    device after the engine was chosen runs the reference loop (see :func:`_run_layer_norm`)."""
-    return [b for b in cpp.cell_blockers(cell) if not b.startswith("the C++ loop runs on the CPU")]
+class FusedEngine:
+    """gatelab's engine for any registered activation (see the module docstring)."""
+
+    name = "fused"
+    title = "the fused engine"
+
+    def unsupported(self, layer: RecurrentLayer) -> list[str]:
+        return cell_blockers(layer.cells[0])
+
+    def describe(self, layer: RecurrentLayer) -> str:
+        """Which loop runs ``layer``'s cells, and why the loops before it in :data:`LOOPS` do not."""
+        cell = layer.cells[0]
+        skipped: list[str] = []
+        for loop in LOOPS:
+            why = loop.unsupported(cell) or loop.unavailable()
+            if not why:
+                return f"the fused engine, {loop.describe(cell)}" + (": " + "; ".join(skipped) if skipped else "")
+            skipped += why
+        return "the fused engine, layer_norm on the reference loop: " + "; ".join(skipped)
+
+    def run_direction(
+        self, cell: RecurrentCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool, *,
+        rec_mask: Tensor | None = None, weight_hh: Tensor | None = None, zoneout: ZoneoutMasks | None = None,
+        strict: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        W_hh = cell.weight_hh if weight_hh is None else weight_hh
+        for loop in LOOPS:
+            if not loop.unsupported(cell) and loop.ready(strict):
+                return loop.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
+        # Only a layer-norm LSTM gets here (no C++ kernels, or another device): the reference loop,
+        # as describe() says.
+        return reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=W_hh,
+                                       zoneout=zoneout)
 
 
-def unsupported(layer: RecurrentLayer) -> list[str]:
-    return cell_blockers(layer.cells[0])
-
-
-def forward(layer: RecurrentLayer, batch: SequenceBatch, hx: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-    return layer.run_stack(batch, hx, partial(run_direction, strict=layer.strict))
-
-
-def describe(layer: RecurrentLayer) -> str:
-    """Which loop the fused engine runs for ``layer``: the C++ one, or the pure-PyTorch one and why."""
-    cell = layer.cells[0]
-    blockers = cpp.cell_blockers(cell)
-    layer_norm = isinstance(cell, LSTMCell) and cell.layer_norm
-    if blockers:
-        loop = "layer_norm on the reference loop" if layer_norm else "pure-PyTorch loop"
-        return f"fused engine, {loop}: " + "; ".join(blockers)
-    if cpp.failed():
-        if layer_norm:
-            return "fused engine, layer_norm on the reference loop: " + cpp.status()
-        return "fused engine, pure-PyTorch loop: " + cpp.status()
-    what = "C++ loop" + (" (layer-norm LSTM; the input-side norm under autograd)" if layer_norm else "")
-    return f"fused engine, {what}" + ("" if cpp.loaded() else " (compiled at first use)")
-
-
-def run_direction(
-    cell: RecurrentCell,
-    x: Tensor,
-    state: tuple[Tensor, ...],
-    lengths: Tensor | None,
-    reverse: bool,
-    *,
-    rec_mask: Tensor | None = None,
-    weight_hh: Tensor | None = None,
-    zoneout: tuple[Tensor | None, ...] | None = None,
-    strict: bool = False,
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """Same contract as :func:`gatelab.engines.reference.run_direction`; runs the C++ loop when the
-    cell allows it and the kernels load, else the pure-PyTorch loop (the layer-norm LSTM: see
-    :func:`_run_layer_norm`)."""
-    W_hh = cell.weight_hh if weight_hh is None else weight_hh
-    if isinstance(cell, LSTMCell) and cell.layer_norm:
-        return _run_layer_norm(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout, strict)
-    step = STEPS[type(cell)](cell, W_hh)
-    if not cpp.cell_blockers(cell) and cpp.load(strict=strict):
-        loop = cpp.CppLoop(step, None if zoneout is None else tuple(cpp.contiguous(m) for m in zoneout))
-        state = tuple(s.contiguous() for s in state)
-        x, W_hh = x.contiguous(), W_hh.contiguous()
-        rec_mask = cpp.contiguous(rec_mask)
-        lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
-    else:
-        loop = PyLoop(step, zoneout)
-    return _apply((loop, reverse, lengths, rec_mask, x, cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh, *state),
-                  step.extra_params())
+ENGINE = FusedEngine()
 
 
 def _apply(args: tuple, extra: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -115,29 +181,9 @@ def _apply(args: tuple, extra: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]
     return out, tuple(final)
 
 
-def _run_layer_norm(cell: LSTMCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool,
-                    rec_mask: Tensor | None, W_hh: Tensor, zoneout: tuple[Tensor | None, ...] | None, strict: bool
-                    ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """The layer-norm LSTM: the input side ``LN(W_ih x) ⊙ g_ih + b`` for all steps under autograd, the
-    recurrence (with the norms of ``W_hh h`` and ``c'``) in the C++ loop. Without the C++ kernels, or
-    on another device than the CPU, it runs the reference loop (:func:`describe` says so)."""
-    if strict and (blockers := _layer_norm_blockers(cell)):
-        raise RuntimeError("the fused engine cannot run this layer-norm LSTM: " + "; ".join(blockers))
-    if cpp.cell_blockers(cell) or not cpp.load(strict=strict):  # e.g. on CUDA: the C++ loop is CPU-only
-        return reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=W_hh,
-                                       zoneout=zoneout)
-    G = cell.weight_ih.shape[0]
-    xw = F.layer_norm(F.linear(x, cell.weight_ih), (G,), cell.ln_ih_weight, None, cell.layer_norm_eps)
-    if cell.bias:
-        xw = xw + (cell.bias_ih + cell.bias_hh)
-    loop = cpp.CppLoop(STEPS[LSTMCell](cell, W_hh), None if zoneout is None else tuple(map(cpp.contiguous, zoneout)))
-    state = tuple(s.contiguous() for s in state)
-    lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
-    args = (loop, reverse, lengths, cpp.contiguous(rec_mask), xw.contiguous(), None, W_hh.contiguous(), None, None,
-            *state)
-    return _apply(args, [cell.ln_hh_weight, cell.ln_c_weight, cell.ln_c_bias])  # the order CppLoop returns
-
-
 def implementation() -> str:
     """Which implementation of the fused engine's loop runs here: ``"C++"`` or ``"PyTorch"``."""
     return "C++" if cpp.load() else "PyTorch"
+
+
+__all__ = ["ENGINE", "FusedEngine", "LOOPS", "Loop", "CppLoops", "PyTorchLoop", "cell_blockers", "implementation"]

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from ...activations import Activation
 from ...cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell, RecurrentCell
@@ -35,12 +36,10 @@ _DEFAULT_PARAM = {"hard_sigmoid": 1 / 6, "leaky_relu": 0.01, "elu": 1.0}
 # Not -ffast-math: linking with it sets flush-to-zero for the whole process (crtfastmath).
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
          "-fassociative-math", "-freciprocal-math", "-ffp-contract=fast", "-w"]
-_SLOTS = {
-    LSTMCell: ("sigma_i", "sigma_f", "phi", "sigma_o", "psi"),
-    GRUCell: ("sigma_r", "sigma_z", "phi"),
-    ElmanCell: ("phi",),
-    GatedStateCell: ("sigma_f", "sigma_i", "sigma_o", "phi"),
-}
+# The cell classes the kernels have loops for; they take each cell's activations in the order of
+# its ``slots`` (LSTM: sigma_i, sigma_f, phi, sigma_o, psi).
+CELLS = (LSTMCell, GRUCell, ElmanCell, GatedStateCell)
+DEVICE_BLOCKER = "the C++ loop runs on the CPU"
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": False, "error": None}
@@ -141,7 +140,7 @@ def _kind(act: Any) -> tuple[int, float] | None:
 def cell_blockers(cell: RecurrentCell) -> list[str]:
     """Why the C++ loop cannot run ``cell`` (the pure-PyTorch loop still can)."""
     out = []
-    if type(cell) not in _SLOTS:
+    if type_before_parametrizations(cell) not in CELLS:
         return [f"no C++ loop for {type(cell).__name__}"]
     if isinstance(cell, LSTMCell):
         for opt in ("peephole", "coupled", "proj_size"):
@@ -153,12 +152,11 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
         out.append("reset_after=False runs on the pure-PyTorch loop")
     if out:
         return out
-    slots = cell.activation_slots()
-    for slot in _SLOTS[type(cell)]:
-        if _kind(slots[slot]) is None:
-            out.append(f"{slot} ({getattr(slots[slot], 'key', type(slots[slot]).__name__)}) has no C++ kernel")
+    for slot, act in cell.activation_slots().items():
+        if _kind(act) is None:
+            out.append(f"{slot} ({getattr(act, 'key', type(act).__name__)}) has no C++ kernel")
     if cell.weight_ih.device.type != "cpu":
-        out.append(f"the C++ loop runs on the CPU, parameters are on {cell.weight_ih.device}")
+        out.append(f"{DEVICE_BLOCKER}, parameters are on {cell.weight_ih.device}")
     return out
 
 
@@ -175,14 +173,14 @@ class CppLoop:
         self.step = step
         self.zoneout = zoneout if zoneout is not None else (None, None)  # keep shares per state tensor
         cell = step.cell
-        kinds = [_kind(cell.activation_slots()[s]) for s in _SLOTS[type(cell)]]
+        kinds = [_kind(act) for act in cell.activation_slots().values()]  # in the cell's slot order
         self.kinds = [k for k, _ in kinds]
         self.params = [p for _, p in kinds]
         # keep the pre-activations when a derivative reads them (the LSTM's ψ reads the saved cell
         # state or its normalised form instead)
         gates = kinds[:4] if isinstance(cell, LSTMCell) else kinds
         self.save_z = any(_needs_input(k, p) for k, p in gates)
-        self.name = type(cell).__name__
+        self.name = cell.name
         self.layer_norm = isinstance(cell, LSTMCell) and cell.layer_norm
         self.fold_bias_hh = not isinstance(cell, GRUCell)
         self.ops = torch.ops.gatelab_fused
@@ -197,16 +195,16 @@ class CppLoop:
                                                      c.ln_hh_weight, c.ln_c_weight, c.ln_c_bias, c.layer_norm_eps,
                                                      k, p, reverse, z, keep)
             return out, (h, cs), (saved, state[1])
-        if self.name == "LSTMCell":
+        if self.name == "lstm":
             zh, zc = self.zoneout
             out, h, c, *saved = ops.lstm_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, zh, zc, k, p,
                                                  reverse, z, keep)
             return out, (h, c), (saved, state[1])
-        if self.name == "GRUCell":
+        if self.name == "gru":
             out, h, *saved = ops.gru_forward(xw, W_hh, b_hh, state[0], lengths, rec_mask, self.zoneout[0], k, p,
                                              reverse, z, keep)
             return out, (h,), (saved, state[0])
-        if self.name == "ElmanCell":
+        if self.name == "rnn":
             out, h, *saved = ops.elman_forward(xw, W_hh, state[0], lengths, rec_mask, self.zoneout[0], k[0], p[0],
                                                reverse, z, keep)
             return out, (h,), (saved, state[0])
@@ -226,18 +224,18 @@ class CppLoop:
                                                        zh, zc, k, p, reverse)
             gains = [(dZ * NH).sum((0, 1)), (dY * NC).sum((0, 1)), dY.sum((0, 1))]  # g_hh, g_c, b_c
             return dZ, dGH, (dh, dc), HR, gains
-        if self.name == "LSTMCell":
+        if self.name == "lstm":
             Z, A, C, K, HR, CP = tensors
             zh, zc = self.zoneout
             dZ, dh, dc = ops.lstm_backward(dout, dstate[0], dstate[1], Z, A, C, K, CP, first, W_hh, lengths, rec_mask,
                                            zh, zc, k, p, reverse)
             return dZ, dZ, (dh, dc), HR, []
-        if self.name == "GRUCell":
+        if self.name == "gru":
             Z, A, GHn, S, HR = tensors
             dXW, dGH, dh = ops.gru_backward(dout, dstate[0], Z, A, GHn, S, first, W_hh, lengths, rec_mask,
                                             self.zoneout[0], k, p, reverse)
             return dXW, dGH, (dh,), HR, []
-        if self.name == "ElmanCell":
+        if self.name == "rnn":
             Z, S, HR = tensors
             dZ, dh = ops.elman_backward(dout, dstate[0], Z, S, W_hh, lengths, rec_mask, self.zoneout[0], k[0], p[0],
                                         reverse)

@@ -44,7 +44,7 @@ class PyLoop:
     def __init__(self, step: Step, zoneout: tuple[Tensor | None, ...] | None = None) -> None:
         self.step = step
         self.zoneout = zoneout
-        self.output_is_state = step.cell.state_names[0] == "h"
+        self.output_state = step.cell.output_state  # which state is also the output (None: computed)
 
     def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse, keep=True):
         T, B, _ = xw.shape
@@ -61,7 +61,7 @@ class PyLoop:
             out, new, saved[t] = self.step.forward(xw[t], gh, state, h_rec)
             if self.zoneout is not None:
                 new = tuple(s if m is None else m[t] * old + (1 - m[t]) * s for old, s, m in zip(state, new, self.zoneout))
-                out = new[0] if self.output_is_state else out
+                out = out if self.output_state is None else new[self.output_state]
             if lengths is not None:
                 live = (lengths > t).unsqueeze(1)  # (B, 1); where, not a blend: a dead row's update may be inf
                 new = tuple(torch.where(live, s, old) for old, s in zip(state, new))
@@ -83,8 +83,8 @@ class PyLoop:
             ds_t = dstate if live is None else tuple(d * live for d in dstate)
             kept = None
             if self.zoneout is not None:  # new = m·old + (1 − m)·update: split the gradient between them
-                if self.output_is_state:  # the output is the zoned-out state
-                    ds_t, do_t = (ds_t[0] + do_t, *ds_t[1:]), torch.zeros_like(do_t)
+                if (k := self.output_state) is not None:  # the output is the zoned-out state
+                    ds_t, do_t = (*ds_t[:k], ds_t[k] + do_t, *ds_t[k + 1:]), torch.zeros_like(do_t)
                 kept = tuple(None if m is None else d * m[t] for d, m in zip(ds_t, self.zoneout))
                 ds_t = tuple(d if m is None else d * (1 - m[t]) for d, m in zip(ds_t, self.zoneout))
             dxw, dgh, dprev, dh_extra = self.step.backward(do_t, ds_t, steps[t], None, pgrads, [])

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from ...activations import Activation, LearnableActivation
 from ...cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell, RecurrentCell
@@ -234,4 +235,49 @@ def _acc(grads: dict[str, Tensor], name: str, value: Tensor) -> None:
     grads[name] = grads[name] + value if name in grads else value
 
 
+class GenericStep(Step):
+    """Any cell with a ``"matrix"`` recurrence and :meth:`~gatelab.cells.RecurrentCell.combine`: the
+    forward runs ``combine`` under autograd on fresh leaves, the backward asks autograd for the
+    step's gradients. Slower than a hand-written step, but a new cell kind runs on the fused engine's
+    loop (one input GEMM, one recurrent GEMM per step, weight gradients after the loop) with nothing
+    more than its registry entry."""
+
+    _MATRIX = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def extra_params(self) -> list[Tensor]:
+        return [p for n, p in self.cell.named_parameters() if n not in self._MATRIX]
+
+    def forward(self, xw, gh, state, h_rec):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (xw, gh, *state)]
+            out, new = self.cell.combine(leaves[0], leaves[1], tuple(leaves[2:]))
+        return out.detach(), tuple(s.detach() for s in new), (leaves, out, new)
+
+    def backward(self, dout, dstate, saved, state, pgrads, pext):
+        leaves, out, new = saved
+        params = self.extra_params()
+        outputs, grads = zip(*[(t, g) for t, g in zip((out, *new), (dout, *dstate)) if t.requires_grad])
+        found = torch.autograd.grad(outputs, [*leaves, *params], grads, allow_unused=True)
+        found = [torch.zeros_like(t) if g is None else g for t, g in zip([*leaves, *params], found)]
+        n = len(leaves)
+        for i, g in enumerate(found[n:]):
+            _acc(pgrads, i, g)
+        return found[0], found[1], tuple(found[2:n]), None
+
+    def param_grads(self, pgrads: dict[Any, Tensor]) -> list[Tensor]:
+        return [pgrads.get(i, torch.zeros_like(p)) for i, p in enumerate(self.extra_params())]
+
+
+# The hand-written steps, for exactly these classes (a subclass may compute something else).
 STEPS: dict[type, type[Step]] = {ElmanCell: ElmanStep, GRUCell: GRUStep, LSTMCell: LSTMStep, GatedStateCell: GatedStateStep}
+
+
+def step_class(cell: RecurrentCell) -> type[Step] | None:
+    """The step the fused loops use for ``cell``: its hand-written one, :class:`GenericStep` for a
+    matrix recurrence with ``combine()``, else None (the fused engine cannot run it)."""
+    cls = type_before_parametrizations(cell)
+    if cls in STEPS:
+        return STEPS[cls]
+    if cell.recurrence == "matrix" and type(cell).combine is not RecurrentCell.combine:
+        return GenericStep
+    return None
