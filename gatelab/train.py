@@ -193,16 +193,10 @@ def l1_norm(model: torch.nn.Module) -> Tensor:
     return sum(p.abs().sum() for p in model.parameters() if p.dim() >= 2)
 
 
-def named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """Parameters under their ``state_dict`` names (torch's, e.g. ``layers.0.weight_hh_l0``)."""
-    names = {id(p): n for n, p in model.state_dict(keep_vars=True).items()}
-    return [(names.get(id(p), n), p) for n, p in model.named_parameters()]
-
-
 def check_loss(run: Run, loss: Tensor) -> None:
     if torch.isfinite(loss).item():
         return
-    bad = [n for n, p in named_parameters(run.model) if not torch.isfinite(p).all()]
+    bad = [n for n, p in run.model.named_parameters() if not torch.isfinite(p).all()]
     where = (f"non-finite parameters: {', '.join(bad)}" if bad else
              "every parameter is finite, so the forward pass or the data produced it")
     _fail(run, "loss", f"the loss is {loss.item()} ({where})")
@@ -211,7 +205,7 @@ def check_loss(run: Run, loss: Tensor) -> None:
 def clip_gradients(run: Run) -> float:
     """Check every gradient is finite, then clip by norm and/or value; returns the total norm before."""
     cfg = run.config.train
-    named = [(n, p) for n, p in named_parameters(run.model) if p.grad is not None]
+    named = [(n, p) for n, p in run.model.named_parameters() if p.grad is not None]
     grads = [p.grad for _, p in named]
     norm = torch.nn.utils.get_total_norm(grads)
     if not torch.isfinite(norm).item():

@@ -41,7 +41,7 @@ def choose(layer: RecurrentLayer, backend: str, strict: bool) -> tuple[Engine, s
     ``"auto"``: the first of :data:`ENGINES` with nothing unsupported. A named backend that cannot run
     the layer falls back to ``reference`` with a warning, or raises ``ValueError`` when ``strict``.
     """
-    owner = type(layer).__name__
+    owner = layer.kind_name
     if backend == "auto":
         why = "backend='auto'"
         for engine in ENGINES:

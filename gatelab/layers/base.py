@@ -139,7 +139,7 @@ class RecurrentLayer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        owner = type(self).__name__
+        owner = type(self).__name__  # (no parametrisation yet)
         _check_size("input_size", input_size)
         _check_size("hidden_size", hidden_size)
         _check_size("num_layers", num_layers)
@@ -266,6 +266,11 @@ class RecurrentLayer(nn.Module):
     # -- configuration ---------------------------------------------------------------------------
 
     @property
+    def kind_name(self) -> str:
+        """The layer's class name, ``LSTM`` also once torch's parametrize made it ``ParametrizedLSTM``."""
+        return parametrize.type_before_parametrizations(self).__name__
+
+    @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
 
@@ -303,7 +308,7 @@ class RecurrentLayer(nn.Module):
         if self._step_hooks:
             engine, why = reference.ENGINE, (f"{len(self._step_hooks)} step hook(s) registered: the reference loop "
                                              f"runs, the only one that exposes every step's state (else: {why})")
-        return f"{type(self).__name__}: engine {engine.name!r} ({'training' if self.training else 'eval'} mode). {why}"
+        return f"{self.kind_name}: engine {engine.name!r} ({'training' if self.training else 'eval'} mode). {why}"
 
     def train(self, mode: bool = True) -> RecurrentLayer:
         super().train(mode)
@@ -333,7 +338,7 @@ class RecurrentLayer(nn.Module):
         """Run the stack. ``input`` is ``(T, B, I)`` (``(B, T, I)`` with ``batch_first``), unbatched
         ``(T, I)`` or a ``PackedSequence``; ``lengths`` (B,) may be given with padded input instead of
         packing. Returns ``(output, h_n)`` as torch does (``(output, (h_n, c_n))`` for an LSTM)."""
-        owner = type(self).__name__
+        owner = self.kind_name
         ref = next(self.parameters())
         batch = to_sequence_batch(input, self.input_size, self.batch_first, lengths, owner)
         if batch.data.dtype != ref.dtype or batch.data.device != ref.device:
@@ -356,7 +361,7 @@ class RecurrentLayer(nn.Module):
 
     def _check_hx(self, hx: Tensor | tuple[Tensor, ...] | None, batch: SequenceBatch) -> tuple[Tensor, ...]:
         """Validate the initial state; return it as a tuple of ``(L·D, B, size)`` tensors."""
-        owner = type(self).__name__
+        owner = self.kind_name
         LD, B, x = self.num_layers * self.num_directions, batch.batch_size, batch.data
         sizes = self._cells[0].state_sizes()
         names = self.state_names

@@ -47,7 +47,7 @@ class _TorchCompatible(RecurrentLayer):
         """The equivalent ``torch.nn`` module with these weights; raises if torch cannot express it."""
         differences = self.cells[0].torch_differences() + self.extra_options()
         if differences:
-            raise ValueError(f"{type(self).__name__}.to_torch: torch.nn cannot express " + "; ".join(differences))
+            raise ValueError(f"{self.kind_name}.to_torch: torch.nn cannot express " + "; ".join(differences))
         p = next(self.parameters())
         module = self.torch_class(
             self.input_size, self.hidden_size, num_layers=self.num_layers, bias=self.bias,

@@ -257,7 +257,8 @@ class GenericStep(Step):
         leaves, out, new = saved
         params = self.extra_params()
         outputs, grads = zip(*[(t, g) for t, g in zip((out, *new), (dout, *dstate)) if t.requires_grad])
-        found = torch.autograd.grad(outputs, [*leaves, *params], grads, allow_unused=True)
+        # retain_graph: a caller may run the outer backward twice (gradcheck does)
+        found = torch.autograd.grad(outputs, [*leaves, *params], grads, allow_unused=True, retain_graph=True)
         found = [torch.zeros_like(t) if g is None else g for t, g in zip([*leaves, *params], found)]
         n = len(leaves)
         for i, g in enumerate(found[n:]):

@@ -1,0 +1,428 @@
+"""The seams of issue 11: layers own torch's parameters (names, order, all_weights, parametrize), one
+engine registry with a public step hook, cells that declare their facts, one cell registry (a toy cell
+added in this file alone runs everywhere), old checkpoints still load."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import gatelab
+from gatelab import engines
+from gatelab.cells import RecurrentCell, Slot, registry
+from gatelab.cells.base import unbatch
+from gatelab.engines.fused import cpp
+from gatelab.layers import RecurrentLayer
+
+F64 = torch.float64
+DATA = Path(__file__).parent / "data"
+
+
+# -- torch's parameter names, order and all_weights ---------------------------------------------------
+
+TORCH_CONFIGS = [
+    ("RNN", {"nonlinearity": "tanh"}), ("RNN", {"nonlinearity": "relu"}), ("LSTM", {}), ("LSTM", {"proj_size": 2}),
+    ("GRU", {}),
+]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("kind,kw", TORCH_CONFIGS, ids=lambda v: str(v))
+def test_named_parameters_state_dict_and_all_weights_are_torchs(kind, kw, num_layers, bidirectional):
+    ours = getattr(gatelab, kind)(3, 4, num_layers, bidirectional=bidirectional, dtype=F64, **kw)
+    theirs = getattr(nn, kind)(3, 4, num_layers, bidirectional=bidirectional, dtype=F64, **kw)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    assert len(ours.all_weights) == len(theirs.all_weights)
+    for mine, torchs in zip(ours.all_weights, theirs.all_weights):
+        assert len(mine) == len(torchs) and all(torch.equal(a, b) for a, b in zip(mine, torchs))
+    # the layer's parameter is what its cell computes with: one tensor, no copy
+    assert ours.weight_hh_l0 is ours.cells[0].weight_hh
+
+
+def test_extra_parameters_get_torch_style_names_and_cells_keep_theirs():
+    lstm = gatelab.LSTM(3, 4, 2, bidirectional=True, peephole=True, gate_activation={"f": "prelu"}, residual=True)
+    names = [n for n, _ in lstm.named_parameters()]
+    assert names[0] == "weight_res_l0"
+    assert names[1:9] == ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0", "weight_ci_l0", "weight_cf_l0",
+                          "weight_co_l0", "sigma_f_weight_l0"]
+    assert "sigma_f_weight_l1_reverse" in names and all("." not in n for n in names)
+    norm = gatelab.LSTM(3, 4, layer_norm=True)
+    assert {"ln_ih_weight_l0", "ln_hh_weight_l0", "ln_c_weight_l0", "ln_c_bias_l0"} <= dict(norm.named_parameters()).keys()
+    cell = gatelab.LSTMCell(3, 4, peephole=True)
+    assert [n for n, _ in cell.named_parameters()][:5] == ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ci"]
+
+
+def test_init_loops_and_optimiser_groups_keyed_on_torch_names_reach_the_weights():
+    lstm = gatelab.LSTM(3, 4, 2, gate_activation="hard_sigmoid", dtype=F64)
+    for name, p in lstm.named_parameters():
+        if name.startswith("weight_hh"):
+            nn.init.zeros_(p)
+    groups = [{"params": [p for n, p in lstm.named_parameters() if n.startswith("bias")], "lr": 0.0},
+              {"params": [p for n, p in lstm.named_parameters() if not n.startswith("bias")]}]
+    opt = torch.optim.SGD(groups, lr=0.1)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    ref = gatelab.LSTM(3, 4, 2, gate_activation="hard_sigmoid", dtype=F64, backend="reference")
+    ref.load_state_dict(lstm.state_dict())
+    torch.testing.assert_close(lstm(x)[0], ref(x)[0], rtol=0, atol=1e-12)  # the zeroed W_hh is what runs
+    bias = lstm.bias_ih_l1.detach().clone()
+    lstm(x)[0].sum().backward()
+    opt.step()
+    assert torch.equal(lstm.bias_ih_l1, bias) and lstm.weight_hh_l1.abs().sum() > 0
+
+
+# -- torch.nn.utils.parametrize on torch's names, every engine ----------------------------------------
+
+PARAMETRISATIONS = {
+    "orthogonal": lambda m: parametrizations.orthogonal(m, "weight_hh_l0"),
+    "spectral_norm": lambda m: parametrizations.spectral_norm(m, "weight_hh_l0"),
+    "weight_norm": lambda m: parametrizations.weight_norm(m, "weight_hh_l0"),
+}
+
+
+class _Scale(nn.Module):
+    def forward(self, w: Tensor) -> Tensor:
+        return 0.5 * w.tanh()
+
+
+def _run(module, x):
+    out, (h, c) = module(x)
+    g = torch.Generator().manual_seed(5)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=F64)).sum() + (h * c).sum()
+    names, params = zip(*module.named_parameters())
+    return out, h, c, dict(zip(("x", *names), torch.autograd.grad(loss, [x, *params])))
+
+
+@pytest.mark.parametrize("engine", ["native", "reference", "fused"])
+@pytest.mark.parametrize("how", [*PARAMETRISATIONS, "user"])
+def test_parametrised_weight_hh_equals_torch_on_every_engine(how, engine):
+    torch.manual_seed(0)
+    theirs = nn.LSTM(3, 4, 2, dtype=F64)
+    ours = gatelab.LSTM(3, 4, 2, dtype=F64, backend=engine, strict=True)
+    ours.load_state_dict(theirs.state_dict())
+    before = ours.explain()
+    for module in (theirs, ours):
+        torch.manual_seed(1)  # spectral_norm draws its power-iteration start
+        if how == "user":
+            parametrize.register_parametrization(module, "weight_hh_l0", _Scale())
+        else:
+            PARAMETRISATIONS[how](module)
+    theirs.eval(), ours.eval()  # spectral_norm: no power iteration during the forward
+    assert ours.engine_name == engine and ours.explain() == before.replace("training", "eval")
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    x = torch.randn(6, 2, 3, dtype=F64)
+    mine, torchs = _run(ours, x.clone().requires_grad_()), _run(theirs, x.clone().requires_grad_())
+    for a, b in zip(mine[:3], torchs[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    assert mine[3].keys() == torchs[3].keys()
+    for name in mine[3]:
+        torch.testing.assert_close(mine[3][name], torchs[3][name], rtol=0, atol=1e-9, msg=name)
+    # the parametrised weight is what ran: the same layer with the weight's value plain agrees
+    plain = gatelab.LSTM(3, 4, 2, dtype=F64, backend="reference")
+    plain.load_state_dict({**{k: v for k, v in theirs.state_dict().items() if "parametrizations" not in k},
+                           "weight_hh_l0": theirs.weight_hh_l0.detach()}, strict=True)
+    torch.testing.assert_close(plain(x)[0], mine[0], rtol=0, atol=1e-9)
+
+
+def test_parametrised_custom_layer_stays_on_the_fused_engine_and_trains():
+    lstm = gatelab.LSTM(3, 4, gate_activation="hard_sigmoid", dtype=F64)
+    parametrizations.orthogonal(lstm, "weight_hh_l0")
+    assert lstm.engine_name == "fused" and "fused engine, C++ loop" in lstm.explain()
+    W = lstm.weight_hh_l0
+    torch.testing.assert_close(W.T @ W, torch.eye(4, dtype=F64), rtol=0, atol=1e-10)
+    assert torch.equal(lstm.cells[0].weight_hh, W.detach())  # at rest the cell holds the value that runs
+    opt = torch.optim.Adam(lstm.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        lstm(torch.randn(5, 2, 3, dtype=F64))[0].pow(2).sum().backward()
+        opt.step()
+    W = lstm.weight_hh_l0
+    torch.testing.assert_close(W.T @ W, torch.eye(4, dtype=F64), rtol=0, atol=1e-8)
+
+
+# -- the engine registry and the step hook -------------------------------------------------------------
+
+def test_engines_are_an_ordered_registry_and_auto_takes_the_first_that_applies():
+    assert [e.name for e in engines.ENGINES] == ["native", "fused", "reference"]
+    assert engines.BACKENDS == ("auto", "native", "fused", "reference")
+    for engine in engines.ENGINES:
+        assert isinstance(engine, engines.Engine)
+    assert isinstance(engines.get("native"), engines.StackEngine)
+    assert isinstance(engines.get("fused"), engines.DirectionEngine)
+    for layer in (gatelab.LSTM(3, 4), gatelab.LSTM(3, 4, gate_activation="elliott"), gatelab.LSTM(3, 4, variant="FGR")):
+        first = next(e for e in engines.ENGINES if not e.unsupported(layer))
+        assert layer.engine is first
+    with pytest.raises(ValueError, match="unknown engine 'gpu'; valid: native, fused, reference"):
+        engines.get("gpu")
+    assert [loop.name for loop in engines.fused.LOOPS] == ["C++", "PyTorch"]
+
+
+def test_engines_never_call_into_a_layer_at_run_time(monkeypatch):
+    """Every attribute read on the layer during a forward comes from the layer's own code, not from an engine."""
+    layer = gatelab.LSTM(3, 4, 2, bidirectional=True, gate_activation="hard_sigmoid", zoneout=0.1)
+    engine_files = {str(Path(engines.__file__).parent)}
+    callers = []
+    original = RecurrentLayer.__getattribute__
+
+    def spy(self, name):
+        import sys
+
+        frame = sys._getframe(1)
+        if any(frame.f_code.co_filename.startswith(f) for f in engine_files):
+            callers.append((frame.f_code.co_name, name))
+        return original(self, name)
+
+    x = torch.randn(5, 2, 3)
+    monkeypatch.setattr(RecurrentLayer, "__getattribute__", spy)
+    for backend in ("auto", "reference"):
+        layer.backend = backend
+        layer(x)
+    monkeypatch.undo()
+    assert callers == []
+
+
+def test_step_hook_sees_every_state_runs_the_reference_loop_and_is_removable():
+    layer = gatelab.GRU(3, 4, 2, bidirectional=True, candidate_activation="relu", dtype=F64)
+    assert layer.engine_name == "fused"
+    x = torch.randn(5, 2, 3, dtype=F64)
+    expected, _ = layer(x)
+    seen: dict[tuple[int, int], dict[int, Tensor]] = {}
+
+    def hook(call):
+        record = seen.setdefault((call.layer, call.direction), {})
+        assert call.cell is layer.cells[call.layer * 2 + call.direction] and call.x.shape[0] == 5
+        return lambda t, state: record.__setitem__(t, state[0].detach())
+
+    handle = layer.register_step_hook(hook)
+    assert layer.engine_name == "reference" and "step hook" in layer.explain()
+    out, hn = layer(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 1)] and all(len(v) == 5 for v in seen.values())
+    torch.testing.assert_close(seen[(1, 0)][4], out[4, :, :4], rtol=0, atol=0)  # last layer, forward direction
+    torch.testing.assert_close(seen[(1, 1)][0], out[0, :, 4:], rtol=0, atol=0)  # reverse direction ends at t = 0
+    handle.remove()
+    assert layer.engine_name == "fused" and "step hook" not in layer.explain()
+    assert "run_stack" not in vars(layer)
+
+
+# -- cells declare their facts ---------------------------------------------------------------------------
+
+def test_each_cell_declares_its_facts():
+    lstm, gru = gatelab.LSTMCell(3, 4), gatelab.GRUCell(3, 4)
+    elman, gated = gatelab.ElmanCell(3, 4, activation="relu"), gatelab.GatedStateCell(3, 4)
+    assert [s.attr for s in gatelab.LSTMCell.slots] == ["sigma_i", "sigma_f", "phi", "sigma_o", "psi"]
+    assert gatelab.LSTMCell.roles() == {"gate_activation": "sigmoid", "candidate_activation": "tanh",
+                                        "cell_activation": "tanh"}
+    assert gatelab.ElmanCell.roles() == {"activation": "tanh"}
+    assert (lstm.torch_cell, gru.torch_cell, elman.torch_cell, gated.torch_cell) == (nn.LSTMCell, nn.GRUCell,
+                                                                                      nn.RNNCell, None)
+    assert (lstm.torch_mode, gru.torch_mode, elman.torch_mode) == ("LSTM", "GRU", "RNN_RELU")
+    assert (lstm.output_state, gated.output_state) == (0, None)
+    assert (lstm.keep_gate, gru.keep_gate, elman.keep_gate, gated.keep_gate) == ("f", "z", None, "f")
+    assert gatelab.LSTMCell(3, 4, gates="io").keep_gate is None
+    assert gatelab.LSTMCell(3, 4, variant="FGR").state_names == ("h", "c", "gates")
+    assert list(gatelab.LSTMCell(3, 4, coupled=True).activation_slots()) == ["sigma_f", "phi", "sigma_o", "psi"]
+    assert gatelab.LSTMCell(3, 4, peephole=True, gate_activation="elliott").torch_differences()[:2] == [
+        "peephole=True", "gate_activation['i'] is elliott (torch has sigmoid)"]
+    assert gated.torch_differences() == ["torch has no GatedStateCell"]
+
+
+def test_the_cpp_kind_list_matches_the_cpp_enum():
+    source = (Path(cpp.__file__).with_name("kernels.cpp")).read_text()
+    body = re.search(r"enum Act : int64_t \{(.*?)\};", source, re.S).group(1)
+    names = [n.split("=")[0].strip().lower() for n in body.split(",") if n.strip()]
+    assert tuple(names) == cpp.KINDS
+    assert "IDENTITY = 0" in body
+
+
+def test_cpp_slot_order_is_each_cells_slot_order():
+    """The kernels read kinds positionally in the cell's slot order (comments in kernels.cpp name it)."""
+    source = (Path(cpp.__file__).with_name("kernels.cpp")).read_text()
+    for cell, comment in ((gatelab.LSTMCell, "kinds/params: sigma_i, sigma_f, phi, sigma_o, psi"),
+                          (gatelab.GRUCell, "kinds/params: sigma_r, sigma_z, phi"),
+                          (gatelab.GatedStateCell, "kinds/params: sigma_f, sigma_i, sigma_o, phi")):
+        assert comment in source.replace("\n// ", " ")
+        assert comment.split(": ")[1] == ", ".join(s.attr for s in cell.slots)
+
+
+def test_registry_lists_the_builtin_kinds_and_rejects_bad_entries():
+    assert registry.available()[:4] == ("lstm", "gru", "rnn", "gated_state")
+    assert registry.get("gru").layer is gatelab.GRU and registry.get("gru").cell is gatelab.GRUCell
+    with pytest.raises(ValueError, match="unknown cell 'lsmt'; valid: lstm, gru, rnn, gated_state"):
+        registry.get("lsmt")
+    with pytest.raises(ValueError, match="a cell named 'lstm' is registered already"):
+        class Other(gatelab.LSTMCell):
+            pass
+
+        class OtherLayer(gatelab.LSTM):
+            cell_class = Other
+
+        registry.register(Other, OtherLayer)
+    with pytest.raises(ValueError, match="cell_class must be LSTMCell"):
+        registry.register(gatelab.LSTMCell, gatelab.GRU)
+    assert registry.entry_of(gatelab.LSTMCell(2, 3)).name == "lstm"
+
+
+# -- a toy cell through the registry alone --------------------------------------------------------------
+
+class ToyCell(RecurrentCell):
+    r"""A two-block gated cell: ``u = σ_u(xw_u + gh_u)``, ``h' = u ⊙ φ(xw_c + gh_c) + (1 − u) ⊙ h``."""
+
+    name = "toy"
+    blocks = ("u", "c")
+    gate_names = ("u",)
+    slots = (Slot("sigma_u", "gate_activation", "sigmoid", gate="u"), Slot("phi", "candidate_activation", "tanh"))
+    keep_gate = "u"
+
+    def __init__(self, input_size, hidden_size, bias=True, *, gate_activation=None, candidate_activation="tanh",
+                 device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self._gate_slots(gate_activation, self.gate_names)
+        self._slot("phi", candidate_activation, "candidate_activation")
+        self.reset_parameters()
+
+    def forward(self, input, hx=None):
+        x, batched = self._check_input(input)
+        h = self._check_state("hx", hx, x.shape[0], self.hidden_size, batched, x)
+        return unbatch(self.step(x, (h,))[0], batched)
+
+    def combine(self, xw, gh, state):
+        (h,) = state
+        pu, pc = (xw + gh).chunk(2, 1)
+        u = self.sigma_u(pu)
+        h = u * self.phi(pc) + (1 - u) * h
+        return h, (h,)
+
+
+class ToyRNN(RecurrentLayer):
+    """The toy cell over a sequence."""
+
+    cell_class = ToyCell
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None, *, gate_activation=None, candidate_activation="tanh",
+                 zoneout=0.0, recurrent_dropout=0.0, init="torch", forget_bias=None, backend="auto", strict=False):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         cell_options={"gate_activation": gate_activation, "candidate_activation": candidate_activation},
+                         zoneout=zoneout, recurrent_dropout=recurrent_dropout, init=init, forget_bias=forget_bias,
+                         backend=backend, strict=strict, device=device, dtype=dtype)
+
+
+@pytest.fixture
+def toy():
+    entry = registry.register(ToyCell, ToyRNN)
+    yield entry
+    registry.unregister("toy")
+
+
+def _pair(toy_kw: dict, T=6, B=3):
+    torch.manual_seed(0)
+    ref = ToyRNN(3, 4, 2, bidirectional=True, dtype=F64, backend="reference", **toy_kw)
+    fus = ToyRNN(3, 4, 2, bidirectional=True, dtype=F64, backend="fused", strict=True, **toy_kw)
+    fus.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, 3, dtype=F64)
+    lengths = torch.tensor([T, 2, 4][:B])
+    results = []
+    for layer in (ref, fus):
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out, h = layer(pack_padded_sequence(xg, lengths, enforce_sorted=False))
+        loss = (out.data * out.data.detach().cos()).sum() + (h * 1.3).sum()
+        names, params = zip(*layer.named_parameters())
+        results.append((out.data, h, dict(zip(("x", *names), torch.autograd.grad(loss, [xg, *params])))))
+    return fus, results
+
+
+@pytest.mark.parametrize("toy_kw", [{}, {"gate_activation": "hard_sigmoid", "candidate_activation": "prelu"},
+                                    {"zoneout": 0.3, "recurrent_dropout": 0.2}], ids=["plain", "learnable", "masks"])
+def test_toy_cell_runs_on_reference_and_fused_pytorch_with_one_registry_entry(toy, toy_kw):
+    fus, (a, b) = _pair(toy_kw)
+    assert fus.engine_name == "fused" and "pure-PyTorch loop" in fus.explain() and "no C++ loop for ToyCell" in fus.explain()
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-12)
+    assert a[2].keys() == b[2].keys()
+    for name in a[2]:
+        torch.testing.assert_close(a[2][name], b[2][name], rtol=0, atol=1e-12, msg=name)
+    if "candidate_activation" in toy_kw:
+        assert b[2]["phi_weight_l1_reverse"].abs().sum() > 0
+    auto = ToyRNN(3, 4)
+    assert auto.engine_name == "fused" and "torch has no ToyCell" in auto.explain()  # native does not apply
+
+
+def test_toy_cell_gradcheck_on_the_fused_loop(toy):
+    torch.manual_seed(0)
+    layer = ToyRNN(2, 3, backend="fused", strict=True, dtype=F64, candidate_activation="prelu")
+    names, params = zip(*layer.named_parameters())
+    x = torch.randn(4, 2, 2, dtype=F64, requires_grad=True)
+
+    def fn(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))[0]
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+def test_toy_cell_in_a_sequence_model_config_init_and_listing(toy, tmp_path):
+    from gatelab import cli
+    from gatelab.tasks import Batch
+
+    model = gatelab.SequenceModel(2, 1, cell="toy", hidden_sizes=(5, 4), gate_activation="hard_sigmoid",
+                                  forget_bias=2.0)
+    assert model.engines == ["fused", "fused"]
+    assert torch.equal(model.layers[0].bias_ih_l0[:5], torch.full((5,), 2.0))  # the keep gate u, declared by the cell
+    x = torch.randn(4, 7, 2)
+    loss, _ = model.loss(Batch(x, torch.randn(4, 1), torch.tensor([7, 3, 5, 1])))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    cfg = gatelab.config.load(Path("configs/adding_quick.toml"), ["model.cell=toy", "model.hidden_sizes=[4]",
+                                                                   "train.steps=3", "task.length=6"])
+    run = gatelab.fit(cfg, run_dir=tmp_path / "toy", quiet=True)
+    assert run.model.engines == ["fused"] and run.summary["final"]["test"]["mse"] > 0
+    assert "toy" in cli.listing("cells") and "ToyRNN" in cli.listing("cells")
+    with pytest.raises(gatelab.config.ConfigError, match="cell 'toy' has no such slot; its activation slots: "
+                                                         "gate_activation, candidate_activation"):
+        gatelab.config.load(Path("configs/adding_quick.toml"), ["model.cell=toy", "model.cell_activation=tanh"])
+
+
+# -- checkpoints written by earlier code ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_trainer_checkpoints_written_before_the_seam_still_load_and_resume(name, tmp_path):
+    """tests/data/checkpoint_b02f7a2_*.pt: written by ``gatelab.fit`` at commit b02f7a2, when a
+    learnable activation's parameter was saved as ``sigma_f.weight_l0`` (the LSTM: prelu gates,
+    peepholes, residual projection; the GRU: bidirectional, adaptive_tanh candidate)."""
+    from gatelab.checkpoint import load_checkpoint
+    from gatelab.config import from_dict
+    from gatelab.train import load_model
+
+    path = DATA / f"checkpoint_b02f7a2_{name}.pt"
+    model, config, payload = load_model(path)
+    x = torch.linspace(-1, 1, 3 * 12 * 2).reshape(3, 12, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], torch.load(DATA / "checkpoint_b02f7a2_outputs.pt")[name], rtol=0, atol=0)
+    # the optimiser state maps onto the parameters in the same order (shapes agree one by one)
+    from gatelab.train import make_optimizer
+
+    opt = make_optimizer(model, config.train)
+    opt.load_state_dict(payload["optimizer"])
+    for p in model.parameters():
+        assert opt.state[p]["exp_avg"].shape == p.shape
+    model.train()
+    model(x)[0].square().mean().backward()
+    opt.step()  # Adam's moments line up with the parameters (a shape mismatch would raise here)
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    shutil.copy(path, run_dir / "last.pt")
+    run = gatelab.fit(from_dict(payload["config"]), run_dir=run_dir, resume=True, quiet=True)
+    assert run.step == 30 and load_checkpoint(run_dir / "last.pt")["step"] == 30
+    assert (run_dir / "summary.json").exists()
