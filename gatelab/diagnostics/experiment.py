@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import GRU, LSTM, RNN, GatedStateRNN, RecurrentLayer
+from ..cells import registry
+from ..layers import RecurrentLayer
 from ..tasks import Batch, Task, collate
 from .callback import GradientFlowCallback
 from .gates import GateStatistics, gate_statistics
@@ -26,9 +27,7 @@ from .jacobian import jacobian_norms
 from .verdict import verdict
 
 __all__ = ["ModelSpec", "ADDING_COMPARISON", "LastStepModel", "build_model", "fit", "evaluate", "Diagnosis",
-           "diagnose", "ConfigResult", "compare", "LAYERS"]
-
-LAYERS: dict[str, type[RecurrentLayer]] = {"rnn": RNN, "lstm": LSTM, "gru": GRU, "gated_state": GatedStateRNN}
+           "diagnose", "ConfigResult", "compare"]
 
 
 @dataclass(frozen=True)
@@ -82,13 +81,11 @@ class LastStepModel(nn.Module):
 
 def build_model(spec: ModelSpec, task: Task, seed: int = 0) -> LastStepModel:
     """The layer of ``spec`` (batch-first) with a last-step head for ``task``, seeded."""
-    if spec.cell not in LAYERS:
-        raise ValueError(f"unknown cell {spec.cell!r}; valid: {', '.join(LAYERS)}")
     if getattr(task, "per_step", False):
         raise ValueError(f"task {task.name!r} has a target at every step; the diagnose comparison handles "
                          f"one target per sequence (regression or classification)")
     torch.manual_seed(seed)
-    layer = LAYERS[spec.cell](task.input_size, spec.hidden_size, batch_first=True, **spec.options)
+    layer = registry.get(spec.cell).layer(task.input_size, spec.hidden_size, batch_first=True, **spec.options)
     return LastStepModel(layer, task.output_size, task.kind)
 
 
