@@ -426,3 +426,37 @@ def test_trainer_checkpoints_written_before_the_seam_still_load_and_resume(name,
     run = gatelab.fit(from_dict(payload["config"]), run_dir=run_dir, resume=True, quiet=True)
     assert run.step == 30 and load_checkpoint(run_dir / "last.pt")["step"] == 30
     assert (run_dir / "summary.json").exists()
+
+
+# -- explicit constructors, the slot observer ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn", "gated_state"])
+def test_public_layers_list_every_option_typed_with_one_doc_line(name):
+    import inspect
+
+    layer = registry.get(name).layer
+    params = inspect.signature(layer).parameters
+    assert not [p for p in params.values() if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    assert not [n for n, p in params.items() if p.annotation is p.empty]
+    assert re.findall(r"^        (\w+)  ", layer.__doc__, re.M) == list(params)  # one line each, in order
+    torch_class = getattr(layer, "torch_class", None)
+    positional = list(inspect.signature(torch_class).parameters) if torch_class else []
+    for n, p in params.items():  # torch's arguments keep torch's places; everything beyond is keyword-only
+        assert (p.kind is p.KEYWORD_ONLY) == (n not in positional and n not in (
+            "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional", "proj_size",
+            "nonlinearity", "device", "dtype")), n
+    assert "``\"fused\"``" in layer.__doc__
+
+
+def test_observing_a_cell_sees_every_slot_and_restores_it():
+    cell = gatelab.GRUCell(3, 4, candidate_activation="relu", dtype=F64)
+    seen = []
+    x, h = torch.randn(2, 3, dtype=F64), torch.randn(2, 4, dtype=F64)
+    with cell.observing(lambda slot, z, y: seen.append((slot, z, y))):
+        out = cell(x, h)
+    assert [s for s, _, _ in seen] == ["sigma_r", "sigma_z", "phi"]
+    for slot, z, y in seen:
+        torch.testing.assert_close(y, torch.relu(z) if slot == "phi" else torch.sigmoid(z), rtol=0, atol=0)
+    r, zg, n = (y for _, _, y in seen)
+    torch.testing.assert_close(out, (1 - zg) * n + zg * h, rtol=0, atol=1e-15)
+    assert cell.phi is gatelab.activations.get("relu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -143,6 +143,25 @@ class RecurrentCell(nn.Module):
             for owner, leaf, value in reversed(saved):
                 owner._parameters[leaf] = value
 
+    @contextlib.contextmanager
+    def observing(self, observer: Callable[[str, Tensor, Tensor], None]) -> Iterator[RecurrentCell]:
+        """Within the block every activation slot calls ``observer(slot, z, y)`` with its input and
+        output at each call (the diagnostics' gate statistics read them); the slots are restored on
+        exit. Observed slots are plain callables, so run the reference loop meanwhile (a layer does
+        while a step hook is registered)."""
+        originals = self.activation_slots()
+        try:
+            for slot, act in originals.items():
+                watched = _Observed(act, slot, observer)
+                if slot in self._modules:
+                    self._modules[slot] = watched
+                else:
+                    self.__dict__[slot] = watched
+            yield self
+        finally:
+            for slot, act in originals.items():
+                (self._modules if slot in self._modules else self.__dict__)[slot] = act
+
     # -- activations -----------------------------------------------------------------------------
 
     def _slot(self, attr: str, spec: ActivationSpec, role: str) -> Bound:
@@ -274,6 +293,19 @@ class RecurrentCell(nn.Module):
             s += ", bias=False"
         acts = ", ".join(f"{k}={getattr(v, 'key', v)}" for k, v in self.activation_slots().items())
         return f"{s}, {acts}" if acts else s
+
+
+class _Observed(nn.Module):
+    """An activation slot under :meth:`RecurrentCell.observing`: calls the activation, then the observer."""
+
+    def __init__(self, act: Bound, slot: str, observer: Callable[[str, Tensor, Tensor], None]) -> None:
+        super().__init__()
+        self.act, self.slot, self.observer = act, slot, observer
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.act(x)
+        self.observer(self.slot, x, y)
+        return y
 
 
 def _check_size(name: str, value: int) -> None:

@@ -96,41 +96,22 @@ def recurrent_spectra(layer: nn.Module) -> dict[str, dict[str, float]]:
     return out
 
 
-class _Probe(nn.Module):
-    """Calls the activation it wraps and keeps its input and output (detached)."""
-
-    def __init__(self, act: Any, store: list[tuple[Tensor, Tensor]]) -> None:
-        super().__init__()
-        self.act = act
-        self.store = store
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.act(x)
-        self.store.append((x.detach(), y.detach()))
-        return y
-
-
 @contextlib.contextmanager
 def _probed(model: nn.Module) -> Iterator[dict[tuple[int, str], tuple[Any, list[tuple[Tensor, Tensor]]]]]:
-    """Wrap every activation slot of every cell; yield ``{(id(cell), slot): (activation, calls)}``."""
+    """Observe every activation slot of every cell (:meth:`~gatelab.cells.RecurrentCell.observing`);
+    yield ``{(id(cell), slot): (activation, [(input, output) per call, detached])}``."""
     probes: dict[tuple[int, str], tuple[Any, list]] = {}
-    restore: list[tuple[nn.Module, str, Any, bool]] = []
-    try:
+    with contextlib.ExitStack() as stack:
         for _, layer in recurrent_layers(model):
             for cell in layer.cells:
                 for slot, act in cell.activation_slots().items():
-                    store: list = []
-                    probes[(id(cell), slot)] = (act, store)
-                    is_module = slot in cell._modules
-                    restore.append((cell, slot, act, is_module))
-                    if is_module:
-                        cell._modules[slot] = _Probe(act, store)
-                    else:
-                        cell.__dict__[slot] = _Probe(act, store)
+                    probes[(id(cell), slot)] = (act, [])
+
+                def observe(slot: str, x: Tensor, y: Tensor, cell_id: int = id(cell)) -> None:
+                    probes[(cell_id, slot)][1].append((x.detach(), y.detach()))
+
+                stack.enter_context(cell.observing(observe))
         yield probes
-    finally:
-        for cell, slot, act, is_module in restore:
-            (cell._modules if is_module else cell.__dict__)[slot] = act
 
 
 @dataclass(frozen=True)
