@@ -151,6 +151,48 @@ def test_parametrised_custom_layer_stays_on_the_fused_engine_and_trains():
     torch.testing.assert_close(W.T @ W, torch.eye(4, dtype=F64), rtol=0, atol=1e-8)
 
 
+@pytest.mark.parametrize("engine", ["reference", "fused"])
+def test_parametrised_extra_parameters_run_on_every_engine(engine):
+    """Peepholes and a learnable gate's slope under a parametrisation: the parametrised values are what
+    runs (the same layer with those values as plain weights agrees), gradients reach the originals."""
+    torch.manual_seed(0)
+    layer = gatelab.LSTM(3, 4, bidirectional=True, peephole=True, gate_activation={"f": "prelu"}, dtype=F64,
+                         backend=engine, strict=True)
+    plain = gatelab.LSTM(3, 4, bidirectional=True, peephole=True, gate_activation={"f": "prelu"}, dtype=F64,
+                         backend="reference")
+    for name in ("weight_ci_l0", "sigma_f_weight_l0_reverse"):
+        parametrize.register_parametrization(layer, name, _Scale())
+    assert layer.engine_name == engine
+    plain.load_state_dict({n: getattr(layer, n).detach() for n, _ in plain.named_parameters()})
+    x = torch.randn(5, 2, 3, dtype=F64)
+    out = layer(x)[0]
+    torch.testing.assert_close(out, plain(x)[0], rtol=0, atol=1e-12)
+    out.sum().backward()
+    original = layer.parametrizations.sigma_f_weight_l0_reverse.original
+    assert original.grad is not None and original.grad.abs().sum() > 0
+
+
+def test_a_module_activation_keeps_its_buffers_on_the_layer():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(0.7))
+            self.register_buffer("shift", torch.tensor(0.1))
+
+        def forward(self, x):
+            return torch.tanh(self.a * x) + self.shift
+
+    layer = gatelab.GRU(3, 4, candidate_activation=Shifted(), dtype=F64)
+    assert "phi_module_shift_l0" in layer.state_dict() and "phi_module_a_l0" in dict(layer.named_parameters())
+    layer.phi_module_shift_l0.fill_(0.5)
+    layer.float()
+    x = torch.randn(5, 2, 3)
+    ref = gatelab.GRU(3, 4, candidate_activation=Shifted(), backend="reference")
+    ref.load_state_dict(layer.state_dict())
+    assert ref.phi_module_shift_l0.item() == 0.5 and layer.cells[0].phi.module.shift.dtype == torch.float32
+    torch.testing.assert_close(layer(x)[0], ref(x)[0], rtol=0, atol=0)
+
+
 # -- the engine registry and the step hook -------------------------------------------------------------
 
 def test_engines_are_an_ordered_registry_and_auto_takes_the_first_that_applies():
@@ -460,3 +502,93 @@ def test_observing_a_cell_sees_every_slot_and_restores_it():
     r, zg, n = (y for _, _, y in seen)
     torch.testing.assert_close(out, (1 - zg) * n + zg * h, rtol=0, atol=1e-15)
     assert cell.phi is gatelab.activations.get("relu")
+
+
+# -- a toy engine and a toy fused loop: one class and one entry each ----------------------------------
+
+class CountingEngine:
+    """Runs the reference loop and counts calls; takes only GRU layers."""
+
+    name, title, whole_stack = "toy_engine", "the toy engine", False
+
+    def __init__(self):
+        self.calls = 0
+
+    def unsupported(self, layer):
+        return [] if isinstance(layer, gatelab.GRU) else [f"the toy engine runs GRUs, not {layer.kind_name}"]
+
+    def describe(self, layer):
+        return "the toy engine"
+
+    def run_direction(self, cell, x, state, lengths, reverse, *, rec_mask=None, weight_hh=None, zoneout=None,
+                      strict=False):
+        self.calls += 1
+        return engines.reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask,
+                                               weight_hh=weight_hh, zoneout=zoneout)
+
+
+def test_a_new_engine_is_one_class_and_one_entry():
+    toy_engine = CountingEngine()
+    engines.register(toy_engine, before="fused")
+    try:
+        assert engines.BACKENDS == ("auto", "native", "toy_engine", "fused", "reference")
+        gru = gatelab.GRU(3, 4, 2, bidirectional=True, candidate_activation="relu", dtype=F64)
+        lstm = gatelab.LSTM(3, 4, gate_activation="elliott")
+        assert gru.engine_name == "toy_engine" and "Runs the toy engine" in gru.explain()
+        assert lstm.engine_name == "fused" and "the toy engine runs GRUs, not LSTM" in lstm.explain()
+        x = torch.randn(5, 2, 3, dtype=F64)
+        ref = gatelab.GRU(3, 4, 2, bidirectional=True, candidate_activation="relu", dtype=F64, backend="reference")
+        ref.load_state_dict(gru.state_dict())
+        torch.testing.assert_close(gru(x)[0], ref(x)[0], rtol=0, atol=0)
+        assert toy_engine.calls == 4  # two layers, two directions
+        assert gatelab.GRU(3, 4, backend="toy_engine").engine is toy_engine
+        gatelab.config.ModelConfig(cell="gru", backend="toy_engine")  # config validation follows the registry
+        with pytest.raises(ValueError, match="exists already"):
+            engines.register(toy_engine)
+    finally:
+        engines.unregister("toy_engine")
+    assert engines.BACKENDS == ("auto", "native", "fused", "reference")
+
+
+class CountingLoop:
+    """The PyTorch loop under another name, for GRUs only; counts runs."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.runs, self.inner = 0, engines.fused.PyTorchLoop()
+
+    def unsupported(self, cell):
+        return [] if isinstance(cell, gatelab.GRUCell) else ["the counting loop runs GRU cells only"]
+
+    def unavailable(self):
+        return []
+
+    def ready(self, strict):
+        return True
+
+    def describe(self, cell):
+        return "counting loop"
+
+    def run(self, *args):
+        self.runs += 1
+        return self.inner.run(*args)
+
+
+def test_a_new_fused_loop_is_one_class_and_one_entry():
+    loop = CountingLoop()
+    engines.fused.register_loop(loop, before="C++")
+    try:
+        assert [existing.name for existing in engines.fused.LOOPS] == ["counting", "C++", "PyTorch"]
+        gru = gatelab.GRU(3, 4, bidirectional=True, gate_activation="hard_sigmoid", dtype=F64)
+        assert "the fused engine, counting loop" in gru.explain()
+        elman = gatelab.RNN(3, 4, activation="elliott")
+        assert "C++ loop" in elman.explain() and "counting loop runs GRU cells only" in elman.explain()
+        ref = gatelab.GRU(3, 4, bidirectional=True, gate_activation="hard_sigmoid", dtype=F64, backend="reference")
+        ref.load_state_dict(gru.state_dict())
+        x = torch.randn(5, 2, 3, dtype=F64, requires_grad=True)
+        torch.testing.assert_close(gru(x)[0], ref(x)[0], rtol=0, atol=1e-12)
+        assert loop.runs == 2
+    finally:
+        engines.fused.unregister_loop("counting")
+    assert [existing.name for existing in engines.fused.LOOPS] == ["C++", "PyTorch"]

@@ -9,7 +9,7 @@
 :data:`ENGINES` is ordered: ``backend="auto"`` runs the first engine with nothing unsupported
 (:func:`choose`). An engine is an object with ``name``, ``title``, ``unsupported(layer)``,
 ``describe(layer)`` and ``run_direction`` (or, running the whole stack at once, ``run_stack``); see
-:mod:`.base`. A new engine is one class and one entry here.
+:mod:`.base`. A new engine is one class and one entry here (or :func:`register`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,33 @@ if TYPE_CHECKING:
 
 ENGINES: tuple[Engine, ...] = (native.ENGINE, fused.ENGINE, reference.ENGINE)
 BACKENDS = ("auto", *(e.name for e in ENGINES))
+
+
+def register(engine: Engine, *, before: str | None = None) -> None:
+    """Add ``engine`` to :data:`ENGINES`, before the engine called ``before`` (default: before
+    ``reference``, which runs everything and so must stay last). ``backend=engine.name`` then selects
+    it and ``auto`` tries it in that place."""
+    global ENGINES, BACKENDS
+    if not isinstance(engine, Engine) or not hasattr(engine, "run_stack" if engine.whole_stack else "run_direction"):
+        raise TypeError(f"register: {engine!r} lacks the engine protocol (gatelab.engines.base)")
+    if any(e.name == engine.name for e in ENGINES):
+        raise ValueError(f"register: an engine named {engine.name!r} exists already")
+    names = [e.name for e in ENGINES]
+    target = before or reference.ENGINE.name
+    if target not in names:
+        raise ValueError(f"register: no engine named {before!r}; have {', '.join(names)}")
+    at = names.index(target)
+    ENGINES = (*ENGINES[:at], engine, *ENGINES[at:])
+    BACKENDS = ("auto", *(e.name for e in ENGINES))
+
+
+def unregister(name: str) -> None:
+    """Remove the engine called ``name`` (not ``reference``)."""
+    global ENGINES, BACKENDS
+    if name == reference.ENGINE.name:
+        raise ValueError("the reference engine cannot be removed: auto falls back to it")
+    ENGINES = tuple(e for e in ENGINES if e.name != name)
+    BACKENDS = ("auto", *(e.name for e in ENGINES))
 
 
 def get(name: str) -> Engine:
@@ -62,5 +89,6 @@ def choose(layer: RecurrentLayer, backend: str, strict: bool) -> tuple[Engine, s
     return reference.ENGINE, message + "; fell back to 'reference'"
 
 
-__all__ = ["ENGINES", "BACKENDS", "Engine", "DirectionEngine", "StackEngine", "Stack", "choose", "get",
+__all__ = ["ENGINES", "BACKENDS", "Engine", "DirectionEngine", "StackEngine", "Stack", "choose", "get", "register",
+           "unregister",
            "fused", "native", "reference"]

@@ -46,6 +46,7 @@ class Engine(Protocol):
 
     name: str
     title: str
+    whole_stack: bool  # True: run_stack (all layers in one call); False: run_direction
 
     def unsupported(self, layer: RecurrentLayer) -> list[str]: ...
 

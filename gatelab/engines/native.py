@@ -26,6 +26,7 @@ class NativeEngine:
 
     name = "native"
     title = "torch's kernel"
+    whole_stack = True
 
     def unsupported(self, layer: RecurrentLayer) -> list[str]:
         return layer.cells[0].torch_differences() + layer.extra_options(runtime=True)

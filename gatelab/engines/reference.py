@@ -19,6 +19,7 @@ class ReferenceEngine:
 
     name = "reference"
     title = "the reference loop"
+    whole_stack = False
 
     def unsupported(self, layer: RecurrentLayer) -> list[str]:
         return []

@@ -197,16 +197,22 @@ class RecurrentLayer(nn.Module):
             self.weight_res_l0 = nn.Parameter(torch.empty(D * self.output_size, input_size, device=device, dtype=dtype))
             nn.init.xavier_uniform_(self.weight_res_l0)
 
-        # Each cell's parameters become the layer's, under torch's names; the cells keep the same
-        # tensors for reading at rest. cells are not submodules: the layer's parameters are the only ones.
+        # Each cell's parameters (and buffers, which a module activation may have) become the layer's,
+        # under torch's names; the cells keep the same tensors for reading at rest. The cells are not
+        # submodules: the layer's parameters are the only ones.
         self._cells: tuple[RecurrentCell, ...] = tuple(cells)
-        # per cell: (its parameter name, the layer's torch name)
-        self._bindings: tuple[tuple[tuple[str, str], ...], ...] = tuple(
-            tuple((q, self._torch_name(q, k)) for q, _ in cell.named_parameters()) for k, cell in enumerate(cells)
+        # every tensor a cell holds, flat: (module holding it, "_parameters" or "_buffers", attribute, layer name)
+        self._slots: tuple[tuple[nn.Module, str, str, str], ...] = tuple(
+            (cell.get_submodule(q.rpartition(".")[0]), store, q.rpartition(".")[2], self._torch_name(q, k))
+            for k, cell in enumerate(cells)
+            for store, named in (("_parameters", cell.named_parameters()), ("_buffers", cell.named_buffers()))
+            for q, _ in named
         )
-        for cell, binding in zip(cells, self._bindings):
-            for (_, p), (_, name) in zip(cell.named_parameters(), binding):
-                self.register_parameter(name, p)
+        for owner, store, leaf, name in self._slots:
+            if store == "_parameters":
+                self.register_parameter(name, owner._parameters[leaf])
+            else:
+                self.register_buffer(name, owner._buffers[leaf])
         self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()
         self._register_load_state_dict_pre_hook(_from_earlier_keys, with_module=True)
         self.engine, self._why = self._choose_engine()
@@ -224,21 +230,24 @@ class RecurrentLayer(nn.Module):
         """The one-step cell of each layer and direction (``cells[layer * D + direction]``), holding the
         layer's current weights (a parametrised weight as its value, detached)."""
         with torch.no_grad():
-            for cell, binding in zip(self._cells, self._bindings):
-                for q, name in binding:
-                    path, _, leaf = q.rpartition(".")
-                    cell.get_submodule(path)._parameters[leaf] = (
-                        getattr(self, name) if parametrize.is_parametrized(self, name) else self._parameters[name])
+            for owner, store, leaf, name in self._slots:
+                getattr(owner, store)[leaf] = getattr(self, name) if parametrize.is_parametrized(self, name) \
+                    else getattr(self, store)[name]
         return self._cells
 
     @contextlib.contextmanager
     def _weights_bound(self) -> Iterator[tuple[RecurrentCell, ...]]:
         """Within the block every cell computes with the layer's weights as its attributes return them:
-        torch's names, each parametrisation evaluated once (:meth:`RecurrentCell.using`)."""
-        with contextlib.ExitStack() as stack:
-            for cell, binding in zip(self._cells, self._bindings):
-                stack.enter_context(cell.using({q: getattr(self, name) for q, name in binding}))
+        torch's names, each parametrisation evaluated once (what :meth:`RecurrentCell.using` does for
+        one cell, here for all with the holders found once)."""
+        saved = [(getattr(owner, store), leaf, getattr(owner, store)[leaf]) for owner, store, leaf, _ in self._slots]
+        try:
+            for owner, store, leaf, name in self._slots:
+                getattr(owner, store)[leaf] = getattr(self, name)
             yield self._cells
+        finally:
+            for holder, leaf, value in saved:  # all taken before any was bound: a shared module ends as it began
+                holder[leaf] = value
 
     @property
     def _flat_weights_names(self) -> list[str]:
@@ -339,15 +348,15 @@ class RecurrentLayer(nn.Module):
         ``(T, I)`` or a ``PackedSequence``; ``lengths`` (B,) may be given with padded input instead of
         packing. Returns ``(output, h_n)`` as torch does (``(output, (h_n, c_n))`` for an LSTM)."""
         owner = self.kind_name
-        ref = next(self.parameters())
         batch = to_sequence_batch(input, self.input_size, self.batch_first, lengths, owner)
-        if batch.data.dtype != ref.dtype or batch.data.device != ref.device:
-            raise ValueError(f"{owner}: input is {batch.data.dtype} on {batch.data.device}, parameters are "
-                             f"{ref.dtype} on {ref.device}")
-        hx = self._check_hx(hx, batch)
         engine = reference.ENGINE if self._step_hooks else self.engine
         with self._weights_bound() as cells:
-            if isinstance(engine, engines.StackEngine):
+            ref = cells[0].weight_ih  # as bound: what runs
+            if batch.data.dtype != ref.dtype or batch.data.device != ref.device:
+                raise ValueError(f"{owner}: input is {batch.data.dtype} on {batch.data.device}, parameters are "
+                                 f"{ref.dtype} on {ref.device}")
+            hx = self._check_hx(hx, batch)
+            if engine.whole_stack:
                 stack = Stack(cells, self.num_layers, self.bidirectional, self.bias, self.dropout, self.training)
                 out, hn = engine.run_stack(stack, batch.data, batch.lengths, hx)
             else:

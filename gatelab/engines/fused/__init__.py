@@ -5,7 +5,8 @@ GEMMs after the loop.
 Its time loops are an ordered list, :data:`LOOPS`: the first one with nothing unsupported for the
 cell (and available: the C++ kernels compile at first use) runs. Today: the C++ loops (:mod:`.cpp`)
 and the pure-PyTorch twin (:mod:`.function`, :mod:`.steps`), which always works and is what the C++
-is tested against. A new loop (the GPU one) is one class with the :class:`Loop` shape and one entry.
+is tested against. A new loop (the GPU one) is one class with the :class:`Loop` shape and one entry
+(:func:`register_loop`).
 """
 
 from __future__ import annotations
@@ -118,6 +119,27 @@ class PyTorchLoop:
 LOOPS: tuple[Loop, ...] = (CppLoops(), PyTorchLoop())
 
 
+def register_loop(loop: Loop, *, before: str = "PyTorch") -> None:
+    """Add ``loop`` to :data:`LOOPS` before the loop called ``before`` (default: before the PyTorch
+    loop, which runs every cell the engine takes and so stays last)."""
+    global LOOPS
+    names = [existing.name for existing in LOOPS]
+    if loop.name in names:
+        raise ValueError(f"register_loop: a loop named {loop.name!r} exists already")
+    if before not in names:
+        raise ValueError(f"register_loop: no loop named {before!r}; have {', '.join(names)}")
+    at = names.index(before)
+    LOOPS = (*LOOPS[:at], loop, *LOOPS[at:])
+
+
+def unregister_loop(name: str) -> None:
+    """Remove the loop called ``name`` (not the PyTorch loop)."""
+    global LOOPS
+    if name == "PyTorch":
+        raise ValueError("the PyTorch loop cannot be removed: the engine falls back to it")
+    LOOPS = tuple(existing for existing in LOOPS if existing.name != name)
+
+
 def cell_blockers(cell: RecurrentCell) -> list[str]:
     """Why the fused engine cannot run ``cell`` on any loop (empty when it can)."""
     out = []
@@ -140,6 +162,7 @@ class FusedEngine:
 
     name = "fused"
     title = "the fused engine"
+    whole_stack = False
 
     def unsupported(self, layer: RecurrentLayer) -> list[str]:
         return cell_blockers(layer.cells[0])
@@ -186,4 +209,5 @@ def implementation() -> str:
     return "C++" if cpp.load() else "PyTorch"
 
 
-__all__ = ["ENGINE", "FusedEngine", "LOOPS", "Loop", "CppLoops", "PyTorchLoop", "cell_blockers", "implementation"]
+__all__ = ["ENGINE", "FusedEngine", "LOOPS", "Loop", "CppLoops", "PyTorchLoop", "cell_blockers", "implementation",
+           "register_loop", "unregister_loop"]
