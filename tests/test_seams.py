@@ -4,6 +4,7 @@ added in this file alone runs everywhere), old checkpoints still load."""
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_parametrised_custom_layer_stays_on_the_fused_engine_and_trains():
     assert lstm.engine_name == "fused" and "fused engine, C++ loop" in lstm.explain()
     W = lstm.weight_hh_l0
     torch.testing.assert_close(W.T @ W, torch.eye(4, dtype=F64), rtol=0, atol=1e-10)
-    assert torch.equal(lstm.cells[0].weight_hh, W.detach())  # at rest the cell holds the value that runs
+    assert lstm.cells[0].weight_ih is lstm.weight_ih_l0  # unparametrised weights: the same tensor at rest
     opt = torch.optim.Adam(lstm.parameters(), lr=0.05)
     for _ in range(3):
         opt.zero_grad()
@@ -167,9 +168,160 @@ def test_parametrised_extra_parameters_run_on_every_engine(engine):
     x = torch.randn(5, 2, 3, dtype=F64)
     out = layer(x)[0]
     torch.testing.assert_close(out, plain(x)[0], rtol=0, atol=1e-12)
-    out.sum().backward()
-    original = layer.parametrizations.sigma_f_weight_l0_reverse.original
-    assert original.grad is not None and original.grad.abs().sum() > 0
+    # gradients: the parametrised value's gradient is the plain layer's, chained through tanh(·)/2 once
+    g = torch.Generator().manual_seed(2)
+    weights = torch.randn(out.shape, generator=g, dtype=F64)
+    (out * weights).sum().backward()
+    (plain(x)[0] * weights).sum().backward()
+    for name in ("weight_ci_l0", "sigma_f_weight_l0_reverse"):
+        original = layer.parametrizations[name].original
+        chain = 0.5 * (1 - original.detach().tanh() ** 2)
+        torch.testing.assert_close(original.grad, getattr(plain, name).grad * chain, rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.weight_hh_l0.grad, plain.weight_hh_l0.grad, rtol=0, atol=1e-10)
+
+
+FUNCTIONAL_CASES = [
+    (gatelab.LSTM, {"proj_size": 2, "gate_activation": "hard_sigmoid"}), (gatelab.LSTM, {"layer_norm": True}),
+    (gatelab.LSTM, {"gate_activation": {"f": "adaptive_sigmoid"}, "peephole": True}),
+    (gatelab.GRU, {"reset_after": False, "candidate_activation": "prelu"}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(FUNCTIONAL_CASES)))
+def test_functional_call_gradients_reach_the_passed_tensors_on_the_fused_engine(case):
+    """torch.func.functional_call swaps in other tensors: the fused backward must use them too (it reads
+    projections, gains and activation slopes from the cell after the forward returned)."""
+    cls, kw = FUNCTIONAL_CASES[case]
+    torch.manual_seed(0)
+    fus = cls(3, 4, bidirectional=True, dtype=F64, backend="fused", strict=True, **kw)
+    ref = cls(3, 4, bidirectional=True, dtype=F64, backend="reference", **kw)
+    params = {n: (p.detach() * 1.3 + 0.05).requires_grad_() for n, p in fus.named_parameters()}
+    x = torch.randn(5, 2, 3, dtype=F64)
+    grads = []
+    for layer in (fus, ref):
+        out = torch.func.functional_call(layer, params, (x,))[0]
+        grads.append(torch.autograd.grad(out.pow(2).sum(), list(params.values())))
+    for name, a, b in zip(params, *grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+def test_reading_cells_or_explain_during_a_call_keeps_parametrised_gradients():
+    torch.manual_seed(0)
+    layers = []
+    for read in (False, True):
+        torch.manual_seed(0)
+        m = gatelab.LSTM(3, 4, num_layers=2, dtype=F64)
+        parametrize.register_parametrization(m, "weight_hh_l1", _Scale())
+        if read:
+            m.register_step_hook(lambda call, m=m: (m.explain(), m.cells, None)[2])
+        m(torch.randn(5, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(1)))[0].sum().backward()
+        layers.append(m.parametrizations.weight_hh_l1.original.grad)
+    torch.testing.assert_close(layers[0], layers[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_hook_style_weight_norm_works_like_torchs():
+    torch.manual_seed(0)
+    theirs = nn.LSTM(3, 4, dtype=F64)
+    ours = gatelab.LSTM(3, 4, dtype=F64, backend="fused")
+    ours.load_state_dict(theirs.state_dict())
+    for m in (theirs, ours):
+        torch.nn.utils.weight_norm(m, "weight_hh_l0")
+    ours.eval(), theirs.eval()  # hook-style weight_norm deletes the parameter; train/eval/explain still work
+    assert "fused" in ours.explain() and "weight_hh_l0_g" in dict(ours.named_parameters())
+    x = torch.randn(5, 2, 3, dtype=F64)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=0, atol=1e-10)
+
+
+def test_spectral_norm_state_moves_only_when_the_layer_runs():
+    layer = gatelab.LSTM(3, 4, gate_activation="hard_sigmoid")
+    parametrizations.spectral_norm(layer, "weight_hh_l0")
+    u = layer.parametrizations.weight_hh_l0[0]._u.clone()
+    layer.train(), layer.eval(), layer.explain(), layer.cells
+    assert torch.equal(layer.parametrizations.weight_hh_l0[0]._u, u)
+
+
+def test_one_activation_module_shared_by_every_gate_is_one_parameter():
+    class Slope(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(0.7))
+
+        def forward(self, x):
+            return torch.sigmoid(self.a * x)
+
+    shared = Slope()
+    layer = gatelab.LSTM(3, 4, bidirectional=True, gate_activation=shared, dtype=F64)
+    names = [n for n in layer.state_dict() if "module" in n]
+    assert names == ["sigma_i_module_a_l0"] and layer.sigma_i_module_a_l0 is shared.a
+    parametrize.register_parametrization(layer, "sigma_i_module_a_l0", _Scale())
+    seen = []
+    layer.register_step_hook(lambda call: seen.append(call.cell.sigma_f.module.a.item()))
+    layer(torch.randn(4, 2, 3, dtype=F64))
+    assert seen == [pytest.approx(0.5 * math.tanh(0.7))] * 2  # both directions, every gate: the parametrised value
+
+
+def test_data_parallel_replicas_bind_into_cells_of_their_own():
+    """What nn.parallel.replicate does per device, on the CPU: replicas run concurrently and each computes
+    with its own weights."""
+    import threading
+
+    layer = gatelab.LSTM(8, 16, gate_activation="hard_sigmoid")
+    replica = layer._replicate_for_data_parallel()
+    assert replica._cells is not layer._cells and replica._cells[0] is not layer._cells[0]
+    for name, p in layer.named_parameters():
+        setattr(replica, name, p.detach() * -1)  # replicate() sets broadcast copies as plain attributes
+    x = torch.randn(60, 4, 8)
+    with torch.no_grad():
+        expected = {id(layer): layer(x)[0], id(replica): replica(x)[0]}
+    assert not torch.allclose(expected[id(layer)], expected[id(replica)])
+    wrong = []
+
+    def run(m):
+        for _ in range(6):
+            with torch.no_grad():
+                wrong.append(not torch.equal(m(x)[0], expected[id(m)]))
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in (layer, replica)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [False] * 12
+    assert all(isinstance(p, nn.Parameter) for p in layer._cells[0]._parameters.values() if p is not None)
+
+
+def test_a_subclass_of_a_builtin_cell_runs_its_own_maths():
+    class HalfLSTMCell(gatelab.LSTMCell):
+        def step(self, x, state, rec_mask=None, weight_hh=None):
+            h, (h2, c2) = super().step(x, state, rec_mask, weight_hh)
+            return 0.5 * h, (0.5 * h2, c2)
+
+    class HalfLSTM(gatelab.LSTM):
+        cell_class = HalfLSTMCell
+
+    class LoudGatedCell(gatelab.GatedStateCell):
+        def step(self, x, state, rec_mask=None, weight_hh=None):
+            y, s = super().step(x, state, rec_mask, weight_hh)
+            return 2 * y, s
+
+    class LoudGated(gatelab.GatedStateRNN):
+        cell_class = LoudGatedCell
+
+    for cls in (HalfLSTM, LoudGated):
+        layer = cls(3, 4, dtype=F64)
+        assert layer.engine_name == "reference", layer.explain()
+        ref = cls(3, 4, dtype=F64, backend="reference")
+        ref.load_state_dict(layer.state_dict())
+        x = torch.randn(5, 2, 3, dtype=F64)
+        hand = ref.cells[0]
+        state = tuple(torch.zeros(2, s, dtype=F64) for s in hand.state_sizes())
+        outs = []
+        for t in range(5):
+            out, state = hand.step(x[t], state)
+            outs.append(out)
+        torch.testing.assert_close(layer(x)[0], torch.stack(outs), rtol=0, atol=1e-12)
+    assert "torch has no HalfLSTMCell" in HalfLSTM(3, 4).explain()
 
 
 def test_a_module_activation_keeps_its_buffers_on_the_layer():

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
 from .. import activations
 from ..activations import ActivationSpec, Bound
@@ -215,8 +216,9 @@ class RecurrentCell(nn.Module):
 
     def torch_differences(self) -> list[str]:
         """How this cell differs from :attr:`torch_cell` (empty when it computes exactly what torch's does)."""
-        if self.torch_cell is None:
-            return [f"torch has no {type(self).__name__}"]
+        cls = type_before_parametrizations(self)
+        if self.torch_cell is None or "torch_cell" not in vars(cls):  # a subclass may compute something else
+            return [f"torch has no {cls.__name__}"]
         out = []
         acts = self.activation_slots()
         for s in self.slots:

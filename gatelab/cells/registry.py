@@ -7,15 +7,15 @@ is one cell class, one layer class and one call::
 
     gatelab.cells.registry.register(MyCell, MyLayer)   # MyCell.name is the registry name
 
-The fused engine runs any registered cell whose recurrence is ``"matrix"`` on its PyTorch loop
-(the cell's :meth:`~gatelab.cells.RecurrentCell.combine` differentiated by autograd per step), or
-with a hand-written step when one is given.
+The fused engine runs any registered cell whose recurrence is ``"matrix"`` and whose step is the two
+products and :meth:`~gatelab.cells.RecurrentCell.combine` on its PyTorch loop (``combine``
+differentiated by autograd per step), and the built-in kinds with hand-written steps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .base import RecurrentCell
 
@@ -27,13 +27,11 @@ __all__ = ["CellEntry", "register", "unregister", "get", "available", "entry_of"
 
 @dataclass(frozen=True)
 class CellEntry:
-    """A registered cell kind: its name, cell class, layer class and, optionally, the fused engine's
-    hand-written step for it (a :class:`gatelab.engines.fused.steps.Step` subclass)."""
+    """A registered cell kind: its name, cell class and layer class."""
 
     name: str
     cell: type[RecurrentCell]
     layer: type[RecurrentLayer]
-    fused_step: Any = None
 
     @property
     def roles(self) -> dict[str, str]:
@@ -44,7 +42,7 @@ class CellEntry:
 _ENTRIES: dict[str, CellEntry] = {}
 
 
-def register(cell: type[RecurrentCell], layer: type[RecurrentLayer], *, fused_step: Any = None) -> CellEntry:
+def register(cell: type[RecurrentCell], layer: type[RecurrentLayer]) -> CellEntry:
     """Register a cell kind under ``cell.name``; returns its entry. A name may be registered once."""
     if not (isinstance(cell, type) and issubclass(cell, RecurrentCell)):
         raise TypeError(f"register: expected a RecurrentCell subclass, got {cell!r}")
@@ -54,7 +52,7 @@ def register(cell: type[RecurrentCell], layer: type[RecurrentLayer], *, fused_st
         raise ValueError(f"register: {layer.__name__}.cell_class must be {cell.__name__}")
     if cell.name in _ENTRIES and _ENTRIES[cell.name].cell is not cell:
         raise ValueError(f"register: a cell named {cell.name!r} is registered already ({_ENTRIES[cell.name].cell.__name__})")
-    entry = CellEntry(cell.name, cell, layer, fused_step)
+    entry = CellEntry(cell.name, cell, layer)
     _ENTRIES[cell.name] = entry
     return entry
 

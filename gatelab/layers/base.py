@@ -202,17 +202,22 @@ class RecurrentLayer(nn.Module):
         # submodules: the layer's parameters are the only ones.
         self._cells: tuple[RecurrentCell, ...] = tuple(cells)
         # every tensor a cell holds, flat: (module holding it, "_parameters" or "_buffers", attribute, layer name)
-        self._slots: tuple[tuple[nn.Module, str, str, str], ...] = tuple(
-            (cell.get_submodule(q.rpartition(".")[0]), store, q.rpartition(".")[2], self._torch_name(q, k))
-            for k, cell in enumerate(cells)
-            for store, named in (("_parameters", cell.named_parameters()), ("_buffers", cell.named_buffers()))
-            for q, _ in named
-        )
-        for owner, store, leaf, name in self._slots:
-            if store == "_parameters":
-                self.register_parameter(name, owner._parameters[leaf])
-            else:
-                self.register_buffer(name, owner._buffers[leaf])
+        # A tensor several cells share (one activation module passed to every gate) is registered once,
+        # under its first name, and every holder binds from that name.
+        slots, first_name = [], {}
+        for k, cell in enumerate(cells):
+            for store, named in (("_parameters", cell.named_parameters(remove_duplicate=False)),
+                                 ("_buffers", cell.named_buffers(remove_duplicate=False))):
+                for q, t in named:
+                    name = first_name.setdefault(id(t), self._torch_name(q, k))
+                    slots.append((cell.get_submodule(q.rpartition(".")[0]), store, q.rpartition(".")[2], name))
+                    if name not in self._parameters and name not in self._buffers:
+                        if store == "_parameters":
+                            self.register_parameter(name, t)
+                        else:
+                            self.register_buffer(name, t)
+        self._slots: tuple[tuple[nn.Module, str, str, str], ...] = tuple(slots)
+        self._binding_depth = 0
         self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()
         self._register_load_state_dict_pre_hook(_from_earlier_keys, with_module=True)
         self.engine, self._why = self._choose_engine()
@@ -227,27 +232,52 @@ class RecurrentLayer(nn.Module):
 
     @property
     def cells(self) -> tuple[RecurrentCell, ...]:
-        """The one-step cell of each layer and direction (``cells[layer * D + direction]``), holding the
-        layer's current weights (a parametrised weight as its value, detached)."""
-        with torch.no_grad():
+        """The one-step cell of each layer and direction (``cells[layer * D + direction]``).
+
+        At rest a cell holds the layer's own parameters (the same tensors: ``layer.weight_hh_l0 is
+        layer.cells[0].weight_hh``); a weight the layer parametrises (``torch.nn.utils.parametrize``) is
+        computed only when the layer runs, so read it as the layer's attribute. During a call the cells
+        hold what the layer bound (see :meth:`_weights_bound`)."""
+        if not self._binding_depth:  # re-sync after load_state_dict(assign=True) and the like
             for owner, store, leaf, name in self._slots:
-                getattr(owner, store)[leaf] = getattr(self, name) if parametrize.is_parametrized(self, name) \
-                    else getattr(self, store)[name]
+                held = getattr(self, store).get(name)  # absent: parametrised, or torch's hook-style weight_norm
+                if held is not None:
+                    getattr(owner, store)[leaf] = held
         return self._cells
 
     @contextlib.contextmanager
     def _weights_bound(self) -> Iterator[tuple[RecurrentCell, ...]]:
         """Within the block every cell computes with the layer's weights as its attributes return them:
         torch's names, each parametrisation evaluated once (what :meth:`RecurrentCell.using` does for
-        one cell, here for all with the holders found once)."""
+        one cell, here for all with the holders found once). One thread at a time: concurrent calls of
+        one layer whose weights are parametrised may see each other's bindings (``nn.DataParallel``
+        replicas have cells of their own)."""
         saved = [(getattr(owner, store), leaf, getattr(owner, store)[leaf]) for owner, store, leaf, _ in self._slots]
+        self._binding_depth += 1
         try:
             for owner, store, leaf, name in self._slots:
                 getattr(owner, store)[leaf] = getattr(self, name)
             yield self._cells
         finally:
+            self._binding_depth -= 1
             for holder, leaf, value in saved:  # all taken before any was bound: a shared module ends as it began
                 holder[leaf] = value
+
+    def _replicate_for_data_parallel(self) -> RecurrentLayer:
+        """``nn.DataParallel``: each replica binds its own weights into cells of its own."""
+        replica = super()._replicate_for_data_parallel()
+        copies: dict[int, nn.Module] = {}
+        for cell in self._cells:
+            for module in cell.modules():
+                copy = module._replicate_for_data_parallel()
+                copy._parameters = dict(module._parameters)  # placeholders: every call binds the replica's own
+                copies[id(module)] = copy
+        for copy in copies.values():
+            copy._modules = {k: None if m is None else copies.get(id(m), m) for k, m in copy._modules.items()}
+        replica._cells = tuple(copies[id(cell)] for cell in self._cells)
+        replica._slots = tuple((copies[id(owner)], store, leaf, name) for owner, store, leaf, name in self._slots)
+        replica._binding_depth = 0
+        return replica
 
     @property
     def _flat_weights_names(self) -> list[str]:

@@ -141,6 +141,10 @@ class FusedDirection(torch.autograd.Function):
                                          lengths, rec_mask, reverse)
         ctx.loop, ctx.reverse, ctx.saved_loop, ctx.has_bias = loop, reverse, saved, b_ih is not None
         ctx.x_shape = x.shape
+        # The cell's tensors as bound for this call (a layer's parametrised or functional_call weights):
+        # the backward reads projections, gains and activation slopes from the cell, after the layer
+        # has restored it, so it binds these again.
+        ctx.weights = dict(loop.step.cell.named_parameters())
         # x is needed for dW_ih only: with W_ih=None it is the projection itself, not worth keeping
         ctx.save_for_backward(x if W_ih is not None else None, W_ih, W_hh, lengths, rec_mask)
         return (out, *final)
@@ -156,8 +160,9 @@ class FusedDirection(torch.autograd.Function):
         sizes = cell.state_sizes()
         dstate = tuple(W_hh.new_zeros(B, s) if d is None else d.contiguous() for s, d in zip(sizes, dfinal))
         dout = W_hh.new_zeros(T, B, cell.output_size) if dout is None else dout.contiguous()
-        dxws, dghs, dstate0, h_recs, extra = loop.backward(ctx.saved_loop, dout, dstate, W_hh, lengths, rec_mask,
-                                                           ctx.reverse)
+        with cell.using(ctx.weights):
+            dxws, dghs, dstate0, h_recs, extra = loop.backward(ctx.saved_loop, dout, dstate, W_hh, lengths, rec_mask,
+                                                               ctx.reverse)
         dxw2, dgh2 = dxws.view(T * B, GH), dghs.view(T * B, GH)
         need = ctx.needs_input_grad  # skip the products nobody asked for (e.g. dx of a data batch)
         if W_ih is None:  # x was the projection itself

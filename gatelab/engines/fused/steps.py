@@ -279,6 +279,6 @@ def step_class(cell: RecurrentCell) -> type[Step] | None:
     cls = type_before_parametrizations(cell)
     if cls in STEPS:
         return STEPS[cls]
-    if cell.recurrence == "matrix" and type(cell).combine is not RecurrentCell.combine:
-        return GenericStep
+    if cell.recurrence == "matrix" and cls.combine is not RecurrentCell.combine and cls.step is RecurrentCell.step:
+        return GenericStep  # its step is the two products and combine(), which is what the loop runs
     return None
