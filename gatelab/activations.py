@@ -38,6 +38,7 @@ __all__ = [
     "ActivationSpec",
     "get",
     "resolve",
+    "check_elementwise",
     "available",
     "register",
 ]
@@ -284,6 +285,8 @@ class _Family:
     default: float | None = None  # parameter value when the name has none
     description: str = ""
     learnable: bool = False
+    valid: Callable[[float], bool] = lambda a: True  # which parameter values make the activation it names
+    rule: str = ""  # that condition, for the error
 
 
 def _sigmoid(_: float | None) -> Activation:
@@ -412,14 +415,16 @@ def _learnable(name: str, cls: type[LearnableActivation], rng: tuple[float, floa
 
 _FAMILIES: dict[str, _Family] = {
     "sigmoid": _Family(_sigmoid, description="1/(1+e^-x); gate default"),
-    "hard_sigmoid": _Family(_hard_sigmoid, 1 / 6, "clamp(a·x + 1/2, 0, 1), a = 1/6 (hard_sigmoid:0.2 is ONNX/Keras 2)"),
+    "hard_sigmoid": _Family(_hard_sigmoid, 1 / 6, "clamp(a·x + 1/2, 0, 1), a = 1/6 (hard_sigmoid:0.2 is ONNX/Keras 2)",
+                            valid=lambda a: a > 0, rule="a slope a > 0 (a = 0 is the constant gate 1/2)"),
     "elliott": _Family(_elliott, description="0.5·x/(1+|x|) + 0.5"),
     "tanh": _Family(_tanh, description="tanh; candidate and cell default"),
     "hardtanh": _Family(_hardtanh, description="clamp(x, -1, 1)"),
     "softsign": _Family(_softsign, description="x/(1+|x|)"),
     "relu": _Family(_relu, description="max(0, x)"),
-    "leaky_relu": _Family(_leaky_relu, 0.01, "max(a·x, x), a = 0.01"),
-    "elu": _Family(_elu, 1.0, "x if x > 0 else a·(e^x − 1), a = 1"),
+    "leaky_relu": _Family(_leaky_relu, 0.01, "max(a·x, x), a = 0.01", valid=lambda a: 0 <= a <= 1,
+                          rule="a negative slope a in [0, 1] (max(a·x, x) needs a <= 1)"),
+    "elu": _Family(_elu, 1.0, "x if x > 0 else a·(e^x − 1), a = 1", valid=lambda a: a > 0, rule="a scale a > 0"),
     "selu": _Family(_selu, description="scaled ELU"),
     "gelu": _Family(_gelu, description="x·Φ(x)"),
     "silu": _Family(_silu, description="x·σ(x)"),
@@ -437,6 +442,8 @@ _USER_CALLABLES: dict[Any, Activation] = {}
 
 def _entry(name: str, param: float | None) -> Activation:
     fam = _FAMILIES[name]
+    if param is not None and not fam.valid(param):
+        raise ValueError(f"activation {name}:{param!r}: {name} takes {fam.rule}, got {param!r}")
     if param is not None and param == fam.default:
         param = None
     key = (name, param)
@@ -472,6 +479,11 @@ def register(
         raise TypeError(f"derivative must be callable or None, got {type(derivative).__name__}")
     if uses not in ("x", "y", "xy"):
         raise ValueError(f"uses must be 'x', 'y' or 'xy', got {uses!r}")
+    if (not isinstance(output_range, (tuple, list)) or len(output_range) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) for v in output_range)
+            or output_range[0] > output_range[1]):
+        raise ValueError(f"output_range must be (low, high) with low <= high, got {output_range!r}")
+    output_range = (float(output_range[0]), float(output_range[1]))
     if name in _ALIASES:
         raise ValueError(f"{name!r} is an alias of {_ALIASES[name]!r}; register under another name")
     if name in _FAMILIES and not overwrite:
@@ -529,6 +541,8 @@ def _parse(spec: str) -> tuple[str, float | None]:
         raise ValueError(f"activation parameter in {spec!r} must be a number, got {arg!r}") from None
     if not math.isfinite(value):
         raise ValueError(f"activation parameter in {spec!r} must be finite")
+    if not _FAMILIES[name].valid(value):
+        raise ValueError(f"activation {spec!r}: {name} takes {_FAMILIES[name].rule}, got {value!r}")
     return name, value
 
 
@@ -551,8 +565,12 @@ def get(spec: ActivationSpec) -> Activation | ModuleActivation:
         if key is not None:
             return _entry(*key)
         return ModuleActivation(spec)
-    if isinstance(spec, type) and issubclass(spec, nn.Module) and spec in _MODULES:
-        return get(spec())
+    if isinstance(spec, type):
+        if spec in _MODULES:
+            return get(spec())
+        what = f"the module class {spec.__name__}; pass an instance" if issubclass(spec, nn.Module) else \
+            f"the class {spec.__name__}"
+        raise TypeError(f"activation must be a name, an Activation, a function or an nn.Module instance; got {what}")
     if callable(spec):
         try:
             key = _CALLABLES.get(spec)
@@ -566,6 +584,33 @@ def get(spec: ActivationSpec) -> Activation | ModuleActivation:
     raise TypeError(
         f"activation must be a name, an Activation, a callable or an nn.Module; got {type(spec).__name__}"
     )
+
+
+def check_elementwise(act: Bound, units: int, *, dtype: torch.dtype | None = None,
+                      device: torch.device | str | None = None) -> None:
+    """Raise ``TypeError`` unless ``act`` maps a ``(2, units)`` tensor to a tensor of the same shape and
+    dtype, as every slot needs (a reduction or a slice would broadcast silently). One cheap call on a
+    fixed probe; nothing on the meta device."""
+    if torch.device(device or "cpu").type == "meta":
+        return
+    probe = torch.linspace(-3, 3, 2 * units, dtype=dtype or torch.get_default_dtype(), device=device).view(2, units)
+    try:
+        with torch.no_grad():
+            out = act(probe)
+    except Exception as e:  # the user's callable: say what it was called with
+        raise TypeError(f"activation {_describe(act)} failed on a {tuple(probe.shape)} {probe.dtype} tensor "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if not isinstance(out, Tensor):
+        raise TypeError(f"activation {_describe(act)} must return a tensor, returned {type(out).__name__}")
+    if out.shape != probe.shape or out.dtype != probe.dtype:
+        raise TypeError(f"activation {_describe(act)} must act elementwise (a tensor of its input's shape and dtype): "
+                        f"it maps {tuple(probe.shape)} {probe.dtype} to {tuple(out.shape)} {out.dtype}")
+
+
+def _describe(act: Any) -> str:
+    if isinstance(act, ModuleActivation):
+        return act.name
+    return repr(getattr(act, "key", getattr(act, "name", type(act).__name__)))
 
 
 def resolve(spec: ActivationSpec, units: int) -> Bound:

@@ -473,7 +473,7 @@ CELLS = [gatelab.ElmanCell, gatelab.LSTMCell, gatelab.GRUCell, gatelab.GatedStat
         ((I, 4.5), TypeError, r"hidden_size must be an int, got float"),
         ((I, True), TypeError, r"hidden_size must be an int, got bool"),
         ((I, "4"), TypeError, r"hidden_size must be an int, got str"),
-        ((I, H, 1), TypeError, r"bias must be a bool, got int"),
+        ((I, H, 1), TypeError, r"bias must be True or False, got 1 \(int\)"),
     ],
     ids=["input0", "hidden0", "hidden-neg", "input-float", "hidden-float", "hidden-bool", "hidden-str", "bias-int"],
 )

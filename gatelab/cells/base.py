@@ -82,8 +82,9 @@ class RecurrentCell(nn.Module):
         super().__init__()
         _check_size("input_size", input_size)
         _check_size("hidden_size", hidden_size)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        check_flag("bias", bias)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -173,6 +174,10 @@ class RecurrentCell(nn.Module):
             raise TypeError(f"{type(self).__name__}: {role}: {e}") from None
         if isinstance(act, nn.Module) and self.weight_ih is not None:
             act = act.to(device=self.weight_ih.device, dtype=self.weight_ih.dtype)
+        try:
+            activations.check_elementwise(act, self.hidden_size, dtype=self.weight_ih.dtype, device=self.weight_ih.device)
+        except (TypeError, RuntimeError, ValueError) as e:
+            raise TypeError(f"{type(self).__name__}: {role}: {e}") from None
         setattr(self, attr, act)
         return act
 
@@ -308,6 +313,13 @@ class _Observed(nn.Module):
         y = self.act(x)
         self.observer(self.slot, x, y)
         return y
+
+
+def check_flag(name: str, value: object, *, optional: bool = False) -> None:
+    """A flag must be a bool (``None`` too when ``optional``): a truthy string such as ``"no"`` is an error."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise TypeError(f"{name} must be True or False{' (or None)' if optional else ''}, got {value!r} "
+                        f"({type(value).__name__})")
 
 
 def _check_size(name: str, value: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import activations
 from ..activations import ActivationSpec
 from .base import RecurrentCell, Slot, unbatch
 
@@ -37,7 +38,8 @@ class ElmanCell(RecurrentCell):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
-        if activation is not None and nonlinearity is not None and activation != nonlinearity:
+        if activation is not None and nonlinearity is not None and activations.get(activation) is not activations.get(
+                nonlinearity):
             raise ValueError(f"pass activation or nonlinearity, not both (got {activation!r} and {nonlinearity!r})")
         self._slot("phi", activation or nonlinearity or "tanh", "activation")
         self.reset_parameters()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..activations import ActivationSpec
-from .base import GateActivationSpec, RecurrentCell, Slot, unbatch
+from .base import GateActivationSpec, RecurrentCell, Slot, check_flag, unbatch
 
 
 class GRUCell(RecurrentCell):
@@ -50,8 +50,9 @@ class GRUCell(RecurrentCell):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        check_flag("reset_after", reset_after)
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
-        self.reset_after = bool(reset_after)
+        self.reset_after = reset_after
         self._gate_slots(gate_activation, self.gate_names)
         self._slot("phi", candidate_activation, "candidate_activation")
         self.reset_parameters()

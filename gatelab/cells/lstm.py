@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..activations import ActivationSpec
-from .base import GateActivationSpec, RecurrentCell, Slot, _check_size, unbatch
+from .base import GateActivationSpec, RecurrentCell, Slot, _check_size, check_flag, unbatch
 
 # Greff et al. 2017, "LSTM: A Search Space Odyssey": every variant is the vanilla LSTM (with
 # peepholes) with one change.
@@ -102,6 +102,9 @@ class LSTMCell(RecurrentCell):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        for name, flag in (("peephole", peephole), ("coupled", coupled), ("full_gate_recurrence", full_gate_recurrence)):
+            check_flag(name, flag, optional=True)
+        check_flag("layer_norm", layer_norm)
         given = {
             "gate_activation": gate_activation, "candidate_activation": candidate_activation,
             "cell_activation": cell_activation, "peephole": peephole, "coupled": coupled,

@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .. import engines
 from ..cells import RecurrentCell
-from ..cells.base import _check_size
+from ..cells.base import _check_size, check_flag
 from ..engines import reference
 from ..engines.base import Engine, OnStep, Stack
 from ..engines.native import WEIGHT_NAMES
@@ -143,6 +143,14 @@ class RecurrentLayer(nn.Module):
         _check_size("input_size", input_size)
         _check_size("hidden_size", hidden_size)
         _check_size("num_layers", num_layers)
+        for name, flag in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional),
+                           ("residual", residual), ("residual_projection", residual_projection), ("strict", strict)):
+            check_flag(f"{owner}: {name}", flag)
+        if forget_bias is not None and (isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float))):
+            raise TypeError(f"{owner}: forget_bias must be a number or None, got {forget_bias!r} "
+                            f"({type(forget_bias).__name__})")
+        if chrono_max_length is not None:
+            _check_size("chrono_max_length", chrono_max_length)
         for name, p in (("dropout", dropout), ("input_dropout", input_dropout),
                         ("recurrent_dropout", recurrent_dropout), ("weight_dropout", weight_dropout)):
             _check_rate(owner, name, p)
@@ -175,8 +183,12 @@ class RecurrentLayer(nn.Module):
         layer_input = input_size
         for _ in range(num_layers):
             for _ in range(D):
-                cell = self.cell_class(layer_input, hidden_size, bias, **dict(cell_options or {}), device=device,
-                                       dtype=dtype)
+                try:
+                    cell = self.cell_class(layer_input, hidden_size, bias, **dict(cell_options or {}), device=device,
+                                           dtype=dtype)
+                except (TypeError, ValueError) as e:  # name the layer the user built, not only its cell
+                    message = str(e) if str(e).startswith(self.cell_class.__name__) else f"{owner}: {e}"
+                    raise type(e)(message) from None
                 init_cell(cell, init, forget_bias=forget_bias, chrono_max_length=chrono_max_length)
                 cells.append(cell)
             layer_input = D * cells[-1].output_size

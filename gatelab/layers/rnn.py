@@ -65,7 +65,8 @@ class RNN(_TorchCompatible):
     __doc__ = """Elman RNN over a sequence, a drop-in ``torch.nn.RNN`` whose activation is any registered one.
 
     ``h' = φ(W_ih x + b_ih + W_hh h + b_hh)``; ``nonlinearity`` (torch's name) or ``activation`` picks
-    φ, and ``"tanh"`` and ``"relu"`` run on torch's kernel. Returns ``(output, h_n)``.
+    φ (both given and different is an error; ``activation`` overrides the default ``"tanh"``), and
+    ``"tanh"`` and ``"relu"`` run on torch's kernel. Returns ``(output, h_n)``.
     """ + options_doc(*_TORCH_ARGS[:3], "nonlinearity", *_TORCH_ARGS[3:], *_FACTORY, "activation", *LAYER_OPTIONS)
     cell_class = ElmanCell
     torch_class = nn.RNN
@@ -98,7 +99,9 @@ class RNN(_TorchCompatible):
     ) -> None:
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            cell_options={"activation": activation or nonlinearity},
+            # the default nonlinearity gives way to an explicit activation; two explicit ones must agree
+            cell_options={"activation": activation,
+                          "nonlinearity": None if activation is not None and nonlinearity == "tanh" else nonlinearity},
             residual=residual, residual_projection=residual_projection, input_dropout=input_dropout,
             recurrent_dropout=recurrent_dropout, weight_dropout=weight_dropout, zoneout=zoneout, init=init,
             forget_bias=forget_bias, chrono_max_length=chrono_max_length, backend=backend, strict=strict,

@@ -59,6 +59,11 @@ def to_sequence_batch(
             f"{owner}: expected input of shape {layout} or unbatched (seq, features), got {tuple(input.shape)}"
         )
     _check_features(input, input_size, owner)
+    if input.shape[0 if input.dim() == 2 or not batch_first else 1] == 0:
+        raise ValueError(f"{owner}: expected at least one time step, got an input of shape {tuple(input.shape)} "
+                         f"(torch's RNNs refuse empty sequences too)")
+    if not input.is_floating_point():
+        raise TypeError(f"{owner}: input must be a floating-point tensor, got {input.dtype}")
     batched = input.dim() == 3
     data = input if not batched else (input.transpose(0, 1) if batch_first else input)
     if not batched:
@@ -69,7 +74,14 @@ def to_sequence_batch(
 
 
 def check_lengths(lengths: Tensor | list[int], T: int, B: int, owner: str) -> Tensor:
-    lengths = torch.as_tensor(lengths)
+    if not isinstance(lengths, (Tensor, list, tuple)):
+        raise TypeError(f"{owner}: lengths must be a tensor or list of {B} integers, got {type(lengths).__name__}")
+    try:
+        lengths = torch.as_tensor(lengths)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{owner}: lengths must be {B} integers, got {lengths!r}") from None
+    if lengths.dtype == torch.bool or lengths.is_complex():
+        raise ValueError(f"{owner}: expected lengths as {B} integers (one per sequence), got {lengths.dtype} values")
     if lengths.dim() != 1 or lengths.shape[0] != B or lengths.is_floating_point():
         raise ValueError(f"{owner}: expected lengths as {B} integers (one per sequence), got {tuple(lengths.shape)} "
                          f"{lengths.dtype}")

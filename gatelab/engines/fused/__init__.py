@@ -184,6 +184,9 @@ class FusedEngine:
         strict: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         W_hh = cell.weight_hh if weight_hh is None else weight_hh
+        if x.shape[1] == 0:  # an empty batch: nothing to fuse; the reference loop returns torch's empty result
+            return reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=W_hh,
+                                           zoneout=zoneout)
         for loop in LOOPS:
             if not loop.unsupported(cell) and loop.ready(strict):
                 return loop.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
