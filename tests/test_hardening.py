@@ -120,7 +120,8 @@ def test_empty_sequences_and_empty_batches_agree_with_torch_on_every_engine(engi
 
 LOW = [torch.bfloat16, torch.float16]
 CELLS = [(gatelab.LSTM, {"gate_activation": {"f": "hard_sigmoid", "i": "elliott"}}),
-         (gatelab.GRU, {"candidate_activation": "relu"}), (gatelab.RNN, {"activation": "softsign"}), (gatelab.GatedStateRNN, {"gate_activation": "hard_sigmoid"}),
+         (gatelab.GRU, {"candidate_activation": "relu"}), (gatelab.RNN, {"activation": "softsign"}),
+         (gatelab.GatedStateRNN, {"gate_activation": "hard_sigmoid"}),
          (gatelab.LSTM, {"layer_norm": True}), (gatelab.LSTM, {})]
 
 
