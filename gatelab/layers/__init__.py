@@ -1,6 +1,6 @@
 """Sequence layers: drop-in replacements for torch.nn.RNN, LSTM and GRU, and GatedStateRNN."""
 
-from .base import RecurrentLayer
+from .base import DirectionCall, RecurrentLayer
 from .rnn import GRU, LSTM, RNN, GatedStateRNN
 
-__all__ = ["RecurrentLayer", "RNN", "LSTM", "GRU", "GatedStateRNN"]
+__all__ = ["RecurrentLayer", "DirectionCall", "RNN", "LSTM", "GRU", "GatedStateRNN"]
