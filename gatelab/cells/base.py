@@ -56,6 +56,8 @@ class RecurrentCell(nn.Module):
     * ``torch_cell`` / ``torch_mode``: the ``torch.nn`` cell it equals with default options and torch's
       kernel mode string (``None`` when torch has none); :meth:`torch_differences` says why not.
     * ``keep_gate``: the block whose bias controls memory retention (``forget_bias``, chrono init).
+    * ``memory_state``: the state that carries the memory (an LSTM's ``c``); the diagnostics' verdict
+      leads with it. Default: the first state.
     """
 
     name: ClassVar[str] = ""
@@ -68,6 +70,7 @@ class RecurrentCell(nn.Module):
     torch_cell: ClassVar[type[nn.Module] | None] = None
     torch_mode: str | None = None
     keep_gate: str | None = None
+    memory_state: ClassVar[str | None] = None  # None: state_names[0]
 
     def __init__(
         self,

@@ -78,6 +78,7 @@ class LSTMCell(RecurrentCell):
         Slot("psi", "cell_activation", "tanh", torch=("tanh",)),
     )
     zoneout_states = ("h", "c")  # never FGR's previous gates
+    memory_state = "c"
     torch_cell = nn.LSTMCell
     torch_mode = "LSTM"
     layer_norm_eps = 1e-5

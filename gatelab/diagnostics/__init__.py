@@ -2,6 +2,7 @@
 
 >>> flow = gatelab.diagnostics.gradient_flow(model, batch)     # ‖∂L/∂h_t‖, ‖∂L/∂c_t‖ per step
 >>> gatelab.diagnostics.verdict(flow.by_lag())                  # vanishing / exploding / healthy
+>>> gatelab.diagnostics.state_verdicts(flow)                    # one per state, the memory state first
 >>> gatelab.diagnostics.jacobian_norms(layer, x)                # ‖∂h_T/∂h_t‖₂ by lag
 
 Every diagnostic works whatever engine a layer runs: the layers are rerun on the reference loop with
@@ -24,14 +25,25 @@ from .gates import (
 from .gradients import CellTrace, GradientFlow, gradient_flow, recording, recurrent_layers
 from .jacobian import jacobian_norms
 from .plots import plot_gate_histograms, plot_gradient_heatmap, plot_norm_vs_lag
-from .verdict import FLOOR, TOLERANCE, Verdict, log_slope, memory_horizon, verdict
+from .verdict import (
+    FLOOR,
+    TOLERANCE,
+    StateVerdicts,
+    Verdict,
+    layer_verdicts,
+    log_slope,
+    memory_horizon,
+    state_verdicts,
+    verdict,
+)
 
 __all__ = [
     "gradient_flow", "GradientFlow", "recording", "recurrent_layers", "CellTrace",
     "jacobian_norms",
     "gate_statistics", "GateStatistics", "saturation_share", "dead_unit_share", "spectral_radius",
     "spectral_norm", "recurrent_spectra", "RELU_LIKE",
-    "verdict", "Verdict", "log_slope", "memory_horizon", "TOLERANCE", "FLOOR",
+    "verdict", "Verdict", "log_slope", "memory_horizon", "TOLERANCE", "FLOOR", "state_verdicts", "layer_verdicts",
+    "StateVerdicts",
     "GradientFlowCallback", "diagnostic_record",
     "plot_gradient_heatmap", "plot_norm_vs_lag", "plot_gate_histograms",
     "diagnose_main", "DiagnosePlan", "EXPERIMENTS", "ADDING_COMPARISON", "ModelSpec", "compare",

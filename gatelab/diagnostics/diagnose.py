@@ -45,7 +45,7 @@ from .. import tasks as tasks_module
 from ..tasks import Task, collate
 from ._io import write_json
 from .experiment import ADDING_COMPARISON, ConfigResult, ModelSpec, compare, diagnose
-from .verdict import verdict
+from .verdict import layer_verdicts, state_verdicts, verdict
 
 __all__ = ["diagnose_main", "DiagnosePlan", "EXPERIMENTS", "read_plan", "write_report"]
 
@@ -214,12 +214,13 @@ def run_single(
         "source": source, "moment": moment, "task": task.name, "baseline": _baseline(task), "label": label,
         "diagnosis": d.summary(),
         "verdicts": {k: verdict(d.flow.by_lag(k)).to_dict() for k in d.flow.norms},
+        "state_verdicts": {layer: v.to_dict() for layer, v in layer_verdicts(d.flow).items()},
         "gradient_norms": {k: v.tolist() for k, v in d.flow.norms.items()},
         "figures": [str(p) for p in figures],
     }
     write_json(out_dir / "summary.json", summary)
     if log:
-        log(f"{label}: {verdict(d.flow.by_lag())} -> {out_dir}")
+        log(f"{label}: {state_verdicts(d.flow)} -> {out_dir}")
     return summary
 
 

@@ -24,7 +24,7 @@ from .callback import GradientFlowCallback
 from .gates import GateStatistics, gate_statistics
 from .gradients import GradientFlow, gradient_flow, last_step, unpack_batch
 from .jacobian import jacobian_norms
-from .verdict import verdict
+from .verdict import state_verdicts, verdict
 
 __all__ = ["ModelSpec", "ADDING_COMPARISON", "LastStepModel", "build_model", "fit", "evaluate", "Diagnosis",
            "diagnose", "ConfigResult", "compare"]
@@ -157,6 +157,7 @@ class Diagnosis:
             "loss": self.flow.loss,
             "gradient": verdict(self.flow.by_lag(key)).to_dict(),
             "gradient_key": key,
+            "states": state_verdicts(self.flow).to_dict(),
             "saturation": self.gates.saturation,
             "dead": self.gates.dead,
             "spectra": self.gates.spectra,
@@ -241,8 +242,8 @@ def compare(
                               time.perf_counter() - start)
         results.append(result)
         if log is not None:
-            log(f"{spec.label:<18} engine {result.engine:<9} init {verdict(initial.flow.by_lag())}; "
-                + (f"trained {verdict(trained.flow.by_lag())}; test loss {test_loss:.4f}; " if trained else "")
+            log(f"{spec.label:<18} engine {result.engine:<9} init {state_verdicts(initial.flow)}; "
+                + (f"trained {state_verdicts(trained.flow)}; test loss {test_loss:.4f}; " if trained else "")
                 + f"{result.seconds:.0f} s")
     return results
 

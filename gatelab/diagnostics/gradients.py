@@ -200,6 +200,7 @@ class GradientFlow:
     engines: dict[str, str]
     batch_size: int
     steps: int
+    memory: dict[str, str] = field(default_factory=dict)  # layer key ("rnn.l0") -> its cell's memory state
 
     @property
     def default_key(self) -> str:
@@ -251,5 +252,7 @@ def gradient_flow(model: nn.Module, batch: Any, loss_fn: LossFn | None = None) -
             key = trace_key(tr, name)
             norms[key] = np.array([0.0 if g[j] is None else float(g[j].detach().double().norm()) for g in per_step])
             reverse[key] = tr.reverse
+    memory = {trace_key(tr): tr.cell.memory_state or tr.state_names[0] for tr in traces}
     first = traces[0]
-    return GradientFlow(float(loss.detach()), norms, reverse, engines, int(first.x.shape[1]), int(first.x.shape[0]))
+    return GradientFlow(float(loss.detach()), norms, reverse, engines, int(first.x.shape[1]), int(first.x.shape[0]),
+                        memory)

@@ -14,6 +14,7 @@ imported only when a task that needs them is built.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from .base import Batch, MissingExtraError, SequenceDataset, Task, collate, data_dir
@@ -88,12 +89,35 @@ def factory(name: str) -> Callable[..., Task] | None:
 
 
 def get(name: str, **kwargs) -> Task:
-    """Build the task called ``name`` (see :func:`available`) with ``kwargs`` for its constructor."""
+    """Build the task called ``name`` (see :func:`available`) with ``kwargs`` for its constructor.
+
+    Raises :class:`TypeError` when ``name`` is not a string or a keyword is not one the task takes
+    (the message lists those it takes), :class:`ValueError` for an unknown name; the constructors check
+    the values (see :mod:`gatelab.tasks._checks`).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"task name must be a str such as 'adding' or 'ucr:GunPoint', got {name!r} ({type(name).__name__})")
     make = factory(name)
-    if make is not None:
-        _, sep, arg = name.partition(":")
-        return make(arg, **kwargs) if sep else make(**kwargs)
-    raise ValueError(
-        f"unknown task {name!r}; available: {', '.join(available())}; "
-        f"also 'charlm:/path/to/file.txt' for any UTF-8 text file"
-    )
+    if make is None:
+        raise ValueError(
+            f"unknown task {name!r}; available: {', '.join(available())}; "
+            f"also 'charlm:/path/to/file.txt' for any UTF-8 text file"
+        )
+    _, sep, arg = name.partition(":")
+    args = (arg,) if sep else ()
+    _check_keywords(name, make, args, kwargs)
+    return make(*args, **kwargs)
+
+
+def _check_keywords(name: str, make: Callable[..., Task], args: tuple, kwargs: dict) -> None:
+    """Refuse keywords the factory does not take before it runs (a family factory may load files first)."""
+    try:
+        signature = inspect.signature(make)
+    except (TypeError, ValueError):  # a builtin or C callable: let the call itself complain
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        params = [p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        takes = [p for p in params[len(args):] if p != "self"]
+        raise TypeError(f"{name}: {err}; it takes {', '.join(takes) or 'no keyword arguments'}") from None

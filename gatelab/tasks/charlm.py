@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _checks as check
 from . import metrics as M
 from .base import SequenceDataset, Task, data_dir
 
@@ -90,6 +91,9 @@ class CharLMTask(Task):
         self, corpus: str = "shakespeare", seq_len: int = 100, fractions: Sequence[float] = (0.9, 0.05, 0.05)
     ) -> None:
         super().__init__()
+        self.name = f"charlm:{check.text('charlm', 'corpus', corpus)}"
+        self.seq_len = check.integer(self.name, "seq_len", seq_len, 1)
+        fractions = check.fractions(self.name, "fractions", fractions)
         if corpus == "shakespeare":
             text = shakespeare_text()
         else:
@@ -97,12 +101,6 @@ class CharLMTask(Task):
             if not path.is_file():
                 raise ValueError(f"charlm:{corpus}: expected 'shakespeare' or the path of a UTF-8 text file")
             text = path.read_text(encoding="utf-8")
-        if len(fractions) != 3 or any(f <= 0 for f in fractions) or not math.isclose(sum(fractions), 1.0):
-            raise ValueError(f"fractions must be three positive numbers summing to 1, got {fractions}")
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        self.name = f"charlm:{corpus}"
-        self.seq_len = seq_len
         self.vocab = "".join(sorted(set(text)))
         self.input_size = self.output_size = len(self.vocab)
         self._codes = np.array([ord(c) for c in self.vocab], dtype=np.int64)  # sorted code points

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _checks as check
 from . import metrics as M
 from .base import SequenceDataset, Task, quiet_deprecations, require, stratified_split
 
@@ -58,10 +59,10 @@ class DigitsTask(ClassificationTask):
 
     def __init__(self, mode: str = "rows", val_fraction: float = 0.1, seed: int = 0) -> None:
         super().__init__()
-        if mode not in ("rows", "pixels"):
-            raise ValueError(f"mode must be 'rows' or 'pixels', got {mode!r}")
         self.name = "digits"
-        self.mode, self.val_fraction, self.seed = mode, val_fraction, seed
+        self.mode = check.choice(self.name, "mode", mode, ("rows", "pixels"))
+        self.val_fraction = check.real(self.name, "val_fraction", val_fraction, 0.0, 1.0)
+        self.seed = check.integer(self.name, "seed", seed)
         self.input_size = 8 if mode == "rows" else 1
         self._datasets = require("sklearn.datasets", "the digits task")
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _checks as check
 from . import metrics as M
 from .base import SequenceDataset, Task, quiet_deprecations, require
 from .ucr import _aeon_data_dir
@@ -129,34 +130,37 @@ class ForecastTask(Task):
     ) -> None:
         super().__init__()
         by_lower = {n.lower(): n for n in SERIES}
-        if name.lower() not in by_lower:
+        if check.text("forecast", "name", name).lower() not in by_lower:
             raise ValueError(f"unknown forecasting series {name!r}; expected one of {list(SERIES)}")
         self.series_name = by_lower[name.lower()]
         self.name = f"forecast:{self.series_name}"
         info = SERIES[self.series_name]
-        self.horizon = horizon or info.horizon
-        self.window = window or info.window
-        self.season = season or info.season
+        # None means the series' default; 0 is refused rather than read as "default".
+        self.horizon = check.optional_integer(self.name, "horizon", horizon, 1) or info.horizon
+        self.window = check.optional_integer(self.name, "window", window, 1) or info.window
+        self.season = check.optional_integer(self.name, "season", season, 1) or info.season
         default_test = info.test_size if info.test_size % self.horizon == 0 else self.horizon
-        self.test_size = test_size or default_test
+        self.test_size = check.optional_integer(self.name, "test_size", test_size, 1) or default_test
+        val_size = check.optional_integer(self.name, "val_size", val_size, 0)
         self.val_size = val_size if val_size is not None else self.horizon
-        if relative not in RELATIVE:
-            raise ValueError(f"forecast:{self.series_name}: relative must be one of {list(RELATIVE)}, got {relative!r}")
-        self.log, self.scale, self.relative = log, scale, relative
+        self.log = check.flag(self.name, "log", log)
+        self.scale = check.flag(self.name, "scale", scale)
+        self.relative = check.choice(self.name, "relative", relative, RELATIVE)
         self.output_size = self.horizon
         for size, label in ((self.test_size, "test_size"), (self.val_size, "val_size")):
             if size % self.horizon:
-                raise ValueError(f"{label} ({size}) must be a multiple of horizon ({self.horizon})")
+                raise ValueError(f"{self.name}: {label} must be a multiple of horizon {self.horizon}, got {size}")
         self.values = load_series(self.series_name)  # (N,) original units
-        if log and (self.values <= 0).any():
+        if self.log and (self.values <= 0).any():
             raise ValueError(f"{self.name}: log=True needs a positive series")
         self.n_train = len(self.values) - self.test_size - self.val_size
-        history = max(self.window, self.season) if relative == "season" else self.window
+        season_history = self.relative == "season"
+        history = max(self.window, self.season) if season_history else self.window
         if self.n_train < history + self.horizon:
-            what = f"max(window {self.window}, season {self.season})" if relative == "season" else f"window {self.window}"
+            what = f"max(window {self.window}, season {self.season})" if season_history else f"window {self.window}"
             raise ValueError(f"{self.name}: {self.n_train} training points cannot hold {what} + horizon {self.horizon}")
         fit = self._transform_log(self.values[: self.n_train])
-        self.mean, self.std = (float(fit.mean()), float(fit.std())) if scale else (0.0, 1.0)
+        self.mean, self.std = (float(fit.mean()), float(fit.std())) if self.scale else (0.0, 1.0)
 
     def _transform_log(self, v: np.ndarray) -> np.ndarray:
         return np.log(v) if self.log else v

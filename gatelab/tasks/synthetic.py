@@ -15,18 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _checks as check
 from . import metrics as M
 from .base import SPLITS, SequenceDataset, Task, split_rng
 
 __all__ = ["AddingTask", "Adding1997Task", "CopyTask"]
 
 
-def _sizes(n_train: int, n_val: int, n_test: int) -> dict[str, int]:
-    sizes = dict(zip(SPLITS, (n_train, n_val, n_test)))
-    for split, n in sizes.items():
-        if n < 0:
-            raise ValueError(f"n_{split} must be >= 0, got {n}")
-    return sizes
+def _sizes(task: str, n_train: int, n_val: int, n_test: int) -> dict[str, int]:
+    """The split sizes, checked: a model needs at least one training item; val and test may be empty
+    (the trainer then skips them)."""
+    sizes = (check.integer(task, "n_train", n_train, 1), check.integer(task, "n_val", n_val),
+             check.integer(task, "n_test", n_test))
+    return dict(zip(SPLITS, sizes))
 
 
 def _targets(ds: SequenceDataset) -> Tensor:
@@ -52,11 +53,10 @@ class AddingTask(Task):
         self, length: int = 100, n_train: int = 10_000, n_val: int = 1_000, n_test: int = 1_000, seed: int = 0
     ) -> None:
         super().__init__()
-        if length < 2:
-            raise ValueError(f"length must be >= 2, got {length}")
         self.name = "adding"
-        self.length, self.seed = length, seed
-        self.sizes = _sizes(n_train, n_val, n_test)
+        self.length = check.integer(self.name, "length", length, 2)  # one marker in each half
+        self.sizes = _sizes(self.name, n_train, n_val, n_test)
+        self.seed = check.integer(self.name, "seed", seed)
 
     def _generate(self, n: int, rng: np.random.Generator) -> SequenceDataset:
         T = self.length
@@ -112,11 +112,10 @@ class Adding1997Task(Task):
         self, length: int = 100, n_train: int = 10_000, n_val: int = 1_000, n_test: int = 2_560, seed: int = 0
     ) -> None:
         super().__init__()
-        if length < 10:
-            raise ValueError(f"length must be >= 10 (X1 is one of the first ten steps), got {length}")
         self.name = "adding_1997"
-        self.length, self.seed = length, seed
-        self.sizes = _sizes(n_train, n_val, n_test)
+        self.length = check.integer(self.name, "length", length, 10)  # X1 is one of the first ten steps
+        self.sizes = _sizes(self.name, n_train, n_val, n_test)
+        self.seed = check.integer(self.name, "seed", seed)
 
     def _generate(self, n: int, rng: np.random.Generator) -> SequenceDataset:
         T = self.length
@@ -177,11 +176,10 @@ class CopyTask(Task):
         self, length: int = 100, n_train: int = 10_000, n_val: int = 1_000, n_test: int = 1_000, seed: int = 0
     ) -> None:
         super().__init__()
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
         self.name = "copy"
-        self.length, self.seed = length, seed
-        self.sizes = _sizes(n_train, n_val, n_test)
+        self.length = check.integer(self.name, "length", length, 1)
+        self.sizes = _sizes(self.name, n_train, n_val, n_test)
+        self.seed = check.integer(self.name, "seed", seed)
 
     def _generate(self, n: int, rng: np.random.Generator) -> SequenceDataset:
         T, K = self.length, self.copy_length

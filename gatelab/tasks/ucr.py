@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _checks as check
 from . import metrics as M
 from .base import SequenceDataset, Task, quiet_deprecations, require, stratified_split
 from .digits import ClassificationTask
@@ -49,6 +50,13 @@ def shipped() -> list[str]:
         if (train.parent / f"{name}_TEST.ts").is_file():
             names.append(name)
     return sorted(names, key=str.lower)
+
+
+def _check_args(name: str, val_fraction: float, normalize: str | None, seed: int) -> tuple[float, str | None, int]:
+    """The options of a ``ucr:`` task, checked before any file is read."""
+    task = f"ucr:{check.text('ucr', 'name', name)}"
+    return (check.real(task, "val_fraction", val_fraction, 0.0, 1.0), check.choice(task, "normalize", normalize, NORMALIZE),
+            check.integer(task, "seed", seed))
 
 
 def _files(name: str) -> tuple[str, Path, Path]:
@@ -103,8 +111,7 @@ class _UCRMixin:
     """Shared loading for both kinds: official train/test files, validation drawn from train only."""
 
     def _load_sets(self, name: str, val_fraction: float, normalize: str | None, seed: int) -> None:
-        if normalize not in NORMALIZE:
-            raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        val_fraction, normalize, seed = _check_args(name, val_fraction, normalize, seed)
         self.dataset, train_path, test_path = _files(name)
         self.name = f"ucr:{self.dataset}"
         self.val_fraction, self.normalize, self.seed = val_fraction, normalize, seed
@@ -184,10 +191,11 @@ class UCRRegressionTask(_UCRMixin, Task):
         return {"rmse": M.rmse(y, predictions), "mse": M.mse(y, predictions)}
 
 
-def ucr_task(name: str, **kwargs) -> Task:
-    """``ucr:NAME``: a classification or regression task, whichever the shipped ``.ts`` file declares."""
+def ucr_task(name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0) -> Task:
+    """``ucr:NAME``: a classification or regression task, whichever the shipped ``.ts`` file declares
+    (the options are those of both classes)."""
+    _check_args(name, val_fraction, normalize, seed)
     _, train_path, _ = _files(name)
     _, _, meta = _load(train_path)
-    if meta.get("classlabel", True):
-        return UCRClassificationTask(name, **kwargs)
-    return UCRRegressionTask(name, **kwargs)
+    cls = UCRClassificationTask if meta.get("classlabel", True) else UCRRegressionTask
+    return cls(name, val_fraction=val_fraction, normalize=normalize, seed=seed)
