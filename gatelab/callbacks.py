@@ -71,7 +71,8 @@ class CallbackList(Callback):
 
 
 class ProgressBar(Callback):
-    """One status line on stderr: step, smoothed loss, last validation metric, speed, time left.
+    """One status line on stderr: step, smoothed loss, the last evaluation's metric and the step it was
+    taken at (``val mse 0.01 @ step 400``), speed, time left.
 
     On a terminal the line is redrawn in place (at most ``refresh`` times a second); otherwise a
     line is printed every tenth of the run.
@@ -103,7 +104,7 @@ class ProgressBar(Callback):
     def on_eval(self, run: Run, step: int, split: str, metrics: dict[str, float]) -> None:
         name = run.monitor
         if name in metrics:
-            self.metric = f" {split} {name} {metrics[name]:.4g}"
+            self.metric = f" {split} {name} {metrics[name]:.4g} @ step {step}"  # it stays up until the next evaluation
 
     def on_train_end(self, run: Run) -> None:
         if self.tty:

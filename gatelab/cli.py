@@ -9,7 +9,9 @@
     gatelab diagnose CONFIG_OR_CHECKPOINT [--out DIR] [--quiet]
     gatelab bench [benchmarks/speed.py arguments ...]
 
-Overrides are dotted keys of the config (``--section.key=value`` or ``--section.key value``).
+Overrides are dotted keys of the config (``--section.key=value`` or ``--section.key value``). A mistake
+is one line on stderr naming the file, key or flag, with exit status 2 for usage and configuration
+errors and 1 for failures; ``--debug``, anywhere on the line, shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,28 +29,67 @@ __all__ = ["main"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+class UsageError(Exception):
+    """A mistake on the command line itself (a flag's value, a missing input file): exit status 2."""
+
+
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .checkpoint import safe_child
     from .config import load, parse_override_args
     from .train import fit
 
     parsed = parse_override_args(overrides)
-    if args.name:
+    if args.name is not None:
         parsed["name"] = args.name
     config = load(args.config, parsed)
-    run_dir = Path(args.runs) / config.name
+    runs = writable_folder(args.runs, "--runs")
+    run_dir = safe_child(runs, config.name, "--name" if args.name is not None else f"{args.config}: name")
     run = fit(config, run_dir=run_dir, quiet=args.quiet, resume=args.resume, overwrite=args.overwrite)
-    s = run.summary
-    head = s["headline"]
-    if "test" in s["final"]:
-        print(f"{config.name}: test {head} {s['final']['test'][head]:.4f} (baseline {s['baseline']['test'][head]:.4f}), "
-              f"{s['steps']} steps, {s['wall_seconds']:.1f} s; results in {run_dir}")
+    print(result_line(run.summary, run_dir))
     return 0
+
+
+def result_line(summary: dict, run_dir: Path) -> str:
+    """The last line of ``gatelab train``: the test metric against the baseline, and whether it beat it."""
+    head, final, baseline = summary["headline"], summary["final"], summary["baseline"]
+    split = "test" if "test" in final else "val" if "val" in final else None
+    tail = f"{summary['steps']} steps, {summary['wall_seconds']:.1f} s; results in {run_dir}"
+    if split is None:
+        return f"{summary['name']}: no val or test split to score; {tail}"
+    value, base = final[split][head], baseline[split][head]
+    if split == "val":
+        return f"{summary['name']}: val {head} {value:.4f} (baseline {base:.4f}; no test split), {tail}"
+    if summary["beats_baseline"]:
+        return f"{summary['name']}: test {head} {value:.4f} (baseline {base:.4f}), {tail}"
+    return f"{summary['name']}: test {head} {value:.4f} did not beat the baseline ({base:.4f}), {tail}"
+
+
+def writable_folder(path: str, flag: str) -> Path:
+    """``path`` as a folder that exists (created if missing) and can be written; :class:`UsageError` naming
+    ``flag`` otherwise."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder}: is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{flag} {folder}: cannot create the folder ({err.strerror or err})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {folder}: the folder is not writable")
+    return folder
+
+
+def existing_file(path: str, what: str) -> str:
+    """``path`` when it is a file; :class:`UsageError` otherwise (before anything is imported or built)."""
+    if not Path(path).exists():
+        raise UsageError(f"{path}: no such {what} file")
+    return path
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split), indent=2))
+    print(json.dumps(evaluate_checkpoint(existing_file(args.checkpoint, "checkpoint"), args.split), indent=2))
     return 0
 
 
@@ -86,7 +128,8 @@ def listing(what: str = "all") -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate_text
 
-    print(generate_text(args.checkpoint, args.length, args.temperature, args.prime, args.seed))
+    print(generate_text(existing_file(args.checkpoint, "checkpoint"), args.length, args.temperature, args.prime,
+                        args.seed))
     return 0
 
 
@@ -122,16 +165,26 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     sys.modules[spec.name] = module  # type: ignore[union-attr]  (dataclasses look their module up there)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return int(module.main(rest) or 0)
+    saved = list(sys.argv)
+    sys.argv[:1] = ["gatelab bench"]  # argparse names itself after argv[0]: "usage: gatelab bench ..."
+    try:
+        return int(module.main(rest) or 0)
+    finally:
+        sys.argv[:] = saved
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gatelab", description="gated RNNs with pluggable activations: the workbench")
+    p = argparse.ArgumentParser(
+        prog="gatelab", description="gated RNNs with pluggable activations: the workbench",
+        epilog="A mistake prints one line naming the file, key or flag; exit status 2 for usage and configuration "
+               "errors, 1 for failures.")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full traceback instead of one line (before or after the command)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an experiment config (overrides: --section.key=value)")
     t.add_argument("config", help="experiment TOML file")
-    t.add_argument("--name", help="run name (default: the config's name)")
+    t.add_argument("--name", help="run name, one plain folder name inside --runs (default: the config's name)")
     t.add_argument("--runs", default="runs", help="folder of run directories (default: runs)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     mode = t.add_mutually_exclusive_group()
@@ -139,56 +192,90 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")
 
     e = sub.add_parser("evaluate", help="metrics of a checkpoint on its task's splits")
-    e.add_argument("checkpoint")
-    e.add_argument("--split", nargs="+", default=["val", "test"], choices=["train", "val", "test"])
+    e.add_argument("checkpoint", help="a checkpoint a run wrote (runs/NAME/best.pt or last.pt)")
+    e.add_argument("--split", nargs="+", default=["val", "test"], choices=["train", "val", "test"],
+                   help="the splits to score (default: val test)")
 
     ls = sub.add_parser("list", help="cells, activations, presets, tasks, configs")
-    ls.add_argument("what", nargs="?", default="all", choices=["all", "cells", "activations", "presets", "tasks", "configs"])
+    ls.add_argument("what", nargs="?", default="all", choices=["all", "cells", "activations", "presets", "tasks", "configs"],
+                    help="what to list (default: all)")
 
     g = sub.add_parser("generate", help="sample text from a charlm checkpoint")
-    g.add_argument("checkpoint")
-    g.add_argument("--length", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--prime", default="")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("checkpoint", help="a checkpoint of a charlm run")
+    g.add_argument("--length", type=int, default=200, help="characters to sample after the prime (default: 200)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature: below 1 more likely characters, above 1 more varied (default: 1.0)")
+    g.add_argument("--prime", default="", help="text the sample starts with (characters of the training text)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
 
     d = sub.add_parser("demo", help="the comparison grid (LSTM/GRU/Elman x activations)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--out", default="runs/demo", help="folder of the runs and results.md (default: runs/demo)")
+    d.add_argument("--quiet", action="store_true", help="no progress lines")
 
     dg = sub.add_parser("diagnose", help="gradient-flow diagnostics of a config or checkpoint")
-    dg.add_argument("target")
-    dg.add_argument("--out", default="runs/diagnose")
-    dg.add_argument("--quiet", action="store_true")
+    dg.add_argument("target", help="a built-in experiment, a diagnose or experiment TOML, or a checkpoint")
+    dg.add_argument("--out", default="runs/diagnose", help="folder of the figures and summary.json (default: runs/diagnose)")
+    dg.add_argument("--quiet", action="store_true", help="no progress lines")
 
     sub.add_parser("bench", help="benchmarks/speed.py (arguments pass through)", add_help=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (errors print one line to stderr)."""
-    from .checkpoint import CheckpointError
+    """Run the command line; returns the exit status (errors print one line to stderr, or re-raise
+    with ``--debug``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug may stand anywhere; taking it out first lets `bench` pass the rest through untouched
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = "bench" if argv[:1] == ["bench"] else None
+    try:
+        if command == "bench":
+            return cmd_bench(argparse.Namespace(), argv[1:])
+        args, extra = parser().parse_known_args(argv)
+        command = args.command
+        if extra and command != "train":
+            parser().error(f"unrecognized arguments: {' '.join(extra)}")
+        if command == "train":
+            return cmd_train(args, extra)
+        return {"evaluate": cmd_evaluate, "list": cmd_list, "generate": cmd_generate, "demo": cmd_demo,
+                "diagnose": cmd_diagnose}[command](args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"gatelab {command}: interrupted; `gatelab train CONFIG --resume` continues from the last "
+              f"checkpoint", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        status, message = describe(err)
+        print(f"gatelab {command}: error: {message}", file=sys.stderr)
+        return status
+
+
+def describe(err: Exception) -> tuple[int, str]:
+    """The exit status of ``err`` (2: usage or configuration, 1: a failure) and its message as one line."""
+    from .checkpoint import CheckpointError, LockedError
     from .config import ConfigError
     from .train import NonFiniteError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        return cmd_bench(argparse.Namespace(), argv[1:])
-    args, extra = parser().parse_known_args(argv)
-    if extra and args.command != "train":
-        parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        if args.command == "train":
-            return cmd_train(args, extra)
-        return {"evaluate": cmd_evaluate, "list": cmd_list, "generate": cmd_generate, "demo": cmd_demo,
-                "diagnose": cmd_diagnose}[args.command](args)
-    except (ConfigError, CheckpointError, NonFiniteError, FileExistsError, ValueError) as err:
-        print(f"gatelab {args.command}: error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
-    except KeyboardInterrupt:
-        print(f"gatelab {args.command}: interrupted; `gatelab train CONFIG --resume` continues from the last "
-              f"checkpoint", file=sys.stderr)
-        return 130
+    if isinstance(err, (UsageError, ConfigError)):
+        status, message = 2, str(err)
+    elif isinstance(err, MemoryError):
+        status, message = 1, ("out of memory (MemoryError): try a smaller train.batch_size, train.eval_batch_size "
+                              "or model; --debug shows where")
+    elif isinstance(err, (CheckpointError, LockedError, NonFiniteError)):
+        status, message = 1, str(err)
+    elif isinstance(err, OSError):
+        status = 2 if isinstance(err, FileNotFoundError) else 1  # a missing input is a usage mistake
+        message = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+    elif isinstance(err, ValueError):
+        status, message = 1, str(err)
+    else:
+        status, message = 1, f"{type(err).__name__}: {err} (--debug shows the traceback)"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return status, " ".join(lines) or type(err).__name__
 
 
 if __name__ == "__main__":

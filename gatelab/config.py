@@ -28,6 +28,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -191,6 +192,8 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**64:  # numpy's SeedSequence takes no negative seed, torch none of 2**64 or more
+            raise ConfigError(f"train.seed: expected an integer in [0, 2**64), got {self.seed}")
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.schedule", self.schedule, SCHEDULES)
         positive = ("batch_size", "eval_batch_size")
@@ -214,7 +217,7 @@ class TrainConfig:
             raise ConfigError("train.tbptt_k2: set tbptt_k1 too (k2 alone means nothing)")
         if self.tbptt_k1 and self.tbptt_k2 and self.tbptt_k2 < self.tbptt_k1:
             raise ConfigError(f"train.tbptt_k2: expected k2 >= k1 = {self.tbptt_k1}, got {self.tbptt_k2}")
-        if self.device != "cpu" and not self.device.startswith(("cuda", "auto")):
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
             raise ConfigError(f"train.device: expected 'cpu', 'cuda[:N]' or 'auto', got {self.device!r}")
 
     @property
@@ -252,6 +255,13 @@ def load(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) ->
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file in UTF-8, as TOML must be (byte {err.start} is "
+                          f"{err.object[err.start:err.start + 1]!r})") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     data.setdefault("name", path.stem)

@@ -21,7 +21,7 @@ import torch
 
 from ._version import __version__
 from .cells import registry
-from .checkpoint import atomic_write, write_json
+from .checkpoint import atomic_write, safe_child, write_json
 from .config import ConfigError, ExperimentConfig, load
 from .train import HIGHER_IS_BETTER, NonFiniteError, fit
 
@@ -64,7 +64,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, configs: Sequence[str | Path]
     rows = []
     for k, (_, cell, act, cfg) in enumerate(jobs, 1):
         t = time.perf_counter()
-        row = _run(cfg, cell, act, out_dir / cfg.name)
+        row = _run(cfg, cell, act, safe_child(out_dir, cfg.name, "name"))  # a base config's name cannot escape out_dir
         rows.append(row)
         if not quiet:
             print(f"[{k}/{len(jobs)}] {cfg.name}: {row['status']} ({time.perf_counter() - t:.1f} s)", file=stream,

@@ -8,7 +8,9 @@ Reproducible: the same config and seed give the same numbers (``train.determinis
 ``torch.use_deterministic_algorithms``; the data of step ``k`` is a pure function of ``(seed, k)``);
 a run resumed from its last checkpoint ends with exactly the numbers of an uninterrupted one.
 A NaN or Inf in the loss or a gradient stops the run with :class:`NonFiniteError`, which names the
-step and the tensor and is also written to ``failure.json``.
+step and the tensor and is also written to ``failure.json``. One process at a time trains in a run
+directory (:func:`fit` holds its lock, :func:`gatelab.checkpoint.exclusive`), and a run named by its
+config lands in ``runs/<name>`` only if the name is one plain folder name.
 """
 
 from __future__ import annotations
@@ -31,7 +33,17 @@ from torch import Tensor
 
 from ._version import __version__
 from .callbacks import Callback, CallbackList, ProgressBar
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, set_rng_state, write_json
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    exclusive,
+    load_checkpoint,
+    remove_stale_temporaries,
+    safe_child,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+)
 from .config import ConfigError, ExperimentConfig, TrainConfig, from_dict, to_dict, to_toml
 from .data import Minibatches, StreamWindows, Unit, in_order
 from .models import SequenceModel, State, build_model, detach_state
@@ -43,6 +55,8 @@ __all__ = [
     "NonFiniteError",
     "fit",
     "prepare",
+    "run_directory",
+    "resolve_device",
     "train_loop",
     "evaluate",
     "evaluate_checkpoint",
@@ -53,6 +67,9 @@ __all__ = [
 ]
 
 HIGHER_IS_BETTER = {"accuracy"}
+# Every file a run writes into its directory (atomically, or appended: metrics.jsonl); diagnostics.jsonl is
+# the diagnostics callback's.
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "failure.json", "last.pt", "best.pt", "diagnostics.jsonl")
 
 
 class NonFiniteError(FloatingPointError):
@@ -376,19 +393,40 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
     return "; ".join(out)
 
 
+def run_directory(config: ExperimentConfig, run_dir: str | Path | None = None) -> Path:
+    """``run_dir`` as given, else ``runs/<config.name>``; a name that could reach outside ``runs`` (empty,
+    ``.``, ``..``, a path) raises :class:`ConfigError` naming the key ``name``."""
+    return Path(run_dir) if run_dir is not None else safe_child("runs", config.name, "name")
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """The device ``train.device`` names; :class:`ConfigError` when it names CUDA and there is none."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device: {cfg.device!r}, but CUDA is not available to this torch "
+                              f"({torch.__version__}); use 'cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device: {cfg.device!r}, but there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
             quiet: bool = False, resume: bool = False, overwrite: bool = False) -> Run:
-    """Build the task, model, optimiser and data of a run, and its directory (resuming if asked)."""
+    """Build the task, model, optimiser and data of a run, and its directory (resuming if asked).
+
+    It deletes and rewrites the run's files: the caller holds the directory's lock (:func:`fit` does)."""
     cfg = config.train
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config.name
+    run_dir = run_directory(config, run_dir)
     if not resume and (run_dir / "last.pt").exists() and not overwrite:
         raise FileExistsError(f"{run_dir} already holds a run; resume it (--resume), overwrite it (--overwrite) "
                               f"or choose another name (--name)")
     if resume and not (run_dir / "last.pt").exists():
         raise CheckpointError(f"{run_dir / 'last.pt'}: nothing to resume (no checkpoint)")
     _seed_everything(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg)
     task = config.task.build()
     model = build_model(config.model, task).to(device)
     if cfg.tbptt and not task.per_step:
@@ -424,8 +462,14 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
 def fit(config: ExperimentConfig, *, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
         quiet: bool = False, resume: bool = False, overwrite: bool = False) -> Run:
     """Train ``config`` in ``run_dir`` (default ``runs/<name>``), then evaluate on val and test and write
-    ``summary.json``. Returns the :class:`Run` (``run.summary`` holds the summary)."""
-    with _determinism(config.train):
+    ``summary.json``. Returns the :class:`Run` (``run.summary`` holds the summary).
+
+    The run holds an exclusive lock on ``run_dir`` throughout (:class:`~gatelab.checkpoint.LockedError`
+    at once if another process has it) and first removes the temporary files a killed write left there."""
+    run_dir = run_directory(config, run_dir)
+    resolve_device(config.train)  # a device that is not there fails before the run directory is made
+    with exclusive(run_dir), _determinism(config.train):
+        remove_stale_temporaries(run_dir, RUN_FILES)
         run = prepare(config, run_dir=run_dir, callbacks=callbacks, quiet=quiet, resume=resume, overwrite=overwrite)
         train_loop(run)
         finish(run)

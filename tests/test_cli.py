@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,9 +10,10 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import gatelab
-from gatelab.cli import main
+from gatelab.cli import main, parser, result_line
 from gatelab.demo import run_demo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +84,10 @@ def test_bad_overrides_and_checkpoints_fail_with_one_line(tiny, tmp_path, capsys
     bad.write_bytes(b"not a checkpoint")
     assert main(["evaluate", str(bad)]) == 1
     err = capsys.readouterr().err
+    assert "bad.pt: not a checkpoint: it is a text file" in err and "tampered" not in err
+    torch.save({"format": "gatelab-checkpoint", "model": Exception("builds an object")}, bad)
+    assert main(["evaluate", str(bad)]) == 1
+    err = capsys.readouterr().err
     assert "bad.pt: refused" in err and "weights_only" not in err
 
 
@@ -131,6 +137,36 @@ def test_diagnose_calls_the_diagnostics_entry_point(tmp_path, monkeypatch, capsy
 def test_bench_runs_benchmarks_speed(capsys):
     assert main(["bench", "--tiny", "--no-memory", "--cells", "rnn"]) == 0
     assert "| rnn | 8 | fwd+bwd |" in capsys.readouterr().out
+    argv0 = sys.argv[0]
+    for argv in (["bench", "--help"], ["--debug", "bench", "-h"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: gatelab bench ")
+    assert sys.argv[0] == argv0
+
+
+def test_every_option_has_a_help_text(capsys):
+    subcommands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in subcommands.items():
+        for action in sub._actions:
+            assert action.help or name == "bench", f"gatelab {name} {action.dest}: no help text"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--debug" in capsys.readouterr().out
+
+
+def test_the_last_line_says_whether_the_run_beat_its_baseline(tiny, tmp_path, capsys):
+    summary = {"name": "t", "headline": "mse", "final": {"val": {"mse": 0.2}, "test": {"mse": 0.1}},
+               "baseline": {"val": {"mse": 0.17}, "test": {"mse": 0.17}}, "steps": 5, "wall_seconds": 1.0,
+               "beats_baseline": True}
+    beat = result_line(summary, Path("runs/t"))
+    assert beat == "t: test mse 0.1000 (baseline 0.1700), 5 steps, 1.0 s; results in runs/t"
+    missed = result_line({**summary, "beats_baseline": False}, Path("runs/t"))
+    assert missed != beat and "did not beat the baseline (0.1700)" in missed
+    assert "no test split" in result_line({**summary, "final": {"val": {"mse": 0.2}}, "beats_baseline": None},
+                                          Path("runs/t"))
+    assert main(["train", str(tiny), "--runs", str(tmp_path), "--quiet", "--train.lr=0"]) == 0  # cannot learn
+    assert "tiny: test mse" in (out := capsys.readouterr().out) and "did not beat the baseline" in out
 
 
 def test_demo_grid_writes_its_table_and_reports_divergence(tiny, tmp_path):

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
 import pickle
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import gatelab
-from gatelab.callbacks import Callback
-from gatelab.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from gatelab.callbacks import Callback, ProgressBar
+from gatelab.checkpoint import CheckpointError, LockedError, atomic_write, exclusive, load_checkpoint, safe_child
 from gatelab.config import ConfigError, TrainConfig, from_dict, load, to_toml
 from gatelab.data import Minibatches, StreamWindows, Unit
 from gatelab.models import SequenceModel, detach_state
@@ -369,3 +374,108 @@ def test_variable_lengths_are_scored_with_the_task_metrics(tmp_path):
     metrics = evaluate(run.model, run.task, "test")
     assert set(metrics) == {"accuracy", "mse", "mae", "loss"}
     assert metrics["loss"] == pytest.approx(metrics["mse"], rel=1e-5)
+
+
+# -- run directories: names, the lock, stale temporaries, failed writes -----------------------------
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/abs", "a\\b", "a\0b", "  "])
+def test_a_run_name_that_could_leave_runs_is_refused(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^name: .* cannot name a folder inside runs"):
+        fit(config(name=name), quiet=True)
+    with pytest.raises(ConfigError, match=r"^--name: "):
+        safe_child(tmp_path, name, "--name")
+    assert list(tmp_path.iterdir()) == []
+    assert safe_child(tmp_path, "run-1.b..c", "--name") == tmp_path / "run-1.b..c"
+
+
+def test_a_second_process_cannot_train_in_a_held_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    script = ("import time\nfrom gatelab.checkpoint import exclusive\n"
+              f"with exclusive({str(run_dir)!r}):\n    print('held', flush=True)\n    time.sleep(60)")
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            with pytest.raises(LockedError, match=rf"^{run_dir}: another process holds this run directory"):
+                fit(config(train={"steps": 4}), run_dir=run_dir, quiet=True)
+            assert not (run_dir / "config.toml").exists()
+        finally:
+            holder.terminate()
+    fit(config(train={"steps": 4}), run_dir=run_dir, quiet=True)  # the kernel dropped the lock with its holder
+    with exclusive(run_dir), pytest.raises(LockedError):  # held in this process, through another open file
+        fit(config(train={"steps": 4}), run_dir=run_dir, quiet=True, overwrite=True)
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_on_start_and_resume(tmp_path):
+    cfg = config(train={"steps": 4})
+    stale = [".last.pt.abcd_123.tmp", ".config.toml.zz9zz9zz.tmp", ".best.pt.00000000.tmp", ".summary.json.k1k2k3k4.tmp"]
+    kept = [".other.abcdefgh.tmp", ".last.pt.short.tmp", "x.last.pt.abcdefgh.tmp", ".last.pt.abcdefgh.tmp.keep", "notes.txt"]
+    for resume in (False, True):
+        run_dir = tmp_path / str(resume)
+        if resume:
+            fit(cfg, run_dir=run_dir, quiet=True)
+        run_dir.mkdir(exist_ok=True)
+        for name in stale + kept:
+            (run_dir / name).write_bytes(b"half")
+        (tmp_path / ".last.pt.abcdefgh.tmp").write_bytes(b"not in the run directory")
+        fit(cfg, run_dir=run_dir, quiet=True, resume=resume)
+        names = {p.name for p in run_dir.iterdir()}
+        assert not names & set(stale) and set(kept) <= names, names
+        assert (tmp_path / ".last.pt.abcdefgh.tmp").exists()
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    real, writes = os.fsync, []
+
+    def fsync(fd):
+        if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            writes.append(fd)
+            if len(writes) > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match=r"No space left on device") as err:
+        fit(config(train={"steps": 12, "checkpoint_every": 4}), run_dir=tmp_path, quiet=True)
+    assert err.value.filename == str(tmp_path / "last.pt")  # the file it was writing, for the one-line error
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_device_that_is_not_there_is_a_config_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ConfigError, match=r"^train.device: 'cuda', but CUDA is not available"):
+        fit(config(train={"device": "cuda"}), run_dir=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"train.device: expected 'cpu', 'cuda\[:N\]' or 'auto'"):
+        config(train={"device": "cudax"})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_seeds_torch_and_numpy_cannot_take_are_config_errors(seed):
+    with pytest.raises(ConfigError, match=rf"train.seed: expected an integer in \[0, 2\*\*64\), got {seed}"):
+        config(train={"seed": seed})
+    config(train={"seed": 2**64 - 1})
+
+
+def test_the_progress_line_says_which_step_its_metric_is_from(tmp_path):
+    stream = io.StringIO()
+    fit(config(), run_dir=tmp_path, quiet=True, callbacks=[ProgressBar(stream)])
+    lines = stream.getvalue().splitlines()
+    assert "val mse" not in lines[2] and "val mse" not in lines[3]  # steps 3, 4: no evaluation yet
+    assert re.search(r" 5/12 loss \S+ val mse \S+ @ step 4 ", lines[4]), lines[4]
+    assert re.search(r" 9/12 loss \S+ val mse \S+ @ step 8 ", lines[8]), lines[8]
+
+
+def test_a_text_file_is_not_a_checkpoint_rather_than_a_tampered_one(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text(to_toml(config()))
+    with pytest.raises(CheckpointError, match=r"exp.toml: not a checkpoint: it is a text file"):
+        load_checkpoint(path)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"exp.toml: is empty"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
