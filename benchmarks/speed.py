@@ -184,9 +184,13 @@ def run(sizes: list[int], cells: list[str], pairs: int, batch: int, T: int, memo
     torch.manual_seed(0)
     peak = matmul_gflops()
     meta = {
-        "machine": platform.processor() or platform.machine(), "cores": threads, "threads": torch.get_num_threads(),
+        "machine": cpu_model(), "cpu_flags": cpu_flags(), "cores": threads, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "matmul_gflops": round(peak, 1), "batch": batch, "seq_len": T,
         "fused_impl": gatelab.engines.fused.implementation(), "pairs": pairs,
+        "libraries": f"MKL {'yes' if torch.backends.mkl.is_available() else 'no'}, oneDNN "
+                     f"{'enabled' if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else 'off'}",
+        "step_gemm": {cell: {H: step_gemm_library(cell, H, batch) for H in sizes} for cell in cells},
+        "dense_gemm": {H: dense_gemm_library(H, batch * T) for H in sizes},
     }
     rows: list[Row] = []
     for cell in cells:
@@ -211,12 +215,57 @@ def run(sizes: list[int], cells: list[str], pairs: int, batch: int, T: int, memo
     return rows, meta
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what platform says."""
+    try:
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The vector-extension flags that decide which kernels the libraries pick."""
+    try:
+        line = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    have = set(line.split(":", 1)[1].split())
+    return " ".join(f for f in wanted if f in have)
+
+
+GEMM_LIBRARIES = {"auto": 0, "blas": 1, "onednn": 2}
+
+
+def step_gemm_library(cell: str, H: int, batch: int) -> str:
+    """The library the fused C++ loop runs the per-step product ``(B × H)(H × G·H)`` on (float32)."""
+    if gatelab.engines.fused.implementation() != "C++":
+        return "PyTorch loop (torch.mm)"
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[cell] * H
+    return str(torch.ops.gatelab_fused.gemm_library(batch, G, H))
+
+
+def dense_gemm_library(H: int, rows: int) -> str:
+    """The library of the fused engine's large products (input projection (T·B × H)(H × 4H), gradients)."""
+    if gatelab.engines.fused.implementation() != "C++":
+        return "torch.mm"
+    return str(torch.ops.gatelab_fused.gemm_library(rows, 4 * H, H, True))
+
+
 def markdown(rows: list[Row], meta: dict) -> str:
+    paths = "; ".join(f"{cell} " + ", ".join(f"H {H}: {lib}" for H, lib in by_h.items())
+                      for cell, by_h in meta["step_gemm"].items())
     lines = [
-        f"Machine: {meta['machine']}, {meta['cores']} cores, torch {meta['torch']} with "
-        f"{meta['threads']} threads (torch.set_num_threads); fused implementation: {meta['fused_impl']}. "
-        f"Batch {meta['batch']}, sequence {meta['seq_len']}, float32, one layer, {meta['pairs']} interleaved pairs. "
-        f"Largest 2048² float32 matmul: {meta['matmul_gflops']} GFLOP/s.",
+        f"Machine: {meta['machine']} ({meta['cpu_flags']}), {meta['cores']} cores, torch {meta['torch']} with "
+        f"{meta['threads']} threads (torch.set_num_threads), {meta['libraries']}; fused implementation: "
+        f"{meta['fused_impl']}. Batch {meta['batch']}, sequence {meta['seq_len']}, float32, one layer, {meta['pairs']} "
+        f"interleaved pairs. Largest 2048² float32 matmul: {meta['matmul_gflops']} GFLOP/s.",
+        "",
+        f"The fused loop's per-step product runs on: {paths}; its large products (the input projection of all "
+        f"steps, the gradients after the loop) on: "
+        + ", ".join(f"H {H}: {lib}" for H, lib in meta["dense_gemm"].items())
+        + ". torch.nn runs its own kernels (oneDNN's RNN primitive where torch enables it).",
         "",
         "Custom activations: gates hard_sigmoid, candidate relu, cell tanh (Elman: relu). torch runs its defaults.",
         "",
@@ -255,10 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the rows and machine info as JSON here")
     p.add_argument("--markdown", type=Path, help="write the markdown table here")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
+    p.add_argument("--gemm", choices=list(GEMM_LIBRARIES), default="auto",
+                   help="the fused C++ loop's products: chosen by size and CPU (auto), or forced (blas: MKL/the "
+                        "linked BLAS everywhere, as before oneDNN was used; onednn everywhere)")
     args = p.parse_args(argv)
     if args.tiny:
         args.sizes, args.pairs, args.batch, args.seq_len = [8], 2, 2, 5
+    if args.gemm != "auto" and gatelab.engines.fused.implementation() == "C++":
+        torch.ops.gatelab_fused.set_gemm_library(GEMM_LIBRARIES[args.gemm])
     rows, meta = run(args.sizes, args.cells, args.pairs, args.batch, args.seq_len, not args.no_memory)
+    meta["gemm"] = args.gemm
     table = markdown(rows, meta)
     print(table)
     if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -444,3 +445,66 @@ def test_layer_norm_lstm_on_another_device_runs_the_reference_loop_even_when_str
     ref, fus = run_pair(gatelab.LSTM, {"layer_norm": True, "bidirectional": True})
     assert fus["layer"].engine_name == "fused" and "reference loop" in fus["layer"].explain()
     assert max_error(ref, fus) < 1e-12
+
+
+# -- the per-step products: BLAS or oneDNN ---------------------------------------------------------------
+
+@pytest.fixture
+def gemm_library():
+    """Force the C++ loops' per-step products onto one library for a test (0 auto, 1 BLAS, 2 oneDNN)."""
+    if not cpp.load():
+        pytest.skip("C++ kernels unavailable (no compiler)")
+    previous = []
+
+    def use(choice: int) -> None:
+        previous.append(torch.ops.gatelab_fused.set_gemm_library(choice))
+
+    yield use
+    if previous:
+        torch.ops.gatelab_fused.set_gemm_library(previous[0])
+
+
+@pytest.mark.parametrize("library", [1, 2], ids=["BLAS", "oneDNN"])
+@pytest.mark.parametrize(("cell_cls", "options"), CPP_CASES[:4] + [(gatelab.LSTMCell, {"layer_norm": True})])
+def test_cpp_loop_on_each_gemm_library_equals_the_pytorch_loop_in_float32(gemm_library, library, cell_cls, options):
+    """Both libraries run the forward product (with the accumulate into xw) and the backward's product
+    with W_hh (plain and under a recurrent mask); float32 to 1e-5 relative to scale."""
+    gemm_library(library)
+    torch.manual_seed(0)
+    layer_cls = {gatelab.LSTMCell: gatelab.LSTM, gatelab.GRUCell: gatelab.GRU, gatelab.ElmanCell: gatelab.RNN,
+                 gatelab.GatedStateCell: gatelab.GatedStateRNN}[cell_cls]
+    ref, fus = run_pair(layer_cls, {**options, "recurrent_dropout": 0.3, "bidirectional": True}, torch.float32,
+                        H=24, engines=("reference", "fused"))
+    assert "C++ loop" in fus["layer"].explain()
+    assert max_error(ref, fus) < 1e-5
+
+
+def test_gemm_library_is_chosen_by_size_and_cpu(gemm_library):
+    ops = torch.ops.gatelab_fused
+    gemm_library(0)
+    small, large = ops.gemm_library(32, 256, 64), ops.gemm_library(32, 2048, 512)
+    assert small == "BLAS"  # below 2^22 multiply-adds the BLAS call's lower overhead wins
+    info = Path("/proc/cpuinfo")
+    amd = info.exists() and "AuthenticAMD" in info.read_text()
+    assert large == ("oneDNN" if amd else "BLAS")
+    gemm_library(2)
+    assert ops.gemm_library(32, 256, 64) == "oneDNN"
+    gemm_library(1)
+    assert ops.gemm_library(32, 2048, 512) == "BLAS"
+    with pytest.raises(RuntimeError, match="gemm library 0, 1 or 2, got 7"):
+        ops.set_gemm_library(7)
+
+
+@pytest.mark.parametrize("library", [0, 1, 2], ids=["auto", "BLAS", "oneDNN"])
+def test_the_engines_large_products_equal_torch_mm(gemm_library, library):
+    """cpp.matmul (the input projection, the weight and input gradients): any strides, with and without bias."""
+    gemm_library(library)
+    g = torch.Generator().manual_seed(0)
+    for M, K, N in ((300, 256, 512), (40, 300, 256), (7, 5, 3)):
+        a, b, bias = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).t(), torch.randn(N, generator=g)
+        at = torch.randn(K, M, generator=g).t()  # a transposed view, as dXWᵀ x after the loop
+        scale = (K ** 0.5) * 1e-5
+        torch.testing.assert_close(cpp.matmul(a, b), a @ b, rtol=0, atol=scale)
+        torch.testing.assert_close(cpp.matmul(at, b, bias), torch.addmm(bias, at, b), rtol=0, atol=scale)
+        d = torch.randn(M, K, generator=g, dtype=torch.float64)
+        assert torch.equal(cpp.matmul(d, b.double()), d @ b.double())  # float64: torch.mm itself

@@ -249,5 +249,13 @@ class CppLoop:
         return dZ, dZ, (ds,), HR, []
 
 
+def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a @ b (+ bias)`` for the engine's large products: through the kernels' ``matmul`` (oneDNN where it
+    is faster than the BLAS on this CPU, see kernels.cpp) once they are loaded, else ``torch.mm``/``addmm``."""
+    if _state["loaded"] and a.dtype == b.dtype == torch.float32 and a.device.type == "cpu" == b.device.type:
+        return torch.ops.gatelab_fused.matmul(a, b, bias)
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
 def contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()

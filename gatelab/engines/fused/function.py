@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .cpp import matmul
 from .steps import Step
 
 
@@ -112,8 +113,7 @@ def input_projection(loop: TimeLoop, x: Tensor, W_ih: Tensor | None, b_ih: Tenso
         return x.contiguous().clone()
     T, B, I = x.shape
     bias = None if b_ih is None else (b_ih + b_hh if loop.fold_bias_hh else b_ih)
-    x2 = x.reshape(T * B, I)
-    return (torch.addmm(bias, x2, W_ih.t()) if bias is not None else x2 @ W_ih.t()).view(T, B, -1)
+    return matmul(x.reshape(T * B, I), W_ih.t(), bias).view(T, B, -1)
 
 
 def infer(loop: TimeLoop, reverse: bool, lengths: Tensor | None, rec_mask: Tensor | None, x: Tensor, W_ih: Tensor,
@@ -168,9 +168,9 @@ class FusedDirection(torch.autograd.Function):
         if W_ih is None:  # x was the projection itself
             dx = dxws if need[4] else None
         else:
-            dx = (dxw2 @ W_ih).view(T, B, I) if need[4] else None
-        dW_ih = dxw2.t() @ x.reshape(T * B, I) if W_ih is not None and need[5] else None
-        dW_hh = dgh2.t() @ h_recs.view(T * B, -1) if need[6] or isinstance(loop, PyLoop) else None
+            dx = matmul(dxw2, W_ih).view(T, B, I) if need[4] else None
+        dW_ih = matmul(dxw2.t(), x.reshape(T * B, I)) if W_ih is not None and need[5] else None
+        dW_hh = matmul(dgh2.t(), h_recs.view(T * B, -1)) if need[6] or isinstance(loop, PyLoop) else None
         db_ih = dxw2.sum(0) if ctx.has_bias and need[7] else None
         db_hh = dgh2.sum(0) if ctx.has_bias and (need[8] or isinstance(loop, PyLoop)) else None
         if isinstance(loop, PyLoop):

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -196,15 +197,66 @@ const T* opt_ptr(const c10::optional<Tensor>& t) { return t.has_value() ? t->dat
 
 // ---------------------------------------------------------------------------------------------
 // Matrix products on raw pointers. The per-step products are small (batch rows), so the cost of
-// building Tensor views for them would rival the work: call the BLAS that torch itself links
-// (Fortran interface, column-major), declared weak so that a torch without it still loads; then
-// ATen does the product through from_blob views.
+// building Tensor views for them would rival the work at small sizes: there, call the BLAS that torch
+// itself links (Fortran interface, column-major), declared weak so that a torch without it still
+// loads; then ATen does the product through from_blob views. Larger float32 products go to oneDNN,
+// which torch builds in and exports (at::native::mkldnn_matmul): on AMD processors MKL takes slower
+// code paths, and oneDNN ran the (32 x H)(H x 4H) step product at 144-174 GFLOP/s against MKL's
+// 123-136 at H 256-512 (2-core EPYC, benchmarks/speed.py prints the path), while its per-call cost
+// loses below about 2^22 multiply-adds.
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+}  // namespace
+
+namespace at::native {
+// result = beta * result + alpha * mat1 @ mat2 through oneDNN (ATen/native/mkldnn/Matmul.cpp).
+void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta, float alpha)
+    __attribute__((weak));
+}  // namespace at::native
+
+namespace {
+
+// Which library runs the per-step float32 products (set_gemm_library): by size and CPU, or one of them.
+enum GemmChoice : int64_t { GEMM_AUTO = 0, GEMM_BLAS = 1, GEMM_ONEDNN = 2 };
+int64_t gemm_choice = GEMM_AUTO;
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 24;  // below: BLAS measured as fast or faster in the loop
+
+bool onednn_available() { return &at::native::mkldnn_matmul != nullptr; }
+
+bool cpu_prefers_onednn() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;  // on Intel, MKL's own kernels are the fast path
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+bool use_onednn(int64_t m, int64_t n, int64_t k) {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    if (gemm_choice == GEMM_BLAS || !onednn_available()) return false;
+    return gemm_choice == GEMM_ONEDNN || (cpu_prefers_onednn() && m * n * k >= kOneDnnMinMacs);
+  }
+}
+
+// Row-major C (M×N) = beta C + A (M×K) · op(B): B is row-major (N×K) used transposed, or (K×N).
+template <typename T>
+void onednn_product(T* C, const T* A, const T* Bm, int64_t M, int64_t N, int64_t K, bool b_transposed, T beta) {
+  auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, opt);
+  Tensor b = b_transposed ? at::from_blob(const_cast<T*>(Bm), {K, N}, {1, K}, opt)
+                          : at::from_blob(const_cast<T*>(Bm), {K, N}, opt);
+  Tensor c = at::from_blob(C, {M, N}, opt);
+  at::native::mkldnn_matmul(a, b, c, float(beta), 1.0f);
 }
 
 // Column-major C (m×n, ldc) = op(A) op(B) + beta C, op = transpose when the flag is 'T'.
@@ -228,12 +280,14 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t
 // Row-major Z (B×G) (+)= H (B×R) · Wᵀ, with W (G×R) row-major.
 template <typename T>
 void times_Wt(T* Z, const T* H, const T* W, int64_t B, int64_t G, int64_t R, T beta) {
+  if (use_onednn<T>(B, G, R)) return onednn_product<T>(Z, H, W, B, G, R, true, beta);
   gemm<T>('T', 'N', G, B, R, W, R, H, R, beta, Z, G);
 }
 
 // Row-major D (B×R) (+)= G (B×Gn) · W, with W (Gn×R) row-major.
 template <typename T>
 void times_W(T* D, const T* Gr, const T* W, int64_t B, int64_t Gn, int64_t R, T beta) {
+  if (use_onednn<T>(B, R, Gn)) return onednn_product<T>(D, Gr, W, B, R, Gn, false, beta);
   gemm<T>('N', 'N', R, B, Gn, W, R, Gr, Gn, beta, D, R);
 }
 
@@ -880,9 +934,44 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
   return {dZ, ds};
 }
 
+// The engine's large products (the input projection of all steps, the weight and input gradients after
+// the loop): a (M×K) · b (K×N) [+ bias], any strides, through oneDNN where it wins (float32, large, N and K
+// >= 256: 182-193 against MKL's 139-158 GFLOP/s here at the benchmark's shapes; no gain at 128), else ATen.
+bool dense_onednn(int64_t M, int64_t N, int64_t K) { return N >= 256 && K >= 256 && use_onednn<float>(M, N, K); }
+
+Tensor matmul(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "gatelab fused: matmul shapes ", a.sizes(), " ",
+              b.sizes());
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() && M > 0 &&
+      dense_onednn(M, N, K)) {
+    Tensor out = bias.has_value() ? bias->expand({M, N}).contiguous() : at::empty({M, N}, a.options());
+    at::native::mkldnn_matmul(a, b, out, bias.has_value() ? 1.0f : 0.0f, 1.0f);
+    return out;
+  }
+  return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
+}
+
+// set_gemm_library(0 auto, 1 BLAS, 2 oneDNN) -> the previous choice; gemm_library(m, n, k) -> which
+// library a float32 product of that shape runs on now (dense: matmul's rule, else the per-step rule).
+int64_t set_gemm_library(int64_t choice) {
+  TORCH_CHECK(choice >= GEMM_AUTO && choice <= GEMM_ONEDNN, "gatelab fused: gemm library 0, 1 or 2, got ", choice);
+  TORCH_CHECK(choice != GEMM_ONEDNN || onednn_available(), "gatelab fused: this torch exports no oneDNN matmul");
+  const int64_t previous = gemm_choice;
+  gemm_choice = choice;
+  return previous;
+}
+
+std::string gemm_library(int64_t m, int64_t n, int64_t k, bool dense) {
+  return (dense ? dense_onednn(m, n, k) : use_onednn<float>(m, n, k)) ? "oneDNN" : "BLAS";
+}
+
 }  // namespace
 
 TORCH_LIBRARY(gatelab_fused, m) {
+  m.def("set_gemm_library(int choice) -> int", &set_gemm_library);
+  m.def("gemm_library(int m, int n, int k, bool dense=False) -> str", &gemm_library);
+  m.def("matmul(Tensor a, Tensor b, Tensor? bias) -> Tensor");
   m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor CP, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse) -> Tensor[]");
   m.def("lstm_ln_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, Tensor g_hh, Tensor g_c, Tensor b_c, float eps, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
@@ -896,6 +985,7 @@ TORCH_LIBRARY(gatelab_fused, m) {
 }
 
 TORCH_LIBRARY_IMPL(gatelab_fused, CPU, m) {
+  m.impl("matmul", &matmul);
   m.impl("lstm_forward", &lstm_forward);
   m.impl("lstm_backward", &lstm_backward);
   m.impl("lstm_ln_forward", &lstm_ln_forward);
