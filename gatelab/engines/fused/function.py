@@ -13,7 +13,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .cpp import matmul
 from .steps import Step
@@ -145,34 +144,79 @@ class FusedDirection(torch.autograd.Function):
         # the backward reads projections, gains and activation slopes from the cell, after the layer
         # has restored it, so it binds these again.
         ctx.weights = dict(loop.step.cell.named_parameters())
+        # which cell parameter each extra input is, for a differentiable backward (see backward)
+        ctx.extra_names = [next(n for n, t in ctx.weights.items() if t is e) for e in rest[n_state:]]
+        ctx.n_state = n_state
         # x is needed for dW_ih only: with W_ih=None it is the projection itself, not worth keeping
-        ctx.save_for_backward(x if W_ih is not None else None, W_ih, W_hh, lengths, rec_mask)
+        ctx.save_for_backward(x if W_ih is not None else None, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest)
         return (out, *final)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dout: Tensor | None, *dfinal: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, W_ih, W_hh, lengths, rec_mask = ctx.saved_tensors
-        loop: TimeLoop = ctx.loop
-        T, B, I = ctx.x_shape
-        GH = W_hh.shape[0]
-        cell = loop.step.cell
-        sizes = cell.state_sizes()
-        dstate = tuple(W_hh.new_zeros(B, s) if d is None else d.contiguous() for s, d in zip(sizes, dfinal))
-        dout = W_hh.new_zeros(T, B, cell.output_size) if dout is None else dout.contiguous()
-        with cell.using(ctx.weights):
-            dxws, dghs, dstate0, h_recs, extra = loop.backward(ctx.saved_loop, dout, dstate, W_hh, lengths, rec_mask,
-                                                               ctx.reverse)
-        dxw2, dgh2 = dxws.view(T * B, GH), dghs.view(T * B, GH)
-        need = ctx.needs_input_grad  # skip the products nobody asked for (e.g. dx of a data batch)
-        if W_ih is None:  # x was the projection itself
-            dx = dxws if need[4] else None
-        else:
-            dx = matmul(dxw2, W_ih).view(T, B, I) if need[4] else None
-        dW_ih = matmul(dxw2.t(), x.reshape(T * B, I)) if W_ih is not None and need[5] else None
-        dW_hh = matmul(dgh2.t(), h_recs.view(T * B, -1)) if need[6] or isinstance(loop, PyLoop) else None
-        db_ih = dxw2.sum(0) if ctx.has_bias and need[7] else None
-        db_hh = dgh2.sum(0) if ctx.has_bias and (need[8] or isinstance(loop, PyLoop)) else None
-        if isinstance(loop, PyLoop):
-            loop.step.fix_weight_grads(dW_hh, db_hh, dxws, ctx.saved_loop[0])
-        return (None, None, None, None, dx, dW_ih, dW_hh, db_ih, db_hh, *dstate0, *extra)
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            return _differentiable_backward(ctx, dout, dfinal)
+        return _hand_backward(ctx, dout, dfinal)
+
+
+def _differentiable_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]
+                             ) -> tuple[Tensor | None, ...]:
+    """The backward as a graph, for double backward (gradient penalties, meta-learning): the direction is
+    recomputed on the reference loop from the saved inputs, with the cell bound to them, and
+    differentiated with ``create_graph=True``; the result equals the hand-written backward and stays
+    connected to every input. (The layer-norm loop normalises the projection before the loop, which
+    the reference step cannot take back: it raises.)"""
+    from .. import reference
+
+    x, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest = ctx.saved_tensors
+    if W_ih is None:
+        raise RuntimeError("gatelab: double backward (create_graph=True) through the fused engine's layer-norm LSTM "
+                           "is not supported; build the layer with backend='reference' for higher-order gradients")
+    loop: TimeLoop = ctx.loop
+    cell = loop.step.cell
+    state, extra = tuple(rest[:ctx.n_state]), rest[ctx.n_state:]
+    bound = {"weight_ih": W_ih, "weight_hh": W_hh, **dict(zip(ctx.extra_names, extra))}
+    if b_ih is not None:
+        bound.update(bias_ih=b_ih, bias_hh=b_hh)
+    zoneout = getattr(loop, "zoneout", None)
+    with cell.using(bound):
+        out, final = reference.run_direction(cell, x, state, lengths, ctx.reverse, rec_mask=rec_mask, weight_hh=W_hh,
+                                             zoneout=zoneout)
+    outputs, grads = [], []
+    for t, g in zip((out, *final), (dout, *dfinal)):
+        if g is not None and t.requires_grad:
+            outputs.append(t)
+            grads.append(g)
+    inputs = [x, W_ih, W_hh, b_ih, b_hh, *state, *extra]
+    wanted = [t is not None and t.requires_grad for t in inputs]
+    found = iter(torch.autograd.grad(outputs, [t for t, w in zip(inputs, wanted) if w], grads, create_graph=True,
+                                     allow_unused=True) if outputs and any(wanted) else ())
+    return (None, None, None, None, *(next(found) if w else None for w in wanted))
+
+
+def _hand_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """The hand-written backward: the loop's backward, then the weight gradients as matrix products (grad
+    mode is off here: the autograd engine runs a backward that way unless create_graph=True)."""
+    x, W_ih, W_hh, lengths, rec_mask, *_ = ctx.saved_tensors
+    loop: TimeLoop = ctx.loop
+    T, B, I = ctx.x_shape
+    GH = W_hh.shape[0]
+    cell = loop.step.cell
+    sizes = cell.state_sizes()
+    dstate = tuple(W_hh.new_zeros(B, s) if d is None else d.contiguous() for s, d in zip(sizes, dfinal))
+    dout = W_hh.new_zeros(T, B, cell.output_size) if dout is None else dout.contiguous()
+    with cell.using(ctx.weights):
+        dxws, dghs, dstate0, h_recs, extra = loop.backward(ctx.saved_loop, dout, dstate, W_hh, lengths, rec_mask,
+                                                           ctx.reverse)
+    dxw2, dgh2 = dxws.view(T * B, GH), dghs.view(T * B, GH)
+    need = ctx.needs_input_grad  # skip the products nobody asked for (e.g. dx of a data batch)
+    if W_ih is None:  # x was the projection itself
+        dx = dxws if need[4] else None
+    else:
+        dx = matmul(dxw2, W_ih).view(T, B, I) if need[4] else None
+    dW_ih = matmul(dxw2.t(), x.reshape(T * B, I)) if W_ih is not None and need[5] else None
+    dW_hh = matmul(dgh2.t(), h_recs.view(T * B, -1)) if need[6] or isinstance(loop, PyLoop) else None
+    db_ih = dxw2.sum(0) if ctx.has_bias and need[7] else None
+    db_hh = dgh2.sum(0) if ctx.has_bias and (need[8] or isinstance(loop, PyLoop)) else None
+    if isinstance(loop, PyLoop):
+        loop.step.fix_weight_grads(dW_hh, db_hh, dxws, ctx.saved_loop[0])
+    return (None, None, None, None, dx, dW_ih, dW_hh, db_ih, db_hh, *dstate0, *extra)
