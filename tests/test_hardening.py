@@ -142,3 +142,22 @@ def test_low_precision_layers_run_on_auto_and_match_float32(dtype, case):
     torch.testing.assert_close(out.float(), ref(x)[0], rtol=0, atol=tol)
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in low.parameters())
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "reference"])
+@pytest.mark.parametrize("case", range(len(CELLS)))
+def test_cpu_autocast_runs_on_every_engine(backend, case):
+    """torch.autocast("cpu", bfloat16) with float32 layers, fed the bf16 output of an autocast op: never an
+    error; the fused loops run in the layer's float32 (native: torch's bf16 kernel), near float32."""
+    cls, kw = CELLS[case]
+    torch.manual_seed(0)
+    layer = cls(3, 8, 2, bidirectional=True, backend=backend, **kw)
+    x = torch.randn(6, 2, 3)
+    want = layer(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fed = torch.nn.functional.linear(x, torch.eye(3))  # bf16 under autocast
+        assert fed.dtype == torch.bfloat16
+        out = layer(fed)[0]
+    torch.testing.assert_close(out.float(), want, rtol=0, atol=6e-2)
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())

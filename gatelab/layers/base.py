@@ -394,6 +394,9 @@ class RecurrentLayer(nn.Module):
         engine = reference.ENGINE if self._step_hooks else self.engine
         with self._weights_bound() as cells:
             ref = cells[0].weight_ih  # as bound: what runs
+            if (batch.data.dtype != ref.dtype and batch.data.device == ref.device
+                    and torch.is_autocast_enabled(ref.device.type)):  # autocast picks precisions per op: not an error
+                batch.data = batch.data.to(ref.dtype)
             if batch.data.dtype != ref.dtype or batch.data.device != ref.device:
                 raise ValueError(f"{owner}: input is {batch.data.dtype} on {batch.data.device}, parameters are "
                                  f"{ref.dtype} on {ref.device}")

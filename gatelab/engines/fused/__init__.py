@@ -187,9 +187,10 @@ class FusedEngine:
         if x.shape[1] == 0:  # an empty batch: nothing to fuse; the reference loop returns torch's empty result
             return reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=W_hh,
                                            zoneout=zoneout)
-        for loop in LOOPS:
-            if not loop.unsupported(cell) and loop.ready(strict):
-                return loop.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
+        with torch.autocast(x.device.type, enabled=False):  # under autocast: the loops run in the layer's dtype
+            for loop in LOOPS:
+                if not loop.unsupported(cell) and loop.ready(strict):
+                    return loop.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
         # Only a layer-norm LSTM gets here (no C++ kernels, or another device): the reference loop,
         # as describe() says.
         return reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=W_hh,
