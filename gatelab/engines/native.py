@@ -61,7 +61,13 @@ ENGINE = NativeEngine()
 def flat_weights(cells: tuple[RecurrentCell, ...] | list[RecurrentCell]) -> list[Tensor]:
     """The cells' weights in torch's ``_flat_weights`` order: per layer and direction w_ih, w_hh, b_ih,
     b_hh, w_hr (those present)."""
-    return [p for cell in cells for n in WEIGHT_NAMES if (p := getattr(cell, n, None)) is not None]
+    out = []
+    for cell in cells:  # a plain loop, not a comprehension with :=, which torch.compile cannot trace
+        for n in WEIGHT_NAMES:
+            p = getattr(cell, n, None)
+            if p is not None:
+                out.append(p)
+    return out
 
 
 __all__ = ["ENGINE", "NativeEngine", "WEIGHT_NAMES", "flat_weights"]

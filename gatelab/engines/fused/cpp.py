@@ -83,6 +83,8 @@ def load(strict: bool = False) -> bool:
 
     On failure: warn once and return False, or raise ``RuntimeError`` when ``strict``.
     """
+    if _state["loaded"]:  # the common case, without the lock (which torch.compile cannot enter)
+        return True
     with _lock:
         if _state["loaded"]:
             return True
