@@ -60,6 +60,7 @@ HEADS = ("auto", "last", "mean", "every")
 ACTIVATION_KEYS = ("activation", "gate_activation", "candidate_activation", "cell_activation")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("none", "cosine", "step")
+LM_EVAL = ("carried", "chunked")
 
 
 class ConfigError(ValueError):
@@ -182,7 +183,8 @@ class TrainConfig:
     tbptt_k1: int = 0
     tbptt_k2: int = 0
     eval_every: int = 0
-    eval_items: int = 0  # lm only: evaluate on the first N items of a split (0 = all)
+    eval_items: int = 0  # lm only: validation during training on the first N chunks (0 = all); final scores: all
+    lm_eval: str = "carried"  # lm only: "carried" (state through the whole split) or "chunked" (zero state per chunk)
     patience: int = 0
     monitor: str = ""
     restore_best: bool = True
@@ -196,6 +198,7 @@ class TrainConfig:
             raise ConfigError(f"train.seed: expected an integer in [0, 2**64), got {self.seed}")
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.lm_eval", self.lm_eval, LM_EVAL)
         positive = ("batch_size", "eval_batch_size")
         at_least_zero = ("steps", "epochs", "warmup_steps", "step_every", "tbptt_k1", "tbptt_k2", "eval_every",
                          "eval_items", "patience", "checkpoint_every", "threads")

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._version import __version__
@@ -253,11 +254,16 @@ def _fail(run: Run, tensor: str, what: str) -> None:
 
 @torch.no_grad()
 def evaluate(model: SequenceModel, task: Task, split: str, *, batch_size: int = 256, limit: int = 0,
-             device: torch.device | str = "cpu") -> dict[str, float]:
+             device: torch.device | str = "cpu", lm_eval: str = "chunked") -> dict[str, float]:
     """The task's metrics (``task.evaluate``) and the mean objective ``loss`` of ``model`` on ``split``.
 
-    ``limit > 0`` (language models only) scores the first ``limit`` items of the split.
+    ``limit > 0`` (language models only) scores the first ``limit`` items of the split, each from a zero
+    state. A language model on the whole split with ``lm_eval="carried"`` is scored with its state
+    carried through the split's text from its first character to its last (:func:`evaluate_stream`,
+    the field's convention); ``"chunked"`` scores each ``seq_len`` chunk from a zero state.
     """
+    if task.kind == "lm" and not limit and lm_eval == "carried":
+        return evaluate_stream(model, task, split, device=device)
     model.eval()
     data = task.split(split)
     outputs: list[Tensor] = []
@@ -286,6 +292,27 @@ def evaluate(model: SequenceModel, task: Task, split: str, *, batch_size: int = 
         if task.kind == "regression" and "mae" not in metrics:
             metrics["mae"] = M.mae(torch.stack([data[i][1] for i in range(len(data))]), predictions)
     return {**metrics, "loss": total / max(count, 1)}
+
+
+def evaluate_stream(model: SequenceModel, task: Task, split: str, *, chunk: int = 1000,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """Bits per character of a language model on the whole of ``split`` with the state carried through it.
+
+    The split's text (``task.stream(split)``) runs as one sequence, ``chunk`` characters per call with
+    the state passed on, so the result is that of one pass over the whole text (the chunk length only
+    bounds memory). Every character but the first is a target exactly once.
+    """
+    model.eval()
+    ids = task.stream(split)
+    total, count, state = 0.0, 0, None
+    with torch.no_grad():
+        for i in range(0, len(ids) - 1, chunk):
+            j = min(i + chunk, len(ids) - 1)
+            x = task.one_hot(ids[i:j]).unsqueeze(0).to(device)  # (1, T, V), as the split's items
+            out, state = model(x, None, state)
+            total += float(F.cross_entropy(out[0], ids[i + 1 : j + 1].to(device), reduction="sum"))
+            count += j - i
+    return {"bpc": total / count / math.log(2), "loss": total / count}
 
 
 def validate(run: Run) -> dict[str, float]:
@@ -360,7 +387,10 @@ def save(run: Run, path: Path) -> None:
 
 def _restore(run: Run, path: Path) -> None:
     payload = load_checkpoint(path)
-    saved = payload["config"]
+    try:  # a run saved before a config key existed resumes with that key at its default
+        saved = to_dict(from_dict(payload["config"]))
+    except ConfigError:
+        saved = payload["config"]
     if saved != to_dict(run.config):
         diff = _differences(saved, to_dict(run.config))
         raise ConfigError(f"{path} was written by another configuration ({diff}); resume with the same config, "
@@ -484,7 +514,7 @@ def finish(run: Run) -> dict[str, Any]:
     if cfg.restore_best and best.exists() and run.best["step"] != run.step:
         run.model.load_state_dict(load_checkpoint(best)["model"])
         weights = f"best.pt (step {run.best['step']})"
-    final = {s: evaluate(run.model, task, s, batch_size=cfg.eval_batch_size, limit=cfg.eval_items, device=run.device)
+    final = {s: evaluate(run.model, task, s, batch_size=cfg.eval_batch_size, device=run.device, lm_eval=cfg.lm_eval)
              for s in ("val", "test") if len(task.split(s))}
     baseline = {s: task.baseline(s) for s in ("val", "test") if len(task.split(s))}
     head = task.metrics[0]
@@ -500,10 +530,15 @@ def finish(run: Run) -> dict[str, Any]:
         "parameters": run.model.num_parameters(), "engines": run.model.engines,
         "seconds_per_epoch": run.train_seconds / epochs if epochs else None,
         "train_seconds": round(run.train_seconds, 3), "wall_seconds": round(wall, 3),
-        "evaluated_items": cfg.eval_items or "all", "device": str(run.device),
+        "evaluated_items": "all", "device": str(run.device),
         "threads": torch.get_num_threads(), "deterministic": cfg.deterministic,
         "torch": torch.__version__, "gatelab": __version__,
     }
+    if task.kind == "lm":  # say how the figure was scored, and give the chunked form beside the carried one
+        run.summary["lm_eval"] = cfg.lm_eval
+        if cfg.lm_eval == "carried":
+            run.summary["final_chunked"] = {s: evaluate(run.model, task, s, batch_size=cfg.eval_batch_size,
+                                                        device=run.device, lm_eval="chunked") for s in final}
     write_json(run.run_dir / "summary.json", run.summary)
     return run.summary
 
@@ -529,7 +564,7 @@ def evaluate_checkpoint(path: str | Path, splits: Sequence[str] = ("val", "test"
     model, config, _ = load_model(path)
     task = config.task.build()
     with _determinism(config.train):
-        out = {s: evaluate(model, task, s, batch_size=config.train.eval_batch_size, limit=config.train.eval_items)
+        out = {s: evaluate(model, task, s, batch_size=config.train.eval_batch_size, lm_eval=config.train.lm_eval)
                for s in splits if len(task.split(s))}
     out.update({f"baseline_{s}": task.baseline(s) for s in splits if len(task.split(s))})
     return out
