@@ -54,7 +54,7 @@ __all__ = [
     "SCHEDULES",
 ]
 
-HEADS = ("auto", "last", "mean", "every")
+HEADS = ("auto", "last", "mean", "max", "attention", "every")
 # The ModelConfig fields that set activation slots; which of them a cell takes is the cell's fact
 # (``registry.get(cell).roles``).
 ACTIVATION_KEYS = ("activation", "gate_activation", "candidate_activation", "cell_activation")

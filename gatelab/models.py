@@ -21,7 +21,7 @@ from .tasks import Task
 from .tasks.base import IGNORE_INDEX
 
 __all__ = ["SequenceModel", "build_model", "State"]
-HEADS = ("last", "mean", "every")
+HEADS = ("last", "mean", "max", "attention", "every")
 OBJECTIVES = ("mse", "cross_entropy")
 
 # The recurrent state of the whole stack: one entry per layer, each what that layer returns as its
@@ -41,7 +41,9 @@ class SequenceModel(nn.Module):
       ``hidden_sizes``, so layers may differ in size; ``dropout`` between layers and before the head.
       The activation slots and ``layer_options`` (peephole, variant, zoneout, ...) go to every layer.
     * Head, a linear map to ``output_size``: ``"last"`` reads each sequence's own last step (from
-      ``lengths``; for a bidirectional stack, the backward direction's first step), ``"mean"`` the mean
+      ``lengths``; for a bidirectional stack, the backward direction's first step), ``"max"`` the
+      elementwise maximum and ``"attention"`` a softmax-weighted sum (a learned query vector
+      ``attention_query``, zero at init: the mean) over the real steps, ``"mean"`` the mean
       over the real steps, ``"every"`` every step. ``tie_weights`` shares the embedding matrix with the
       head of a language model.
     * ``objective``: ``"mse"`` (regression, forecasting) or ``"cross_entropy"`` (classes, tokens; targets
@@ -101,6 +103,7 @@ class SequenceModel(nn.Module):
             self.layers.append(layer)
             size = layer.output_size * layer.num_directions
         self.drop = nn.Dropout(dropout)
+        self.attention_query = nn.Parameter(torch.zeros(size)) if head == "attention" else None  # (D·H,): uniform at init
         self.head = nn.Linear(size, output_size)
         if tie_weights:
             if self.embedding is None or head != "every":
@@ -150,11 +153,16 @@ class SequenceModel(nn.Module):
             return h
         B, T, _ = h.shape
         last = (lengths.to(h.device) - 1) if lengths is not None else torch.full((B,), T - 1, device=h.device)
+        real = torch.arange(T, device=h.device)[None, :] <= last[:, None]  # (B, T): the real steps
         if self.head_mode == "mean":
             if lengths is None:
                 return h.mean(1)
-            mask = torch.arange(T, device=h.device)[None, :] <= last[:, None]  # (B, T)
-            return (h * mask.unsqueeze(2)).sum(1) / (last + 1).unsqueeze(1).to(h.dtype)
+            return (h * real.unsqueeze(2)).sum(1) / (last + 1).unsqueeze(1).to(h.dtype)
+        if self.head_mode == "max":  # over the real steps only; padded steps are -inf
+            return h.masked_fill(~real.unsqueeze(2), float("-inf")).amax(1)
+        if self.head_mode == "attention":  # a learned query: softmax over the real steps of q · h_t
+            scores = (h @ self.attention_query).masked_fill(~real, float("-inf"))  # (B, T)
+            return (torch.softmax(scores, 1).unsqueeze(2) * h).sum(1)
         rows = torch.arange(B, device=h.device)
         if not self.bidirectional:
             return h[rows, last]  # (B, H): each sequence's own last step

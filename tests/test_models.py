@@ -124,3 +124,41 @@ def test_build_model_follows_the_task():
         ModelConfig(gate_activation={"f": "sigmod"})
     with pytest.raises(ConfigError, match=r"\[model\].*peepholes"):
         build_model(ModelConfig(options={"peepholes": True}), adding)
+
+
+@pytest.mark.parametrize("head", ["max", "attention"])
+def test_max_and_attention_heads_read_only_the_real_steps(head):
+    torch.manual_seed(0)
+    model = SequenceModel(3, 2, cell="gru", hidden_sizes=(5,), head=head, bidirectional=True)
+    x = torch.randn(4, 6, 3)
+    lengths = torch.tensor([6, 3, 1, 4])
+    out, _ = model(x, lengths)
+    changed = x.clone()
+    changed[1, 3:] = 100.0  # what lies past a sequence's length must not matter
+    torch.testing.assert_close(model(changed, lengths)[0], out, rtol=0, atol=1e-6)
+    h, _ = model.layers[0](model.encode(x), lengths=lengths)  # (B, T, 2H), zero past each length
+    for b, n in enumerate(lengths.tolist()):
+        real = h[b, :n]
+        if head == "max":
+            want = real.max(0).values
+        else:  # zero query at init: uniform weights, the mean; then a moved query by hand
+            want = real.mean(0)
+        torch.testing.assert_close(model._pool(h, lengths)[b], want, rtol=0, atol=1e-6)
+    if head == "attention":
+        with torch.no_grad():
+            model.attention_query.copy_(torch.randn(10))
+        w = torch.softmax(h[0, :6] @ model.attention_query, 0)
+        torch.testing.assert_close(model._pool(h, lengths)[0], (w[:, None] * h[0, :6]).sum(0), rtol=0, atol=1e-6)
+        loss = model(x, lengths)[0].sum()
+        loss.backward()
+        assert model.attention_query.grad is not None and model.attention_query.grad.abs().sum() > 0
+
+
+def test_the_new_heads_train_from_a_config(tmp_path):
+    import gatelab
+
+    for head in ("max", "attention"):
+        cfg = gatelab.config.load("configs/adding_quick.toml", [f"model.head={head}", "train.steps=3", "task.length=6",
+                                                                 "task.n_train=40", "task.n_val=10", "task.n_test=10"])
+        run = gatelab.fit(cfg, run_dir=tmp_path / head, quiet=True)
+        assert run.model.head_mode == head and run.summary["final"]["test"]["mse"] > 0
