@@ -39,6 +39,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .train import fit
 
     parsed = parse_override_args(overrides)
+    if args.no_test:
+        parsed["train.score_test"] = "false"
     if args.name is not None:
         parsed["name"] = args.name
     config = load(args.config, parsed)
@@ -187,6 +189,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--name", help="run name, one plain folder name inside --runs (default: the config's name)")
     t.add_argument("--runs", default="runs", help="folder of run directories (default: runs)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--no-test", action="store_true",
+                   help="never read the test split (train.score_test=false): choose settings on validation, "
+                        "score test once at the end")
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from runs/NAME/last.pt")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run of that name")

@@ -184,6 +184,7 @@ class TrainConfig:
     tbptt_k2: int = 0
     eval_every: int = 0
     eval_items: int = 0  # lm only: validation during training on the first N chunks (0 = all); final scores: all
+    score_test: bool = True  # False: the run never reads the test split (choose settings on validation)
     lm_eval: str = "carried"  # lm only: "carried" (state through the whole split) or "chunked" (zero state per chunk)
     patience: int = 0
     monitor: str = ""

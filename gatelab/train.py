@@ -514,9 +514,10 @@ def finish(run: Run) -> dict[str, Any]:
     if cfg.restore_best and best.exists() and run.best["step"] != run.step:
         run.model.load_state_dict(load_checkpoint(best)["model"])
         weights = f"best.pt (step {run.best['step']})"
+    scored = ("val", "test") if cfg.score_test else ("val",)  # score_test=False: test is never read
     final = {s: evaluate(run.model, task, s, batch_size=cfg.eval_batch_size, device=run.device, lm_eval=cfg.lm_eval)
-             for s in ("val", "test") if len(task.split(s))}
-    baseline = {s: task.baseline(s) for s in ("val", "test") if len(task.split(s))}
+             for s in scored if len(task.split(s))}
+    baseline = {s: task.baseline(s) for s in scored if len(task.split(s))}
     head = task.metrics[0]
     sign = 1 if head in HIGHER_IS_BETTER else -1
     epochs = run.step / run.steps_per_epoch

@@ -479,3 +479,35 @@ def test_a_text_file_is_not_a_checkpoint_rather_than_a_tampered_one(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file"):
         load_checkpoint(tmp_path)
+
+
+def test_no_test_never_reads_the_test_split(tmp_path, capsys):
+    """train.score_test=false / --no-test: a task that raises when its test split or test baseline is read
+    trains and reports validation only."""
+    from gatelab import cli, tasks
+    from gatelab.tasks.synthetic import AddingTask
+
+    class Sealed(AddingTask):
+        def split(self, split):
+            if split == "test":
+                raise AssertionError("the test split was read")
+            return super().split(split)
+
+        def baseline(self, split="test", which=None):
+            if split == "test":
+                raise AssertionError("the test baseline was read")
+            return super().baseline(split, which)
+
+    tasks.register("sealed_adding", Sealed)
+    try:
+        config = tmp_path / "sealed.toml"
+        config.write_text('name = "sealed"\n[task]\nname = "sealed_adding"\nlength = 6\nn_train = 40\nn_val = 10\n'
+                          'n_test = 10\n[model]\ncell = "gru"\nhidden_sizes = [4]\n[train]\nsteps = 4\nbatch_size = 8\n')
+        assert cli.main(["train", str(config), "--runs", str(tmp_path / "runs"), "--quiet", "--no-test"]) == 0
+        summary = json.loads((tmp_path / "runs" / "sealed" / "summary.json").read_text())
+        assert set(summary["final"]) == {"val"} and set(summary["baseline"]) == {"val"}
+        assert "val mse" in capsys.readouterr().out
+        with pytest.raises(AssertionError, match="the test split was read"):
+            gatelab.fit(gatelab.config.load(config), run_dir=tmp_path / "with-test", quiet=True)
+    finally:
+        tasks._TASKS.pop("sealed_adding", None)  # the registry has no public unregister
