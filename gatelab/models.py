@@ -230,6 +230,9 @@ def build_model(config: ModelConfig, task: Task) -> SequenceModel:
     if task.per_step and head != "every":
         raise ConfigError(f"model.head: task {task.name!r} has a target at every step; it needs head 'every' "
                           f"(or 'auto'), got {config.head!r}")
+    if task.kind == "lm" and config.bidirectional:
+        raise ConfigError(f"model.bidirectional: task {task.name!r} is a language model, and a reverse direction "
+                          f"reads the characters it is asked to predict; use a unidirectional stack")
     objective = "cross_entropy" if task.kind in ("classification", "lm") else "mse"
     try:
         return SequenceModel(

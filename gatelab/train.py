@@ -254,7 +254,7 @@ def _fail(run: Run, tensor: str, what: str) -> None:
 
 @torch.no_grad()
 def evaluate(model: SequenceModel, task: Task, split: str, *, batch_size: int = 256, limit: int = 0,
-             device: torch.device | str = "cpu", lm_eval: str = "chunked") -> dict[str, float]:
+             device: torch.device | str = "cpu", lm_eval: str = "carried") -> dict[str, float]:
     """The task's metrics (``task.evaluate``) and the mean objective ``loss`` of ``model`` on ``split``.
 
     ``limit > 0`` (language models only) scores the first ``limit`` items of the split, each from a zero
@@ -319,7 +319,7 @@ def validate(run: Run) -> dict[str, float]:
     """Evaluate on the monitored split, log a line to metrics.jsonl, track the best, stop early."""
     cfg = run.config.train
     metrics = evaluate(run.model, run.task, run.monitor_split, batch_size=cfg.eval_batch_size,
-                       limit=cfg.eval_items, device=run.device)
+                       limit=cfg.eval_items, device=run.device, lm_eval=cfg.lm_eval)
     line = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "split": run.monitor_split,
             "lr": run.optimizer.param_groups[0]["lr"], "train_loss": run.loss_sum / max(run.loss_count, 1),
             "grad_norm": run.grad_norm, **metrics, "train_seconds": round(run.train_seconds, 3)}

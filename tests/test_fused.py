@@ -567,3 +567,27 @@ def test_double_backward_on_the_other_engines(backend, cls):
     x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(
         lambda x, *ps: torch.func.functional_call(layer, dict(zip(names, ps)), (x,))[0], (x, *params), atol=1e-6)
+
+
+def test_double_backward_with_one_activation_module_in_every_gate():
+    """A learnable activation shared by the gates is one input several times: its gradient is counted once."""
+    from gatelab.activations import AdaptiveSigmoid
+
+    torch.manual_seed(0)
+    grads = []
+    for backend in ("fused", "reference"):
+        torch.manual_seed(0)
+        layer = gatelab.LSTM(3, 4, gate_activation=AdaptiveSigmoid(4), backend=backend, dtype=torch.float64)
+        x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+        w = layer.sigma_i_weight_l0
+        for create_graph in (False, True):
+            (g,) = torch.autograd.grad(layer(x)[0].pow(2).sum(), w, create_graph=create_graph)
+            grads.append(g.detach())
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=0, atol=1e-12)
+
+
+def test_the_fused_engine_runs_on_the_meta_device():
+    layer = gatelab.GRU(4, 6, backend="fused", device="meta")
+    out, h = layer(torch.randn(5, 2, 4, device="meta"))
+    assert out.shape == (5, 2, 6) and out.device.type == "meta"

@@ -91,6 +91,7 @@ class DirectionCall:
 
 
 StepHook = Callable[[DirectionCall], OnStep | None]
+_REDUCED = (torch.bfloat16, torch.float16)  # what an autocast op may hand a float32 layer
 
 
 class RecurrentLayer(nn.Module):
@@ -394,7 +395,7 @@ class RecurrentLayer(nn.Module):
         engine = reference.ENGINE if self._step_hooks else self.engine
         with self._weights_bound() as cells:
             ref = cells[0].weight_ih  # as bound: what runs
-            if (batch.data.dtype != ref.dtype and batch.data.device == ref.device
+            if (batch.data.dtype in _REDUCED and ref.dtype not in _REDUCED and batch.data.device == ref.device
                     and torch.is_autocast_enabled(ref.device.type)):  # autocast picks precisions per op: not an error
                 batch.data = batch.data.to(ref.dtype)
             if batch.data.dtype != ref.dtype or batch.data.device != ref.device:
@@ -433,6 +434,9 @@ class RecurrentLayer(nn.Module):
                 got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
                 raise ValueError(f"{owner}: expected {name}0 of shape {expected} (layers·directions, batch, "
                                  f"{size}), got {got}")
+            if h.dtype in _REDUCED and x.dtype not in _REDUCED and h.device == x.device \
+                    and torch.is_autocast_enabled(x.device.type):
+                h = h.to(x.dtype)  # a state carried out of an autocast kernel (torch's LSTM returns bf16 there)
             if h.dtype != x.dtype or h.device != x.device:
                 raise ValueError(f"{owner}: {name}0 is {h.dtype} on {h.device}, input is {x.dtype} on {x.device}")
             out.append(h if batch.batched else h.unsqueeze(1))

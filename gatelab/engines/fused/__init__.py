@@ -11,6 +11,7 @@ is tested against. A new loop (the GPU one) is one class with the :class:`Loop` 
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -187,7 +188,9 @@ class FusedEngine:
         if x.shape[1] == 0:  # an empty batch: nothing to fuse; the reference loop returns torch's empty result
             return reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=W_hh,
                                            zoneout=zoneout)
-        with torch.autocast(x.device.type, enabled=False):  # under autocast: the loops run in the layer's dtype
+        # under autocast the loops run in the layer's own dtype (the meta device has no autocast at all)
+        with torch.autocast(x.device.type, enabled=False) if _autocast_available(x.device.type) \
+                else contextlib.nullcontext():
             for loop in LOOPS:
                 if not loop.unsupported(cell) and loop.ready(strict):
                     return loop.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
@@ -198,6 +201,11 @@ class FusedEngine:
 
 
 ENGINE = FusedEngine()
+
+
+def _autocast_available(device_type: str) -> bool:
+    check = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    return check(device_type) if check is not None else device_type in ("cpu", "cuda")
 
 
 def _apply(args: tuple, extra: list[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:

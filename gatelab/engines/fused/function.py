@@ -187,10 +187,17 @@ def _differentiable_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor
             outputs.append(t)
             grads.append(g)
     inputs = [x, W_ih, W_hh, b_ih, b_hh, *state, *extra]
-    wanted = [t is not None and t.requires_grad for t in inputs]
-    found = iter(torch.autograd.grad(outputs, [t for t, w in zip(inputs, wanted) if w], grads, create_graph=True,
-                                     allow_unused=True) if outputs and any(wanted) else ())
-    return (None, None, None, None, *(next(found) if w else None for w in wanted))
+    # one gradient per distinct tensor: an activation module shared by several gates is one input
+    # several times, and its full gradient belongs to the first of them only
+    first = {}
+    for k, t in enumerate(inputs):
+        if t is not None and t.requires_grad:
+            first.setdefault(id(t), k)
+    unique = sorted(first.values())
+    found = torch.autograd.grad(outputs, [inputs[k] for k in unique], grads, create_graph=True, allow_unused=True) \
+        if outputs and unique else ()
+    by_position = dict(zip(unique, found))
+    return (None, None, None, None, *(by_position.get(k) for k in range(len(inputs))))
 
 
 def _hand_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

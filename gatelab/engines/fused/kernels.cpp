@@ -227,7 +227,10 @@ enum GemmChoice : int64_t { GEMM_AUTO = 0, GEMM_BLAS = 1, GEMM_ONEDNN = 2 };
 int64_t gemm_choice = GEMM_AUTO;
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 24;  // below: BLAS measured as fast or faster in the loop
 
-bool onednn_available() { return &at::native::mkldnn_matmul != nullptr; }
+// A torch built without oneDNN may still export a throwing stub: check the build, and give up on
+// oneDNN for the process at its first error (onednn_product then reports failure to its caller).
+bool onednn_broken = false;
+bool onednn_available() { return &at::native::mkldnn_matmul != nullptr && at::hasMKLDNN() && !onednn_broken; }
 
 bool cpu_prefers_onednn() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -249,14 +252,21 @@ bool use_onednn(int64_t m, int64_t n, int64_t k) {
 }
 
 // Row-major C (M×N) = beta C + A (M×K) · op(B): B is row-major (N×K) used transposed, or (K×N).
+// Returns false (C untouched) when oneDNN refuses; the caller then runs the BLAS.
 template <typename T>
-void onednn_product(T* C, const T* A, const T* Bm, int64_t M, int64_t N, int64_t K, bool b_transposed, T beta) {
+bool onednn_product(T* C, const T* A, const T* Bm, int64_t M, int64_t N, int64_t K, bool b_transposed, T beta) {
   auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, opt);
   Tensor b = b_transposed ? at::from_blob(const_cast<T*>(Bm), {K, N}, {1, K}, opt)
                           : at::from_blob(const_cast<T*>(Bm), {K, N}, opt);
   Tensor c = at::from_blob(C, {M, N}, opt);
-  at::native::mkldnn_matmul(a, b, c, float(beta), 1.0f);
+  try {
+    at::native::mkldnn_matmul(a, b, c, float(beta), 1.0f);
+  } catch (const c10::Error&) {  // checked before writing: C holds what it held
+    onednn_broken = true;
+    return false;
+  }
+  return true;
 }
 
 // Column-major C (m×n, ldc) = op(A) op(B) + beta C, op = transpose when the flag is 'T'.
@@ -280,14 +290,14 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t
 // Row-major Z (B×G) (+)= H (B×R) · Wᵀ, with W (G×R) row-major.
 template <typename T>
 void times_Wt(T* Z, const T* H, const T* W, int64_t B, int64_t G, int64_t R, T beta) {
-  if (use_onednn<T>(B, G, R)) return onednn_product<T>(Z, H, W, B, G, R, true, beta);
+  if (use_onednn<T>(B, G, R) && onednn_product<T>(Z, H, W, B, G, R, true, beta)) return;
   gemm<T>('T', 'N', G, B, R, W, R, H, R, beta, Z, G);
 }
 
 // Row-major D (B×R) (+)= G (B×Gn) · W, with W (Gn×R) row-major.
 template <typename T>
 void times_W(T* D, const T* Gr, const T* W, int64_t B, int64_t Gn, int64_t R, T beta) {
-  if (use_onednn<T>(B, R, Gn)) return onednn_product<T>(D, Gr, W, B, R, Gn, false, beta);
+  if (use_onednn<T>(B, R, Gn) && onednn_product<T>(D, Gr, W, B, R, Gn, false, beta)) return;
   gemm<T>('N', 'N', R, B, Gn, W, R, Gr, Gn, beta, D, R);
 }
 
@@ -946,8 +956,12 @@ Tensor matmul(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bia
   if (a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() && M > 0 &&
       dense_onednn(M, N, K)) {
     Tensor out = bias.has_value() ? bias->expand({M, N}).contiguous() : at::empty({M, N}, a.options());
-    at::native::mkldnn_matmul(a, b, out, bias.has_value() ? 1.0f : 0.0f, 1.0f);
-    return out;
+    try {
+      at::native::mkldnn_matmul(a, b, out, bias.has_value() ? 1.0f : 0.0f, 1.0f);
+      return out;
+    } catch (const c10::Error&) {
+      onednn_broken = true;  // fall through to ATen
+    }
   }
   return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
 }
