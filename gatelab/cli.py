@@ -180,6 +180,9 @@ def parser() -> argparse.ArgumentParser:
         prog="gatelab", description="gated RNNs with pluggable activations: the workbench",
         epilog="A mistake prints one line naming the file, key or flag; exit status 2 for usage and configuration "
                "errors, 1 for failures.")
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE", default=[],
+                   help="import MODULE (or a .py file) first, for its own tasks, cells or activations (repeatable; "
+                        "before or after the command)")
     p.add_argument("--debug", action="store_true",
                    help="on an error, show the full traceback instead of one line (before or after the command)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -226,15 +229,56 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _take_imports(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``--import MODULE`` / ``--import=MODULE`` (repeatable) off the command line."""
+    rest, plugins = [], []
+    items = iter(argv)
+    for arg in items:
+        if arg == "--import":
+            value = next(items, None)
+            if value is None:
+                raise SystemExit("gatelab: error: --import expects a module name or a .py file")
+            plugins.append(value)
+        elif arg.startswith("--import="):
+            plugins.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return rest, plugins
+
+
+def import_plugin(name: str) -> None:
+    """Import a module (from the working directory too) or a ``.py`` file, so that the tasks, cells and
+    activations it registers (``gatelab.tasks.register``, ``gatelab.cells.registry.register``, ...) are
+    known to the command that follows."""
+    path = Path(name)
+    try:
+        if path.suffix == ".py":
+            if not path.is_file():
+                raise UsageError(f"--import {name}: no such file")
+            spec = importlib.util.spec_from_file_location(f"gatelab_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            sys.modules[spec.name] = module  # type: ignore[union-attr]
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            if str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))
+            importlib.import_module(name)
+    except ImportError as err:
+        raise UsageError(f"--import {name}: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (errors print one line to stderr, or re-raise
     with ``--debug``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # --debug may stand anywhere; taking it out first lets `bench` pass the rest through untouched
+    # --debug and --import may stand anywhere; taking them out first lets `bench` pass the rest through
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    argv, plugins = _take_imports(argv)
     command = "bench" if argv[:1] == ["bench"] else None
     try:
+        for plugin in plugins:
+            import_plugin(plugin)
         if command == "bench":
             return cmd_bench(argparse.Namespace(), argv[1:])
         args, extra = parser().parse_known_args(argv)

@@ -181,3 +181,34 @@ def test_demo_grid_writes_its_table_and_reports_divergence(tiny, tmp_path):
                          overrides=["train.optimizer=sgd", "train.lr=1e10", "train.steps=6"], quiet=True)
     assert exploding[0]["diverged"] and exploding[0]["status"].startswith("diverged at step")
     assert "diverged at step" in (tmp_path / "boom" / "results.md").read_text()
+
+
+def test_import_makes_user_tasks_and_activations_usable_from_the_cli(tmp_path, capsys):
+    plugin = tmp_path / "myplugin.py"
+    plugin.write_text(
+        "import torch\n"
+        "import gatelab\n"
+        "from gatelab.tasks.synthetic import AddingTask\n"
+        "class ShortAdding(AddingTask):\n"
+        "    pass\n"
+        "if 'short_adding' not in gatelab.tasks.available():\n"
+        "    gatelab.tasks.register('short_adding', ShortAdding)\n"
+        "    gatelab.activations.register('plugin_tanh', lambda x: torch.tanh(0.5 * x))\n")
+    config = tmp_path / "c.toml"
+    config.write_text('name = "plug"\n[task]\nname = "short_adding"\nlength = 6\nn_train = 40\nn_val = 10\nn_test = 10\n'
+                      '[model]\ncell = "gru"\nhidden_sizes = [4]\ncandidate_activation = "plugin_tanh"\n'
+                      '[train]\nsteps = 3\nbatch_size = 8\n')
+    runs = tmp_path / "runs"
+    try:
+        assert main(["--import", str(plugin), "train", str(config), "--runs", str(runs), "--quiet"]) == 0
+        assert main(["evaluate", str(runs / "plug" / "last.pt"), f"--import={plugin}"]) == 0
+        assert '"mse"' in capsys.readouterr().out
+        assert main(["train", str(config), "--import", str(tmp_path / "missing.py"), "--runs", str(runs)]) == 2
+        assert "--import" in capsys.readouterr().err
+        assert main(["list", "tasks", "--import", "no_such_module_here"]) == 2
+        assert "No module named 'no_such_module_here'" in capsys.readouterr().err
+    finally:
+        from gatelab import activations, tasks
+
+        tasks._TASKS.pop("short_adding", None)
+        activations._FAMILIES.pop("plugin_tanh", None)
