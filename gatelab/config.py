@@ -192,6 +192,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     deterministic: bool = True
     threads: int = 0  # 0 = torch's default
+    max_steps: int = 0  # > 0: at most this many optimiser steps (caps steps and epochs alike)
+    max_minutes: float = 0.0  # > 0: a wall-time budget; the step count and schedule are fitted to it
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -202,14 +204,14 @@ class TrainConfig:
         _choice("train.lm_eval", self.lm_eval, LM_EVAL)
         positive = ("batch_size", "eval_batch_size")
         at_least_zero = ("steps", "epochs", "warmup_steps", "step_every", "tbptt_k1", "tbptt_k2", "eval_every",
-                         "eval_items", "patience", "checkpoint_every", "threads")
+                         "eval_items", "patience", "checkpoint_every", "threads", "max_steps")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: expected an integer >= 1, got {getattr(self, key)}")
         for key in at_least_zero:
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: expected an integer >= 0, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "l1", "clip_norm", "clip_value", "min_lr", "eps", "momentum"):
+        for key in ("lr", "weight_decay", "l1", "clip_norm", "clip_value", "min_lr", "eps", "momentum", "max_minutes"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"train.{key}: expected a finite number >= 0, got {value}")

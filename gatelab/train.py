@@ -108,7 +108,10 @@ class Run:
     grad_norm: float = 0.0
     train_seconds: float = 0.0
     wall_seconds: float = 0.0  # of earlier sessions of this run (before a resume)
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=lambda: time.perf_counter())
+    budget_start_step: int = 0  # train.max_minutes: where this call's timing starts ...
+    budget_start: float = 0.0  # ... and when
+    budget_fitted: int | None = None  # the step count fitted to the budget, once measured
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -132,6 +135,7 @@ class Run:
 def train_loop(run: Run) -> None:
     """Optimiser steps from ``run.step`` to ``run.total_steps``, evaluating and checkpointing on schedule."""
     cfg, model, opt = run.config.train, run.model, run.optimizer
+    run.budget_start_step, run.budget_start = run.step, time.perf_counter()
     run.callbacks.on_train_start(run)
     while run.step < run.total_steps and not run.stop:
         unit = run.batch(run.step)  # the data of step k depends on (seed, k) only
@@ -152,11 +156,35 @@ def train_loop(run: Run) -> None:
         run.train_seconds += time.perf_counter() - t0
         run.loss_sum, run.loss_count = run.loss_sum + loss.item(), run.loss_count + 1
         run.callbacks.on_step_end(run, run.step, loss.item(), unit)
+        if cfg.max_minutes:
+            fit_to_budget(run, cfg.max_minutes * 60.0)
         if run.step % run.eval_every == 0 or run.step == run.total_steps:
             validate(run)  # metrics.jsonl, best.pt, early stopping (may set run.stop)
         if run.step % run.checkpoint_every == 0 or run.step == run.total_steps or run.stop:
             save(run, run.run_dir / "last.pt")
     run.callbacks.on_train_end(run)
+
+
+BUDGET_CALIBRATION_STEPS = 10  # steps timed before the step count is fitted to a wall-time budget
+BUDGET_RESERVE = 0.1  # share of the budget kept for the final evaluation and checkpoints
+
+
+def fit_to_budget(run: Run, budget_seconds: float) -> None:
+    """``train.max_minutes``: once ``BUDGET_CALIBRATION_STEPS`` steps of this call are timed (evaluations
+    included), set ``run.total_steps`` to the steps that fit in what is left of the budget (less
+    ``BUDGET_RESERVE`` of it for the final evaluation), so that the learning-rate schedule ends where the
+    run ends; later, end the run at the step where the budget is spent. The step count depends on the
+    machine's speed, so a budgeted run is reproducible only given its recorded ``steps``."""
+    elapsed = run.wall_seconds + time.perf_counter() - run.started  # resumed runs count their earlier wall time
+    done_here = run.step - run.budget_start_step
+    usable = budget_seconds * (1 - BUDGET_RESERVE)
+    if run.budget_fitted is None and done_here >= BUDGET_CALIBRATION_STEPS:
+        per_step = (time.perf_counter() - run.budget_start) / max(done_here, 1)
+        fitted = run.step + int(max(0.0, usable - elapsed) / per_step)
+        run.budget_fitted = min(run.total_steps, max(fitted, run.step))
+        run.total_steps = run.budget_fitted
+    elif elapsed >= usable and run.step < run.total_steps:
+        run.total_steps = run.step  # over budget: this step is the last; the loop evaluates and saves it
 
 
 def unit_loss(model: SequenceModel, unit: Unit, state: State | None) -> tuple[Tensor, State]:
@@ -474,6 +502,8 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
     if monitor not in valid:
         raise ConfigError(f"train.monitor: expected one of {', '.join(valid)} for task {task.name!r}, got {monitor!r}")
     total = cfg.epochs * units.steps_per_epoch if cfg.epochs else cfg.steps
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
     eval_every = cfg.eval_every or units.steps_per_epoch
     hooks = ([] if quiet else [ProgressBar()]) + list(callbacks)
     run = Run(config, task, model, make_optimizer(model, cfg), run_dir, units, total, eval_every,
@@ -528,6 +558,8 @@ def finish(run: Run) -> dict[str, Any]:
         "beats_baseline": bool(sign * (final["test"][head] - baseline["test"][head]) > 0) if "test" in final else None,
         "weights": weights, "best": {"metric": run.monitor, "split": run.monitor_split, **run.best},
         "stopped_early": run.step < run.total_steps, "steps": run.step, "epochs": round(epochs, 3),
+        "budget": {"max_minutes": cfg.max_minutes, "fitted_steps": run.budget_fitted, "max_steps": cfg.max_steps}
+        if cfg.max_minutes or cfg.max_steps else None,
         "parameters": run.model.num_parameters(), "engines": run.model.engines,
         "seconds_per_epoch": run.train_seconds / epochs if epochs else None,
         "train_seconds": round(run.train_seconds, 3), "wall_seconds": round(wall, 3),

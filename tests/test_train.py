@@ -511,3 +511,40 @@ def test_no_test_never_reads_the_test_split(tmp_path, capsys):
             gatelab.fit(gatelab.config.load(config), run_dir=tmp_path / "with-test", quiet=True)
     finally:
         tasks._TASKS.pop("sealed_adding", None)  # the registry has no public unregister
+
+
+def test_a_wall_time_budget_fits_the_steps_and_the_schedule_and_ends_with_a_final_evaluation(tmp_path, monkeypatch):
+    """train.max_minutes: with every step taking a fake 1 s, a 1-minute budget (10 % kept for the end) fits
+    about 54 steps of the asked 1000; the cosine schedule reaches its floor at the fitted end."""
+    import gatelab.train as T
+
+    clock = [1000.0]
+    real_unit_loss = T.unit_loss
+
+    def slow_unit_loss(*args, **kwargs):
+        clock[0] += 1.0
+        return real_unit_loss(*args, **kwargs)
+
+    monkeypatch.setattr(T.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(T, "unit_loss", slow_unit_loss)
+    lrs = []
+    cfg = gatelab.config.load("configs/adding_quick.toml", [
+        "train.steps=1000", "train.max_minutes=1.0", "train.schedule=cosine", "train.eval_every=20", "task.length=6",
+        "task.n_train=64", "task.n_val=16", "task.n_test=16", "train.batch_size=8"])
+
+    class Record(gatelab.Callback):
+        def on_step_end(self, run, step, loss, unit):
+            lrs.append(run.optimizer.param_groups[0]["lr"])
+
+    run = gatelab.fit(cfg, run_dir=tmp_path / "budget", quiet=True, callbacks=[Record()])
+    s = run.summary
+    assert s["budget"]["max_minutes"] == 1.0 and 45 <= s["budget"]["fitted_steps"] <= 56
+    assert s["steps"] == s["budget"]["fitted_steps"] and "test" in s["final"]
+    assert lrs[-1] < 0.05 * lrs[0]  # the schedule was fitted to the budget, not to the asked 1000 steps
+
+
+def test_max_steps_caps_epochs_and_steps(tmp_path):
+    cfg = gatelab.config.load("configs/adding_quick.toml", ["train.epochs=50", "train.max_steps=7", "task.length=6",
+                                                             "task.n_train=64", "task.n_val=16", "task.n_test=16"])
+    run = gatelab.fit(cfg, run_dir=tmp_path / "cap", quiet=True)
+    assert run.summary["steps"] == 7 and run.summary["budget"]["max_steps"] == 7
