@@ -89,7 +89,9 @@ class ModelConfig:
     """Input -> recurrent stack -> head (see :class:`gatelab.models.SequenceModel` for the meaning).
 
     ``hidden_sizes`` has one entry per stacked layer (``[64, 32]`` is Keras' SimpleRNN(64) ->
-    SimpleRNN(32)). The activation slots a cell does not have must stay unset. ``options`` go to every
+    SimpleRNN(32)); ``layers``, if given, has one table per layer whose activation slots and options
+    replace the shared ones for that layer (``layers = [{candidate_activation = "relu"}, {}]``: seed 004's
+    ReLU in the first LSTM only). The activation slots a cell does not have must stay unset. ``options`` go to every
     recurrent layer unchanged (``peephole``, ``variant``, ``layer_norm``, ``zoneout``,
     ``recurrent_dropout``, ``residual`` ...).
     """
@@ -110,6 +112,7 @@ class ModelConfig:
     init: str = "torch"
     forget_bias: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    layers: tuple[dict[str, Any], ...] = ()  # per stacked layer: slots and options replacing the shared ones
 
     def __post_init__(self) -> None:
         from .cells import registry
@@ -140,6 +143,13 @@ class ModelConfig:
                     activations.get(name)
                 except ValueError as err:
                     raise ConfigError(f"model.{slot}: {err}") from None
+        if self.layers and len(self.layers) != len(self.hidden_sizes):
+            raise ConfigError(f"model.layers: expected one table per entry of hidden_sizes ({len(self.hidden_sizes)}), "
+                              f"got {len(self.layers)}")
+        for k, table in enumerate(self.layers):
+            for slot in set(table) & set(ACTIVATION_KEYS) - set(slots):
+                raise ConfigError(f"model.layers[{k}].{slot}: cell {self.cell!r} has no such slot; its activation "
+                                  f"slots: {', '.join(slots) or 'none'}")
 
     def activation_slots(self) -> dict[str, Any]:
         """The activation slots that are set, as layer keyword arguments."""

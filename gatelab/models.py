@@ -39,7 +39,8 @@ class SequenceModel(nn.Module):
     * Stack: one layer of the registered cell kind ``cell`` (``"lstm"``, ``"gru"``, ``"rnn"``, ``"gated_state"``,
       any name in :func:`gatelab.cells.registry.available`) per entry of
       ``hidden_sizes``, so layers may differ in size; ``dropout`` between layers and before the head.
-      The activation slots and ``layer_options`` (peephole, variant, zoneout, ...) go to every layer.
+      The activation slots and ``layer_options`` (peephole, variant, zoneout, ...) go to every layer;
+      ``per_layer`` (one mapping per layer) replaces any of them for its layer.
     * Head, a linear map to ``output_size``: ``"last"`` reads each sequence's own last step (from
       ``lengths``; for a bidirectional stack, the backward direction's first step), ``"max"`` the
       elementwise maximum and ``"attention"`` a softmax-weighted sum (a learned query vector
@@ -74,6 +75,7 @@ class SequenceModel(nn.Module):
         init: str = "torch",
         forget_bias: float | None = None,
         layer_options: Mapping[str, Any] | None = None,
+        per_layer: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         layer_class = registry.get(cell).layer
@@ -96,10 +98,14 @@ class SequenceModel(nn.Module):
         size = input_projection or size
 
         options = dict(layer_options or {})
+        per_layer = list(per_layer or [{}] * len(self.hidden_sizes))
+        if len(per_layer) != len(self.hidden_sizes):
+            raise ValueError(f"per_layer: expected one mapping per entry of hidden_sizes ({len(self.hidden_sizes)}), "
+                             f"got {len(per_layer)}")
         self.layers = nn.ModuleList()
-        for hidden in self.hidden_sizes:
+        for hidden, own in zip(self.hidden_sizes, per_layer):
             layer = layer_class(size, hidden, batch_first=True, bidirectional=bidirectional, backend=backend,
-                                      init=init, forget_bias=forget_bias, **slots, **options)
+                                init=init, forget_bias=forget_bias, **{**slots, **options, **own})
             self.layers.append(layer)
             size = layer.output_size * layer.num_directions
         self.drop = nn.Dropout(dropout)
@@ -240,7 +246,7 @@ def build_model(config: ModelConfig, task: Task) -> SequenceModel:
             objective=objective, embedding_dim=config.embedding_dim, input_projection=config.input_projection,
             tie_weights=config.tie_weights, dropout=config.dropout, bidirectional=config.bidirectional,
             backend=config.backend, init=config.init, forget_bias=config.forget_bias,
-            layer_options=config.options, **config.activation_slots(),
+            layer_options=config.options, per_layer=config.layers, **config.activation_slots(),
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"[model]: {err}") from err

@@ -162,3 +162,27 @@ def test_the_new_heads_train_from_a_config(tmp_path):
                                                                  "task.n_train=40", "task.n_val=10", "task.n_test=10"])
         run = gatelab.fit(cfg, run_dir=tmp_path / head, quiet=True)
         assert run.model.head_mode == head and run.summary["final"]["test"]["mse"] > 0
+
+
+def test_per_layer_settings_from_a_config_and_from_python(tmp_path):
+    """Seed 004's model: ReLU candidate in the first LSTM only; the second keeps the shared settings."""
+    import gatelab
+
+    cfg = gatelab.config.load("configs/adding_quick.toml", [
+        "model.hidden_sizes=[6, 5]", "model.gate_activation=hard_sigmoid",
+        "model.layers=[{candidate_activation = \"relu\", zoneout = 0.1}, {}]",
+        "train.steps=2", "task.length=6", "task.n_train=40", "task.n_val=10", "task.n_test=10"])
+    run = gatelab.fit(cfg, run_dir=tmp_path / "per-layer", quiet=True)
+    first, second = run.model.layers
+    assert first.cells[0].phi is gatelab.activations.get("relu") and first.zoneout == (0.1, 0.1)
+    assert second.cells[0].phi is gatelab.activations.get("tanh") and second.zoneout == (0.0, 0.0)
+    assert first.cells[0].sigma_f.key == second.cells[0].sigma_f.key == "hard_sigmoid"  # shared where not replaced
+    again = gatelab.config.load(run.run_dir / "config.toml")  # the resolved config round-trips
+    assert again.model.layers == cfg.model.layers
+    with pytest.raises(gatelab.config.ConfigError,
+                       match=r"model.layers: expected one table per entry of hidden_sizes \(2\), got 1"):
+        gatelab.config.load("configs/adding_quick.toml", ["model.hidden_sizes=[6, 5]", "model.layers=[{}]"])
+    with pytest.raises(gatelab.config.ConfigError, match=r"model.layers\[0\].activation: cell 'lstm' has no such slot"):
+        gatelab.config.load("configs/adding_quick.toml", ["model.layers=[{activation = \"relu\"}]"])
+    model = SequenceModel(3, 1, cell="gru", hidden_sizes=(4, 4), per_layer=[{}, {"candidate_activation": "softsign"}])
+    assert model.layers[1].cells[0].phi is gatelab.activations.get("softsign")
