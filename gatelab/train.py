@@ -526,6 +526,10 @@ def fit(config: ExperimentConfig, *, run_dir: str | Path | None = None, callback
 
     The run holds an exclusive lock on ``run_dir`` throughout (:class:`~gatelab.checkpoint.LockedError`
     at once if another process has it) and first removes the temporary files a killed write left there."""
+    if not isinstance(config, ExperimentConfig):
+        raise TypeError(f"fit takes an ExperimentConfig (gatelab.config.load('my.toml') or gatelab.config.from_dict"
+                        f"({{...}})), got {type(config).__name__}; a model of your own trains in your own loop "
+                        f"for now, with gatelab's layers inside it")
     run_dir = run_directory(config, run_dir)
     resolve_device(config.train)  # a device that is not there fails before the run directory is made
     with exclusive(run_dir), _determinism(config.train):

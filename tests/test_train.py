@@ -548,3 +548,8 @@ def test_max_steps_caps_epochs_and_steps(tmp_path):
                                                              "task.n_train=64", "task.n_val=16", "task.n_test=16"])
     run = gatelab.fit(cfg, run_dir=tmp_path / "cap", quiet=True)
     assert run.summary["steps"] == 7 and run.summary["budget"]["max_steps"] == 7
+
+
+def test_fit_names_what_it_takes():
+    with pytest.raises(TypeError, match="fit takes an ExperimentConfig .*got function"):
+        gatelab.fit(lambda x: x)
