@@ -121,7 +121,7 @@ BAD_ARGUMENTS = [
     ("ucr:GunPoint", {"normalize": True}, TypeError, r"^ucr:GunPoint: normalize must be one of .*, got True \(bool\)$"),
     ("ucr:GunPoint", {"seed": "0"}, TypeError, r"^ucr:GunPoint: seed must be an int >= 0, got '0' \(str\)$"),
     ("ucr:GunPoint", {"seed": -2}, ValueError, r"^ucr:GunPoint: seed must be an int >= 0, got -2 \(int\)$"),
-    ("ucr:GunPoint", {"normalise": "train"}, TypeError, r"^ucr:GunPoint: .*'normalise'.*takes val_fraction, normalize, seed$"),
+    ("ucr:GunPoint", {"normalise": "train"}, TypeError, r"^ucr:GunPoint: .*'normalise'.*takes val_fraction, normalize, seed, crop, pool$"),
     ("forecast:Airline", {"horizon": 0}, ValueError, r"^forecast:Airline: horizon must be None or an int >= 1, got 0 \(int\)$"),
     ("forecast:Airline", {"horizon": 1.5}, TypeError, r"^forecast:Airline: horizon must be None or an int >= 1, got 1.5"),
     ("forecast:Airline", {"window": -1}, ValueError, r"^forecast:Airline: window must be None or an int >= 1, got -1 \(int\)$"),
@@ -561,3 +561,30 @@ def test_shakespeare_corpus():
     base = task.baselines("test")
     assert base["uniform"]["bpc"] == pytest.approx(math.log2(84)) == pytest.approx(6.39, abs=0.005)
     assert 4.0 < base["unigram"]["bpc"] < 5.0
+
+
+def test_ucr_crop_and_pool_shorten_long_series():
+    full = tasks.get("ucr:GunPoint")
+    short = tasks.get("ucr:GunPoint", crop=[10, 140], pool=10)
+    for split in ("train", "test"):
+        (x0, y0), (x, y) = full.split(split)[3], short.split(split)[3]
+        assert x.shape == (13, 1) and torch.equal(y, y0)
+        want = x0[10:140].reshape(13, 10, 1).mean(1)
+        torch.testing.assert_close(x, want, rtol=0, atol=1e-6)
+    assert len(short.split("test")) == len(full.split("test"))
+    partial = tasks.get("ucr:GunPoint", pool=7)  # 150 steps: 21 full groups and one of 3
+    x, _ = partial.split("train")[0]
+    x0, _ = full.split("train")[0]
+    assert x.shape == (22, 1)
+    torch.testing.assert_close(x[-1], x0[147:].mean(0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,error,pattern", [
+    ({"pool": 0}, ValueError, r"pool must be an int >= 1, got 0"),
+    ({"pool": 2.5}, TypeError, r"pool must be an int >= 1, got 2.5"),
+    ({"crop": [5, 2]}, ValueError, r"crop must be \[start, stop\] with start < stop"),
+    ({"crop": 3}, TypeError, r"crop must be None or \[start, stop\]"),
+])
+def test_ucr_shaping_arguments_are_checked_before_reading(kwargs, error, pattern):
+    with pytest.raises(error, match="ucr:GunPoint: " + pattern):
+        tasks.get("ucr:GunPoint", **kwargs)

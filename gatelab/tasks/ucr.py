@@ -11,6 +11,7 @@ PickupGestureWiimoteZ (and ``_eq``) and UnitTest, plus two regression sets from 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,6 +58,37 @@ def _check_args(name: str, val_fraction: float, normalize: str | None, seed: int
     task = f"ucr:{check.text('ucr', 'name', name)}"
     return (check.real(task, "val_fraction", val_fraction, 0.0, 1.0), check.choice(task, "normalize", normalize, NORMALIZE),
             check.integer(task, "seed", seed))
+
+
+def _check_shaping(name: str, crop: Sequence[int] | None, pool: int) -> tuple[tuple[int, int] | None, int]:
+    """``crop`` (None, or steps ``[start, stop)``) and ``pool`` (mean over every ``pool`` steps, >= 1)."""
+    task = f"ucr:{name}"
+    pool = check.integer(task, "pool", pool, 1)
+    if crop is None:
+        return None, pool
+    if not isinstance(crop, (list, tuple)) or len(crop) != 2:
+        raise TypeError(f"{task}: crop must be None or [start, stop] (steps), got {crop!r} ({type(crop).__name__})")
+    start, stop = check.integer(task, "crop[0]", crop[0]), check.integer(task, "crop[1]", crop[1], 1)
+    if start >= stop:
+        raise ValueError(f"{task}: crop must be [start, stop] with start < stop, got {list(crop)!r}")
+    return (start, stop), pool
+
+
+def _shape(series: list[np.ndarray], crop: tuple[int, int] | None, pool: int, task: str) -> list[np.ndarray]:
+    """Each ``(C, T_i)`` series cut to ``crop`` (within its own length) and mean-pooled over ``pool`` steps
+    (a last partial group is the mean of what it has)."""
+    out = []
+    for s in series:
+        if crop is not None:
+            if crop[0] >= s.shape[1]:
+                raise ValueError(f"{task}: crop starts at step {crop[0]}, but a series has only {s.shape[1]} steps")
+            s = s[:, crop[0]:crop[1]]
+        if pool > 1:
+            T = s.shape[1]
+            groups = [s[:, k:k + pool].mean(axis=1) for k in range(0, T, pool)]
+            s = np.stack(groups, axis=1)
+        out.append(s)
+    return out
 
 
 def _files(name: str) -> tuple[str, Path, Path]:
@@ -110,8 +142,10 @@ def _normalize(series: list[np.ndarray], mode: str | None, train_idx: np.ndarray
 class _UCRMixin:
     """Shared loading for both kinds: official train/test files, validation drawn from train only."""
 
-    def _load_sets(self, name: str, val_fraction: float, normalize: str | None, seed: int) -> None:
+    def _load_sets(self, name: str, val_fraction: float, normalize: str | None, seed: int,
+                   crop: Sequence[int] | None = None, pool: int = 1) -> None:
         val_fraction, normalize, seed = _check_args(name, val_fraction, normalize, seed)
+        self.crop, self.pool = _check_shaping(name, crop, pool)
         self.dataset, train_path, test_path = _files(name)
         self.name = f"ucr:{self.dataset}"
         self.val_fraction, self.normalize, self.seed = val_fraction, normalize, seed
@@ -123,7 +157,7 @@ class _UCRMixin:
         self.equal_length = len({s.shape[1] for s in self._series}) == 1
 
     def _datasets(self, y: Tensor, keep: np.ndarray, val: np.ndarray) -> dict[str, SequenceDataset]:
-        series = _normalize(self._series, self.normalize, keep)
+        series = _shape(_normalize(self._series, self.normalize, keep), self.crop, self.pool, self.name)
         xs = [torch.from_numpy(s.T.astype(np.float32)) for s in series]  # (T_i, C)
         test = np.arange(self._n_official_train, len(xs))
         return {
@@ -139,12 +173,15 @@ class UCRClassificationTask(_UCRMixin, ClassificationTask):
     :func:`gatelab.tasks.collate`). ``val_fraction`` of the official training set, stratified and
     drawn with ``seed``, becomes the validation split; the official test set is the test split.
     ``normalize``: None (as shipped), ``"series"`` (z-normalise each series per channel) or
-    ``"train"`` (per-channel mean and std of the training split).
+    ``"train"`` (per-channel mean and std of the training split). Then, for long series: ``crop``
+    keeps steps ``[start, stop)`` and ``pool`` averages every ``pool`` steps (a 1500-step series
+    with ``pool=10`` runs 150 steps).
     """
 
-    def __init__(self, name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0) -> None:
+    def __init__(self, name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0,
+                 crop: Sequence[int] | None = None, pool: int = 1) -> None:
         ClassificationTask.__init__(self)
-        self._load_sets(name, val_fraction, normalize, seed)
+        self._load_sets(name, val_fraction, normalize, seed, crop, pool)
         self.classes = _label_order(self._y_train)
         unknown = {str(v) for v in self._y_test} - set(self.classes)
         if unknown:
@@ -170,9 +207,10 @@ class UCRRegressionTask(_UCRMixin, Task):
     metrics = ("rmse", "mse")
     primary_baseline = "predict_mean"
 
-    def __init__(self, name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0) -> None:
+    def __init__(self, name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0,
+                 crop: Sequence[int] | None = None, pool: int = 1) -> None:
         Task.__init__(self)
-        self._load_sets(name, val_fraction, normalize, seed)
+        self._load_sets(name, val_fraction, normalize, seed, crop, pool)
 
     def _build(self) -> dict[str, SequenceDataset]:
         y = np.concatenate([self._y_train, self._y_test]).astype(np.float32)[:, None]  # (N, 1)
@@ -191,11 +229,13 @@ class UCRRegressionTask(_UCRMixin, Task):
         return {"rmse": M.rmse(y, predictions), "mse": M.mse(y, predictions)}
 
 
-def ucr_task(name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0) -> Task:
+def ucr_task(name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0,
+             crop: Sequence[int] | None = None, pool: int = 1) -> Task:
     """``ucr:NAME``: a classification or regression task, whichever the shipped ``.ts`` file declares
     (the options are those of both classes)."""
     _check_args(name, val_fraction, normalize, seed)
+    _check_shaping(name, crop, pool)
     _, train_path, _ = _files(name)
     _, _, meta = _load(train_path)
     cls = UCRClassificationTask if meta.get("classlabel", True) else UCRRegressionTask
-    return cls(name, val_fraction=val_fraction, normalize=normalize, seed=seed)
+    return cls(name, val_fraction=val_fraction, normalize=normalize, seed=seed, crop=crop, pool=pool)
