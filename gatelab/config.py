@@ -163,7 +163,10 @@ class TrainConfig:
     ``steps`` counts optimiser steps; ``epochs > 0`` overrides it with ``epochs`` passes over the
     training data. ``tbptt_k1 > 0`` turns on truncated BPTT: every ``k1`` steps, backpropagate the
     loss of those steps through the last ``k2`` (default ``k1``) steps; the state is carried,
-    detached, between windows (language models: over the whole training stream). ``eval_every = 0``
+    detached, between windows (language models: over the whole training stream). A task with one
+    target per sequence (equal lengths) runs each batch's first ``T − k2`` steps without gradient and
+    backpropagates the loss, at the end as always, through the last ``k2`` steps only (a pooled head
+    reads those). ``eval_every = 0``
     evaluates once per epoch; ``checkpoint_every = 0`` writes a checkpoint at every evaluation.
     ``patience > 0`` stops after that many evaluations without improvement of ``monitor`` on the
     validation split (default: the task's headline metric). ``weight_decay`` (L2; decoupled for

@@ -35,6 +35,8 @@ class Unit(NamedTuple):
     ``keep``: carry the state after this many steps (``None``: after the last one).
     ``targets``: the loss is over the last ``targets`` steps of the output, whose targets ``y`` holds
     (``None``: ``y`` are the targets of the whole unit, as for a plain batch).
+    ``prefix``: one-target truncated BPTT: the first ``prefix`` steps run without gradient and hand their
+    (detached) state to the rest, which alone is backpropagated; the loss is at the end, as without it.
     """
 
     x: Tensor
@@ -43,6 +45,7 @@ class Unit(NamedTuple):
     fresh: bool = True
     keep: int | None = None
     targets: int | None = None
+    prefix: int = 0
 
 
 def _window(j: int, T: int, k1: int, k2: int) -> tuple[int, int, int]:
@@ -56,7 +59,8 @@ def _window(j: int, T: int, k1: int, k2: int) -> tuple[int, int, int]:
 class Minibatches:
     """Shuffled minibatches of ``dataset``; unit ``k`` is a pure function of ``(seed, k)``."""
 
-    def __init__(self, dataset: SequenceDataset, batch_size: int, seed: int, tbptt: tuple[int, int] | None = None):
+    def __init__(self, dataset: SequenceDataset, batch_size: int, seed: int, tbptt: tuple[int, int] | None = None,
+                 one_target: bool = False):
         if len(dataset) == 0:
             raise ValueError("the training split is empty")
         self.dataset, self.batch_size, self.seed, self.tbptt = dataset, batch_size, seed, tbptt
@@ -68,7 +72,10 @@ class Minibatches:
                 raise ValueError(f"truncated BPTT over minibatches needs sequences of one length, got lengths "
                                  f"{min(lengths)}..{max(lengths)}")
             self.T = lengths.pop()
-            self.windows = math.ceil(self.T / tbptt[0])
+            # per-step targets: one unit per window; one target per sequence: one unit per batch whose
+            # last k2 steps alone are backpropagated
+            self.windows = 1 if one_target else math.ceil(self.T / tbptt[0])
+        self.one_target = one_target
         self.steps_per_epoch = self.batches_per_epoch * self.windows
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -84,6 +91,8 @@ class Minibatches:
         batch = collate([self.dataset[int(i)] for i in idx])
         if self.tbptt is None:
             return Unit(batch.x, batch.y, batch.lengths)
+        if self.one_target:
+            return Unit(batch.x, batch.y, None, prefix=max(0, self.T - self.tbptt[1]))
         start, end, keep = _window(j, self.T, *self.tbptt)
         targets = end - j * self.tbptt[0]
         return Unit(batch.x[:, start:end], batch.y[:, end - targets : end], None, j == 0, keep, targets)

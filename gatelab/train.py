@@ -193,6 +193,11 @@ def unit_loss(model: SequenceModel, unit: Unit, state: State | None) -> tuple[Te
     A plain batch is one forward pass. A truncated-BPTT window runs in two pieces, split where the
     next window starts (``unit.keep``), and scores only its last ``unit.targets`` steps.
     """
+    if unit.prefix:  # one-target truncated BPTT: the prefix only hands on its state, detached
+        with torch.no_grad():
+            _, state = model(unit.x[:, :unit.prefix], None, state)
+        output, end = model(unit.x[:, unit.prefix:], None, detach_state(state))
+        return model.criterion(output, unit.y), end
     if unit.targets is None:
         output, end = model(unit.x, unit.lengths, state)
         return model.criterion(output, unit.y, unit.lengths), end
@@ -487,13 +492,10 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
     device = resolve_device(cfg)
     task = config.task.build()
     model = build_model(config.model, task).to(device)
-    if cfg.tbptt and not task.per_step:
-        raise ConfigError(f"train.tbptt_k1: truncated BPTT needs a target at every step (language models, copy); "
-                          f"task {task.name!r} has one target per sequence")
     if cfg.tbptt and task.kind == "lm":
         units: Minibatches | StreamWindows = StreamWindows(task.stream("train"), cfg.batch_size, *cfg.tbptt)
-    else:
-        units = Minibatches(task.split("train"), cfg.batch_size, cfg.seed, cfg.tbptt)
+    else:  # one target per sequence: the last tbptt_k2 (default k1) steps are backpropagated
+        units = Minibatches(task.split("train"), cfg.batch_size, cfg.seed, cfg.tbptt, one_target=not task.per_step)
     if cfg.eval_items and task.kind != "lm":
         raise ConfigError(f"train.eval_items: applies to language-model tasks only; task {task.name!r} is "
                           f"{task.kind}")

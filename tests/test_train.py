@@ -120,9 +120,11 @@ def test_windows_score_every_target_once(k1, k2, T):
     assert [u.fresh for u in units] == [True] + [False] * (len(units) - 1)
 
 
-def test_truncated_bptt_needs_per_step_targets(tmp_path):
-    with pytest.raises(ConfigError, match="truncated BPTT needs a target at every step"):
-        fit(config(train={"tbptt_k1": 4}), run_dir=tmp_path, quiet=True)
+def test_truncated_bptt_on_a_one_target_task_runs_one_step_per_batch(tmp_path):
+    """It used to be refused; now the last k2 steps of each sequence are backpropagated (see the test below)."""
+    plain = fit(config(), run_dir=tmp_path / "plain", quiet=True)
+    cut = fit(config(train={"tbptt_k1": 4}), run_dir=tmp_path / "cut", quiet=True)
+    assert cut.steps_per_epoch == plain.steps_per_epoch and cut.step == plain.step
 
 
 # -- resume and checkpoints -------------------------------------------------------------------------
@@ -553,3 +555,40 @@ def test_max_steps_caps_epochs_and_steps(tmp_path):
 def test_fit_names_what_it_takes():
     with pytest.raises(TypeError, match="fit takes an ExperimentConfig .*got function"):
         gatelab.fit(lambda x: x)
+
+
+def test_truncated_bptt_for_one_target_tasks_backpropagates_the_last_k2_steps():
+    """The loss is the full forward's; the gradient is that of the last k2 steps from the prefix's detached
+    state; k2 = T is full BPTT exactly."""
+    from gatelab.data import Minibatches
+    from gatelab.train import unit_loss
+
+    task = gatelab.tasks.get("adding", length=12, n_train=32, n_val=8, n_test=8)
+    torch.manual_seed(0)
+    model = gatelab.SequenceModel(2, 1, cell="gru", hidden_sizes=(6,), head="last")
+    full = Minibatches(task.split("train"), 8, 0)(0)
+    cut = Minibatches(task.split("train"), 8, 0, (4, 4), one_target=True)(0)
+    same = Minibatches(task.split("train"), 8, 0, (12, 12), one_target=True)(0)
+    assert cut.prefix == 8 and same.prefix == 0 and torch.equal(cut.x, full.x)
+    grads = {}
+    for name, unit in (("full", full), ("cut", cut), ("same", same)):
+        model.zero_grad()
+        loss, _ = unit_loss(model, unit, None)
+        loss.backward()
+        grads[name] = (loss.item(), model.layers[0].weight_hh_l0.grad.clone())
+    assert grads["cut"][0] == pytest.approx(grads["full"][0], abs=1e-6)  # the same forward
+    torch.testing.assert_close(grads["same"][1], grads["full"][1], rtol=0, atol=1e-7)
+    with torch.no_grad():
+        _, prefix_state = model(full.x[:, :8])
+    model.zero_grad()
+    out, _ = model(full.x[:, 8:], None, [s.detach() for s in prefix_state])
+    model.criterion(out, full.y).backward()
+    torch.testing.assert_close(grads["cut"][1], model.layers[0].weight_hh_l0.grad, rtol=0, atol=1e-7)
+    assert (grads["cut"][1] - grads["full"][1]).abs().max() > 1e-6  # and it is a truncation
+
+
+def test_one_target_tbptt_trains_from_a_config(tmp_path):
+    cfg = gatelab.config.load("configs/adding_quick.toml", ["train.tbptt_k1=5", "train.steps=4", "task.length=12",
+                                                             "task.n_train=40", "task.n_val=10", "task.n_test=10"])
+    run = gatelab.fit(cfg, run_dir=tmp_path / "tbptt", quiet=True)
+    assert run.step == 4 and math.isfinite(run.summary["final"]["test"]["mse"])
