@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from speed import compare, infer_step, train_step, write_atomic  # noqa: E402
+from speed import compare, cpu_flags, cpu_model, infer_step, train_step, write_atomic  # noqa: E402
 
 import gatelab  # noqa: E402
 
@@ -44,7 +43,7 @@ def run(sizes: list[int], pairs: int, batch: int, T: int) -> tuple[list[dict], d
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    meta = {"machine": platform.processor() or platform.machine(), "cores": threads, "threads": torch.get_num_threads(),
+    meta = {"machine": f"{cpu_model()} ({cpu_flags()})", "cores": threads, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "batch": batch, "seq_len": T, "pairs": pairs,
             "fused_impl": gatelab.engines.fused.implementation()}
     rows = []
