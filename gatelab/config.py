@@ -126,30 +126,17 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}: expected a size >= 0 (0 = off), got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: expected a probability in [0, 1), got {self.dropout}")
-        from . import activations, engines, init
+        from . import engines, init
 
         _choice("model.backend", self.backend, engines.BACKENDS)
         _choice("model.init", self.init, init.SCHEMES)
-        slots = registry.get(self.cell).roles
-        for slot in ACTIVATION_KEYS:
-            value = getattr(self, slot)
-            if value is None:
-                continue
-            if slot not in slots:
-                raise ConfigError(f"model.{slot}: cell {self.cell!r} has no such slot; its activation slots: "
-                                  f"{', '.join(slots) or 'none'}")
-            for name in value.values() if isinstance(value, dict) else (value,):
-                try:
-                    activations.get(name)
-                except ValueError as err:
-                    raise ConfigError(f"model.{slot}: {err}") from None
+        roles = registry.get(self.cell).roles
+        _check_slots("model.", self.activation_slots(), self.cell, roles)
         if self.layers and len(self.layers) != len(self.hidden_sizes):
             raise ConfigError(f"model.layers: expected one table per entry of hidden_sizes ({len(self.hidden_sizes)}), "
                               f"got {len(self.layers)}")
         for k, table in enumerate(self.layers):
-            for slot in set(table) & set(ACTIVATION_KEYS) - set(slots):
-                raise ConfigError(f"model.layers[{k}].{slot}: cell {self.cell!r} has no such slot; its activation "
-                                  f"slots: {', '.join(slots) or 'none'}")
+            _check_slots(f"model.layers[{k}].", table, self.cell, roles)
 
     def activation_slots(self) -> dict[str, Any]:
         """The activation slots that are set, as layer keyword arguments."""
@@ -422,6 +409,25 @@ def _unknown(key: str, valid: Sequence[str], what: str = "key") -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return f"unknown {what} {key!r}.{hint} Valid: {', '.join(valid)}"
+
+
+def _check_slots(prefix: str, given: Mapping[str, Any], cell: str, roles: Mapping[str, str]) -> None:
+    """The activation slots set in ``given`` (the model table, or one of ``model.layers``): slots the cell
+    has, holding activations the registry knows."""
+    from . import activations
+
+    for slot in ACTIVATION_KEYS:
+        value = given.get(slot)
+        if value is None:
+            continue
+        if slot not in roles:
+            raise ConfigError(f"{prefix}{slot}: cell {cell!r} has no such slot; its activation slots: "
+                              f"{', '.join(roles) or 'none'}")
+        for name in value.values() if isinstance(value, Mapping) else (value,):
+            try:
+                activations.get(name)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{prefix}{slot}: {err}") from None
 
 
 def _choice(key: str, value: str, valid: Sequence[str]) -> None:

@@ -233,7 +233,7 @@ class RecurrentLayer(nn.Module):
         self._binding_depth = 0
         self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()
         self._register_load_state_dict_pre_hook(_from_earlier_keys, with_module=True)
-        self.engine, self._why = self._choose_engine()
+        self.engine = self._choose_engine()[0]
 
     # -- parameters under torch's names ------------------------------------------------------------
 
@@ -366,7 +366,7 @@ class RecurrentLayer(nn.Module):
         super().train(mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.engine, self._why = self._choose_engine()
+            self.engine = self._choose_engine()[0]
         return self
 
     def register_step_hook(self, hook: StepHook) -> RemovableHandle:

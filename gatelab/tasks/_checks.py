@@ -31,9 +31,10 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def integer(task: str, name: str, value: Any, minimum: int = 0) -> int:
-    """``value`` as an ``int`` at least ``minimum`` (numpy integers pass; bools, floats and strings do not)."""
-    what = f"an int >= {minimum}"
+def integer(task: str, name: str, value: Any, minimum: int = 0, *, what: str = "") -> int:
+    """``value`` as an ``int`` at least ``minimum`` (numpy integers pass; bools, floats and strings do not);
+    ``what`` replaces "an int >= minimum" in the message."""
+    what = what or f"an int >= {minimum}"
     if not _is_int(value):
         raise TypeError(f"{task}: {name} must be {what}, {_got(value)}")
     if value < minimum:
@@ -43,14 +44,7 @@ def integer(task: str, name: str, value: Any, minimum: int = 0) -> int:
 
 def optional_integer(task: str, name: str, value: Any, minimum: int = 0) -> int | None:
     """None (the task's default), or :func:`integer`."""
-    if value is None:
-        return None
-    what = f"None or an int >= {minimum}"
-    if not _is_int(value):
-        raise TypeError(f"{task}: {name} must be {what}, {_got(value)}")
-    if value < minimum:
-        raise ValueError(f"{task}: {name} must be {what}, {_got(value)}")
-    return int(value)
+    return None if value is None else integer(task, name, value, minimum, what=f"None or an int >= {minimum}")
 
 
 def real(task: str, name: str, value: Any, low: float, high: float, *, high_open: bool = True) -> float:
