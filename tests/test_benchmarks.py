@@ -78,3 +78,14 @@ def test_options_speed_benchmark_runs_tiny(tmp_path, capsys):
     assert {r["option"] for r in rows} == set(bench.OPTIONS)
     assert all(r["engine"] == "fused" and r["fused_ms"] > 0 and r["reference_over_fused"] > 0 for r in rows)
     assert "| GRU zoneout" in capsys.readouterr().out
+
+
+def test_compile_speed_benchmark_runs_tiny(tmp_path, capsys):
+    bench = _load("compile_speed")
+    out = tmp_path / "compile.json"
+    assert bench.main(["--tiny", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["case"] for r in rows} == set(bench.CASES) and {r["mode"] for r in rows} == {"fwd+bwd", "fwd (no grad)"}
+    assert {r["eager_engine"] for r in rows if r["case"] == "LSTM default activations"} == {"native"}
+    assert all(r["compiled_ms"] > 0 and r["compiled_over_eager"] > 0 for r in rows)
+    assert "| GRU hard_sigmoid/relu" in capsys.readouterr().out

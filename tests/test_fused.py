@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import gatelab
 from gatelab.activations import available
 from gatelab.engines import fused
-from gatelab.engines.fused import cpp
+from gatelab.engines.fused import cpp, ops
 from gatelab.engines.fused.function import FusedDirection, PyLoop
 from gatelab.engines.fused.steps import STEPS
 
@@ -163,6 +163,8 @@ CPP_CASES = [
     (gatelab.GRUCell, {"gate_activation": "hard_sigmoid:0.2", "candidate_activation": "elu:0.5"}),
     (gatelab.ElmanCell, {"activation": "softplus"}),
     (gatelab.GatedStateCell, {"gate_activation": "hardtanh", "candidate_activation": "selu"}),
+    (gatelab.LSTMCell, {"peephole": True, "gate_activation": {"i": "gelu", "f": "sigmoid", "o": "hard_sigmoid"}}),
+    (gatelab.LSTMCell, {"peephole": True, "peephole_output": "previous", "cell_activation": "softsign"}),
 ]
 
 
@@ -200,14 +202,17 @@ def test_cpp_loop_equals_pytorch_loop(cell_cls, options, zoneout, reverse):
     assert cpp.cell_blockers(cell) == []
     x, state, lens, mask = _direction_inputs(cell)
     masks = _zoneout_masks(cell, zoneout)
+    step = STEPS[type(cell)](cell)  # its extra parameters: the peepholes
     results = []
-    for make_loop in (PyLoop, cpp.CppLoop):
-        step = STEPS[type(cell)](cell)
-        loop = make_loop(step, masks) if masks else make_loop(step)
-        out, *final = FusedDirection.apply(loop, reverse, lens, mask, x, cell.weight_ih, cell.weight_hh,
-                                           cell.bias_ih, cell.bias_hh, *state)
+    for use_cpp in (False, True):
+        if use_cpp:  # the operators (torch.ops.gatelab.*)
+            out, final = ops.run(cell, x, state, lens, reverse, mask, cell.weight_hh, masks or None)
+        else:
+            loop = PyLoop(step, masks) if masks else PyLoop(step)
+            out, *final = FusedDirection.apply(loop, reverse, lens, mask, x, cell.weight_ih, cell.weight_hh,
+                                               cell.bias_ih, cell.bias_hh, *state, *step.extra_params())
         loss = (out * out.detach().sin()).sum() + sum((f * f.detach().cos()).sum() for f in final)
-        params = [x, *state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+        params = [x, *state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, *step.extra_params()]
         results.append((out, final, torch.autograd.grad(loss, params)))
     (o1, f1, g1), (o2, f2, g2) = results
     torch.testing.assert_close(o1, o2, rtol=0, atol=1e-12)
@@ -238,12 +243,16 @@ def test_gradcheck_fused_direction(cell_cls, options, use_cpp, zoneout):
         assert cpp.cell_blockers(cell) == [] and cpp.load(strict=True)
     else:
         assert any(p is cell.weight_hh for p in [step.W_hh])
-    make_loop = cpp.CppLoop if use_cpp else PyLoop
     x, state, lens, mask = _direction_inputs(cell, T=3, B=3)
     masks = _zoneout_masks(cell, zoneout, T=3, B=3)
 
     def fn(x, W_ih, W_hh, b_ih, b_hh, *rest):
-        loop = make_loop(step, masks) if masks else make_loop(step)
+        if use_cpp:  # the operators, with the weights gradcheck perturbs bound to the cell
+            with cell.using({"weight_ih": W_ih, "weight_hh": W_hh, "bias_ih": b_ih, "bias_hh": b_hh}):
+                out, final = ops.run(cell, x, tuple(rest[:len(cell.state_sizes())]), lens, True, mask, W_hh,
+                                     masks or None)
+            return (out, *final)
+        loop = PyLoop(step, masks) if masks else PyLoop(step)
         return FusedDirection.apply(loop, True, lens, mask, x, W_ih, W_hh, b_ih, b_hh, *rest)
 
     # The cell's own parameters (not copies): the step reads peepholes and activation weights from
@@ -267,8 +276,8 @@ def test_auto_picks_native_fused_and_reference():
 
 
 def test_explain_names_the_loop():
-    text = gatelab.LSTM(3, 4, gate_activation="hard_sigmoid", peephole=True).explain()
-    assert "fused" in text and "peephole" in text and "pure-PyTorch" in text
+    text = gatelab.LSTM(3, 4, gate_activation="hard_sigmoid", proj_size=2).explain()
+    assert "fused" in text and "proj_size" in text and "pure-PyTorch" in text
 
 
 def test_fused_backend_strict_raises_for_unfusable_option():

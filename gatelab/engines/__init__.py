@@ -89,6 +89,17 @@ def choose(layer: RecurrentLayer, backend: str, strict: bool) -> tuple[Engine, s
     return reference.ENGINE, message + "; fell back to 'reference'"
 
 
+def traceable(layer: RecurrentLayer, engine: Engine) -> Engine:
+    """What runs ``layer`` under ``torch.compile`` and ``torch.export`` in place of ``engine``: the engine
+    itself unless it declares ``traceable = False`` (with the reason in ``untraceable``), else the
+    first engine after it in :data:`ENGINES` that traces and runs the layer."""
+    if getattr(engine, "traceable", True):
+        return engine
+    names = [e.name for e in ENGINES]
+    later = ENGINES[names.index(engine.name) + 1:] if engine.name in names else ENGINES
+    return next(e for e in later if getattr(e, "traceable", True) and not e.unsupported(layer))
+
+
 __all__ = ["ENGINES", "BACKENDS", "Engine", "DirectionEngine", "StackEngine", "Stack", "choose", "get", "register",
-           "unregister",
+           "traceable", "unregister",
            "fused", "native", "reference"]

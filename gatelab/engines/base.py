@@ -41,7 +41,9 @@ class Engine(Protocol):
     ``unsupported(layer)`` lists why the engine cannot run ``layer`` as configured, in its current
     train/eval mode (empty: it can). ``describe(layer)`` is the phrase ``explain()`` uses for what
     runs (``"the fused engine, C++ loop"``). ``title`` names the engine in a reason
-    (``"torch's kernel"``).
+    (``"torch's kernel"``). An engine that ``torch.compile`` and ``torch.export`` cannot trace sets
+    ``traceable = False`` and says why in ``untraceable``; traced, the layer runs the next engine
+    that can (:func:`gatelab.engines.traceable`).
     """
 
     name: str

@@ -27,6 +27,8 @@ class NativeEngine:
     name = "native"
     title = "torch's kernel"
     whole_stack = True
+    traceable = False
+    untraceable = "torch.compile and torch.export do not trace torch's own RNN kernels (aten.mkldnn_rnn_layer, _VF.lstm)"
 
     def unsupported(self, layer: RecurrentLayer) -> list[str]:
         return layer.cells[0].torch_differences() + layer.extra_options(runtime=True)

@@ -233,7 +233,7 @@ class RecurrentLayer(nn.Module):
         self._binding_depth = 0
         self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()
         self._register_load_state_dict_pre_hook(_from_earlier_keys, with_module=True)
-        self.engine = self._choose_engine()[0]
+        self._set_engine()
 
     # -- parameters under torch's names ------------------------------------------------------------
 
@@ -360,14 +360,23 @@ class RecurrentLayer(nn.Module):
         if self._step_hooks:
             engine, why = reference.ENGINE, (f"{len(self._step_hooks)} step hook(s) registered: the reference loop "
                                              f"runs, the only one that exposes every step's state (else: {why})")
+        traced = engines.traceable(self, engine)
+        if traced is not engine:
+            why += (f". Under torch.compile and torch.export {traced.describe(self)} runs instead: "
+                    f"{engine.untraceable}")
         return f"{self.kind_name}: engine {engine.name!r} ({'training' if self.training else 'eval'} mode). {why}"
 
     def train(self, mode: bool = True) -> RecurrentLayer:
         super().train(mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.engine = self._choose_engine()[0]
+            self._set_engine()
         return self
+
+    def _set_engine(self) -> None:
+        self.engine = self._choose_engine()[0]
+        # what runs under torch.compile / torch.export, where torch's own RNN kernels do not trace
+        self._traced_engine = engines.traceable(self, self.engine)
 
     def register_step_hook(self, hook: StepHook) -> RemovableHandle:
         """Call ``hook(call)`` (a :class:`DirectionCall`) whenever a layer and direction starts; it may
@@ -392,7 +401,8 @@ class RecurrentLayer(nn.Module):
         packing. Returns ``(output, h_n)`` as torch does (``(output, (h_n, c_n))`` for an LSTM)."""
         owner = self.kind_name
         batch = to_sequence_batch(input, self.input_size, self.batch_first, lengths, owner)
-        engine = reference.ENGINE if self._step_hooks else self.engine
+        engine = reference.ENGINE if self._step_hooks else self._traced_engine if torch.compiler.is_compiling() \
+            else self.engine
         with self._weights_bound() as cells:
             ref = cells[0].weight_ih  # as bound: what runs
             if (batch.data.dtype in _REDUCED and ref.dtype not in _REDUCED and batch.data.device == ref.device

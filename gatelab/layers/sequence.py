@@ -85,7 +85,9 @@ def check_lengths(lengths: Tensor | list[int], T: int, B: int, owner: str) -> Te
     if lengths.dim() != 1 or lengths.shape[0] != B or lengths.is_floating_point():
         raise ValueError(f"{owner}: expected lengths as {B} integers (one per sequence), got {tuple(lengths.shape)} "
                          f"{lengths.dtype}")
-    if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+    # (traced, the values are unknown: a compiled or exported graph does not check them; there a length
+    # below 1 leaves a sequence at its initial state and one above T runs all T steps)
+    if B and not torch.compiler.is_compiling() and (int(lengths.min()) < 1 or int(lengths.max()) > T):
         raise ValueError(f"{owner}: every length must be in 1..{T} (the sequence length), got "
                          f"min {int(lengths.min())}, max {int(lengths.max())}")
     return lengths.long()

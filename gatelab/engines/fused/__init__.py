@@ -15,14 +15,13 @@ import contextlib
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...activations import ModuleActivation
 from ...cells import LSTMCell, RecurrentCell
 from .. import reference
 from ..base import ZoneoutMasks
-from . import cpp
+from . import cpp, ops
 from .function import FusedDirection, PyLoop, infer
 from .steps import step_class
 
@@ -34,6 +33,7 @@ class Loop(Protocol):
     """One implementation of the fused engine's time loop."""
 
     name: str
+    traceable: bool  # torch.compile and torch.export can trace it (else the reference loop runs there)
 
     def unsupported(self, cell: RecurrentCell) -> list[str]:
         """Why this loop cannot run ``cell`` as configured, here (its device included); empty: it can."""
@@ -60,6 +60,7 @@ class CppLoops:
     """The C++ time loops (:mod:`.cpp`): LSTM (plain and layer-norm), GRU, Elman, gated state on the CPU."""
 
     name = "C++"
+    traceable = True  # through its operators (ops.py), which torch.compile and torch.export see as one node each
 
     def unsupported(self, cell: RecurrentCell) -> list[str]:
         return cpp.cell_blockers(cell)
@@ -68,28 +69,20 @@ class CppLoops:
         return [cpp.status()] if cpp.failed() else []
 
     def ready(self, strict: bool) -> bool:
-        return cpp.load(strict=strict)
+        # under torch.compile the build runs at trace time and its answer is a constant of the graph
+        return _load_once(strict) if torch.compiler.is_compiling() else cpp.load(strict=strict)
 
     def describe(self, cell: RecurrentCell) -> str:
         what = "C++ loop" + (" (layer-norm LSTM; the input-side norm under autograd)" if _is_layer_norm(cell) else "")
         return what + ("" if cpp.loaded() else " (compiled at first use)")
 
     def run(self, cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout):
-        loop = cpp.CppLoop(step_class(cell)(cell, W_hh), None if zoneout is None else tuple(map(cpp.contiguous, zoneout)))
-        state = tuple(s.contiguous() for s in state)
-        lengths = None if lengths is None else lengths.to("cpu", dtype=torch.int64).contiguous()
-        rec_mask, W_hh = cpp.contiguous(rec_mask), W_hh.contiguous()
-        if not _is_layer_norm(cell):
-            args = (loop, reverse, lengths, rec_mask, x.contiguous(), cell.weight_ih, W_hh, cell.bias_ih, cell.bias_hh)
-            return _apply((*args, *state), loop.step.extra_params())
-        # The layer-norm LSTM: the input side LN(W_ih x) ⊙ g_ih + b for all steps under autograd, the
-        # recurrence (with the norms of W_hh h and c') in the C++ loop.
-        G = cell.weight_ih.shape[0]
-        xw = F.layer_norm(F.linear(x, cell.weight_ih), (G,), cell.ln_ih_weight, None, cell.layer_norm_eps)
-        if cell.bias:
-            xw = xw + (cell.bias_ih + cell.bias_hh)
-        args = (loop, reverse, lengths, rec_mask, xw.contiguous(), None, W_hh, None, None, *state)
-        return _apply(args, [cell.ln_hh_weight, cell.ln_c_weight, cell.ln_c_bias])  # the order CppLoop returns
+        return ops.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
+
+
+@torch.compiler.assume_constant_result
+def _load_once(strict: bool) -> bool:
+    return cpp.load(strict=strict)
 
 
 class PyTorchLoop:
@@ -108,8 +101,10 @@ class PyTorchLoop:
     def ready(self, strict: bool) -> bool:
         return True
 
+    traceable = False  # its per-step autograd function does not trace: compiled, the reference loop runs
+
     def describe(self, cell: RecurrentCell) -> str:
-        return "pure-PyTorch loop"
+        return "pure-PyTorch loop (under torch.compile and torch.export the reference loop, which traces)"
 
     def run(self, cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout):
         loop = PyLoop(step_class(cell)(cell, W_hh), zoneout)
@@ -193,9 +188,11 @@ class FusedEngine:
                 else contextlib.nullcontext():
             for loop in LOOPS:
                 if not loop.unsupported(cell) and loop.ready(strict):
-                    return loop.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
-        # Only a layer-norm LSTM gets here (no C++ kernels, or another device): the reference loop,
-        # as describe() says.
+                    if getattr(loop, "traceable", True) or not torch.compiler.is_compiling():
+                        return loop.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
+                    break
+        # A layer-norm LSTM without its C++ loop (no kernels, or another device), or a loop that does
+        # not trace under torch.compile: the reference loop, as describe() says.
         return reference.run_direction(cell, x, state, lengths, reverse, rec_mask=rec_mask, weight_hh=W_hh,
                                        zoneout=zoneout)
 

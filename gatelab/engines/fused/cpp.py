@@ -27,7 +27,6 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 
 from ...activations import Activation
 from ...cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell, RecurrentCell
-from .steps import Step
 
 # Activation kinds the kernels know, in the order of the C++ enum.
 KINDS = ("identity", "sigmoid", "hard_sigmoid", "elliott", "tanh", "hardtanh", "softsign", "relu",
@@ -146,9 +145,11 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
     if type_before_parametrizations(cell) not in CELLS:
         return [f"no C++ loop for {type(cell).__name__}"]
     if isinstance(cell, LSTMCell):
-        for opt in ("peephole", "coupled", "proj_size"):
+        for opt in ("coupled", "proj_size"):
             if getattr(cell, opt):
                 out.append(f"{opt} runs on the pure-PyTorch loop")
+        if cell.peephole and cell.layer_norm:
+            out.append("the C++ layer-norm loop has no peepholes")
         if cell.gates != "ifo":
             out.append("removed gates run on the pure-PyTorch loop")
     if isinstance(cell, GRUCell) and not cell.reset_after:
@@ -169,86 +170,6 @@ def _needs_input(kind: int, param: float) -> bool:
     """Whether the kernel's derivative for this kind reads the pre-activation (else the output)."""
     name = KINDS[kind]
     return name in ("gelu", "silu") or (name in ("leaky_relu", "elu") and param <= 0)
-
-
-class CppLoop:
-    """A C++ time loop for one cell; same contract as :class:`~.function.PyLoop`."""
-
-    def __init__(self, step: Step, zoneout: tuple[Tensor | None, ...] | None = None) -> None:
-        self.step = step
-        self.zoneout = zoneout if zoneout is not None else (None, None)  # keep shares per state tensor
-        cell = step.cell
-        kinds = [_kind(act) for act in cell.activation_slots().values()]  # in the cell's slot order
-        self.kinds = [k for k, _ in kinds]
-        self.params = [p for _, p in kinds]
-        # keep the pre-activations when a derivative reads them (the LSTM's ψ reads the saved cell
-        # state or its normalised form instead)
-        gates = kinds[:4] if isinstance(cell, LSTMCell) else kinds
-        self.save_z = any(_needs_input(k, p) for k, p in gates)
-        self.name = cell.name
-        self.layer_norm = isinstance(cell, LSTMCell) and cell.layer_norm
-        self.fold_bias_hh = not isinstance(cell, GRUCell)
-        self.ops = torch.ops.gatelab_fused
-
-    def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse, keep=True):
-        ops, k, p, z = self.ops, self.kinds, self.params, self.save_z and keep
-        # xw is the caller's fresh buffer: the kernels turn it into the pre-activations in place.
-        if self.layer_norm:
-            c = self.step.cell
-            zh, zc = self.zoneout
-            out, h, cs, *saved = ops.lstm_ln_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, zh, zc,
-                                                     c.ln_hh_weight, c.ln_c_weight, c.ln_c_bias, c.layer_norm_eps,
-                                                     k, p, reverse, z, keep)
-            return out, (h, cs), (saved, state[1])
-        if self.name == "lstm":
-            zh, zc = self.zoneout
-            out, h, c, *saved = ops.lstm_forward(xw, W_hh, state[0], state[1], lengths, rec_mask, zh, zc, k, p,
-                                                 reverse, z, keep)
-            return out, (h, c), (saved, state[1])
-        if self.name == "gru":
-            out, h, *saved = ops.gru_forward(xw, W_hh, b_hh, state[0], lengths, rec_mask, self.zoneout[0], k, p,
-                                             reverse, z, keep)
-            return out, (h,), (saved, state[0])
-        if self.name == "rnn":
-            out, h, *saved = ops.elman_forward(xw, W_hh, state[0], lengths, rec_mask, self.zoneout[0], k[0], p[0],
-                                               reverse, z, keep)
-            return out, (h,), (saved, state[0])
-        out, s, *saved = ops.gated_state_forward(xw, W_hh, state[0], lengths, rec_mask, self.zoneout[0], k, p,
-                                                 reverse, z, keep)
-        return out, (s,), (saved, state[0])
-
-    def backward(self, saved, dout, dstate, W_hh, lengths, rec_mask, reverse):
-        ops, k, p = self.ops, self.kinds, self.params
-        tensors, first = saved
-        if self.layer_norm:
-            c = self.step.cell
-            Z, A, C, K, HR, Y, NH, RH, NC, RC, CP = tensors
-            zh, zc = self.zoneout
-            dZ, dGH, dh, dc, dY = ops.lstm_ln_backward(dout, dstate[0], dstate[1], Z, A, C, K, Y, NH, RH, NC, RC, CP,
-                                                       first, W_hh, c.ln_hh_weight, c.ln_c_weight, lengths, rec_mask,
-                                                       zh, zc, k, p, reverse)
-            gains = [(dZ * NH).sum((0, 1)), (dY * NC).sum((0, 1)), dY.sum((0, 1))]  # g_hh, g_c, b_c
-            return dZ, dGH, (dh, dc), HR, gains
-        if self.name == "lstm":
-            Z, A, C, K, HR, CP = tensors
-            zh, zc = self.zoneout
-            dZ, dh, dc = ops.lstm_backward(dout, dstate[0], dstate[1], Z, A, C, K, CP, first, W_hh, lengths, rec_mask,
-                                           zh, zc, k, p, reverse)
-            return dZ, dZ, (dh, dc), HR, []
-        if self.name == "gru":
-            Z, A, GHn, S, HR = tensors
-            dXW, dGH, dh = ops.gru_backward(dout, dstate[0], Z, A, GHn, S, first, W_hh, lengths, rec_mask,
-                                            self.zoneout[0], k, p, reverse)
-            return dXW, dGH, (dh,), HR, []
-        if self.name == "rnn":
-            Z, S, HR = tensors
-            dZ, dh = ops.elman_backward(dout, dstate[0], Z, S, W_hh, lengths, rec_mask, self.zoneout[0], k[0], p[0],
-                                        reverse)
-            return dZ, dZ, (dh,), HR, []
-        Z, A, S, HR, SN = tensors
-        dZ, ds = ops.gated_state_backward(dout, dstate[0], Z, A, S, SN, first, W_hh, lengths, rec_mask,
-                                          self.zoneout[0], k, p, reverse)
-        return dZ, dZ, (ds,), HR, []
 
 
 def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:

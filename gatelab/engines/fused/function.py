@@ -2,9 +2,9 @@
 
 Forward: the input projection of all steps as one matrix product, then a *time loop* (per step one
 recurrent product and one elementwise step). Backward: the loop's hand-written backward, then the
-weight gradients as matrix products over all steps. Two loops implement the same contract:
-:class:`PyLoop` (pure PyTorch, over :mod:`.steps`; always available, handles every option) and the
-C++ loops of :mod:`.cpp`.
+weight gradients as matrix products over all steps. Here the loop is :class:`PyLoop` (pure PyTorch,
+over :mod:`.steps`; always available, handles every option), the readable twin of the C++ loops,
+which are torch operators of their own with the same arithmetic (:mod:`.ops`).
 """
 
 from __future__ import annotations
@@ -106,10 +106,7 @@ class PyLoop:
 def input_projection(loop: TimeLoop, x: Tensor, W_ih: Tensor | None, b_ih: Tensor | None, b_hh: Tensor | None
                      ) -> Tensor:
     """``x W_ihᵀ + b`` for all steps as one product: (T, B, I) -> (T, B, G·H), a fresh buffer the
-    loop may overwrite. ``W_ih=None``: ``x`` is that projection already (the layer-norm LSTM
-    normalises it under autograd before the loop); a copy is returned."""
-    if W_ih is None:
-        return x.contiguous().clone()
+    loop may overwrite."""
     T, B, I = x.shape
     bias = None if b_ih is None else (b_ih + b_hh if loop.fold_bias_hh else b_ih)
     return matmul(x.reshape(T * B, I), W_ih.t(), bias).view(T, B, -1)
@@ -128,7 +125,7 @@ class FusedDirection(torch.autograd.Function):
     """``apply(loop, reverse, lengths, rec_mask, x, W_ih, W_hh, b_ih, b_hh, *state, *extra)``
     returns ``(out (T, B, O), *final_state)``; ``extra`` are the loop's extra parameters (peepholes,
     projection, learnable activations, layer-norm gains) in the order its backward returns their
-    gradients. ``W_ih=None`` (and no biases): ``x`` is the input projection already."""
+    gradients."""
 
     @staticmethod
     def forward(ctx: Any, loop: TimeLoop, reverse: bool, lengths: Tensor | None, rec_mask: Tensor | None,
@@ -147,8 +144,7 @@ class FusedDirection(torch.autograd.Function):
         # which cell parameter each extra input is, for a differentiable backward (see backward)
         ctx.extra_names = [next(n for n, t in ctx.weights.items() if t is e) for e in rest[n_state:]]
         ctx.n_state = n_state
-        # x is needed for dW_ih only: with W_ih=None it is the projection itself, not worth keeping
-        ctx.save_for_backward(x if W_ih is not None else None, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest)
+        ctx.save_for_backward(x, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest)
         return (out, *final)
 
     @staticmethod
@@ -163,14 +159,10 @@ def _differentiable_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor
     """The backward as a graph, for double backward (gradient penalties, meta-learning): the direction is
     recomputed on the reference loop from the saved inputs, with the cell bound to them, and
     differentiated with ``create_graph=True``; the result equals the hand-written backward and stays
-    connected to every input. (The layer-norm loop normalises the projection before the loop, which
-    the reference step cannot take back: it raises.)"""
+    connected to every input."""
     from .. import reference
 
     x, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest = ctx.saved_tensors
-    if W_ih is None:
-        raise RuntimeError("gatelab: double backward (create_graph=True) through the fused engine's layer-norm LSTM "
-                           "is not supported; build the layer with backend='reference' for higher-order gradients")
     loop: TimeLoop = ctx.loop
     cell = loop.step.cell
     state, extra = tuple(rest[:ctx.n_state]), rest[ctx.n_state:]
@@ -216,14 +208,10 @@ def _hand_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor | None, .
                                                            ctx.reverse)
     dxw2, dgh2 = dxws.view(T * B, GH), dghs.view(T * B, GH)
     need = ctx.needs_input_grad  # skip the products nobody asked for (e.g. dx of a data batch)
-    if W_ih is None:  # x was the projection itself
-        dx = dxws if need[4] else None
-    else:
-        dx = matmul(dxw2, W_ih).view(T, B, I) if need[4] else None
-    dW_ih = matmul(dxw2.t(), x.reshape(T * B, I)) if W_ih is not None and need[5] else None
-    dW_hh = matmul(dgh2.t(), h_recs.view(T * B, -1)) if need[6] or isinstance(loop, PyLoop) else None
+    dx = matmul(dxw2, W_ih).view(T, B, I) if need[4] else None
+    dW_ih = matmul(dxw2.t(), x.reshape(T * B, I)) if need[5] else None
+    dW_hh = matmul(dgh2.t(), h_recs.view(T * B, -1))  # the step may fold peephole/projection gradients into it
     db_ih = dxw2.sum(0) if ctx.has_bias and need[7] else None
-    db_hh = dgh2.sum(0) if ctx.has_bias and (need[8] or isinstance(loop, PyLoop)) else None
-    if isinstance(loop, PyLoop):
-        loop.step.fix_weight_grads(dW_hh, db_hh, dxws, ctx.saved_loop[0])
+    db_hh = dgh2.sum(0) if ctx.has_bias else None
+    loop.step.fix_weight_grads(dW_hh, db_hh, dxws, ctx.saved_loop[0])
     return (None, None, None, None, dx, dW_ih, dW_hh, db_ih, db_hh, *dstate0, *extra)

@@ -192,6 +192,12 @@ struct Keep {
   int64_t rec(int64_t k) const { return train ? L.step(k) : k % 2; }
 };
 
+// A per-step buffer of a forward pass. With lengths, a dead step's rows are never written: zeroed,
+// every output is defined (the same on every call, as an operator's outputs must be).
+Tensor per_step(const Loop& L, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return L.len ? at::zeros(sizes, options) : at::empty(sizes, options);
+}
+
 template <typename T>
 const T* opt_ptr(const c10::optional<Tensor>& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; }
 
@@ -372,6 +378,20 @@ inline void lstm_cell_backward(const T* dcc, const T* mc, const T* ar, const T* 
   }
 }
 
+// Peepholes (P: w_ci, w_cf, w_co, each H; nullptr: none): i and f read the previous cell state c, o
+// reads c' (`current`) or c.
+template <typename T>
+inline void lstm_peep_if(const T* P, const T* c, T* zr, int64_t H) {
+  if (!P) return;
+  for (int64_t j = 0; j < H; ++j) { zr[j] += P[j] * c[j]; zr[H + j] += P[H + j] * c[j]; }
+}
+
+template <typename T>
+inline void lstm_peep_o(const T* P, const T* c, T* zr, int64_t H) {
+  if (!P) return;
+  for (int64_t j = 0; j < H; ++j) zr[3 * H + j] += P[2 * H + j] * c[j];
+}
+
 template <typename T>
 inline void lstm_gates_backward(at::IntArrayRef kinds, const T* a, const T* zr, const T* ar, T* gr, int64_t H) {
   for (int64_t g = 0; g < 4; ++g)
@@ -390,14 +410,14 @@ inline void lstm_gates_backward(at::IntArrayRef kinds, const T* a, const T* zr, 
 std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Tensor& h0, const Tensor& c0,
                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                  const c10::optional<Tensor>& zh, const c10::optional<Tensor>& zc,
-                                 at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse, bool save_z, bool train) {
+                                 const c10::optional<Tensor>& peep, bool peep_current, at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse, bool save_z, bool train) {
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B, G = 4 * H;
   const Keep keep(L, train);
   const bool zone = zh.has_value() || zc.has_value();
-  Tensor A = at::empty({keep.n, B, G}, xw.options());
-  Tensor C = at::empty({keep.n, B, H}, c0.options()), K = at::empty_like(C), out = at::empty({L.T, B, H}, c0.options());
-  Tensor CP = zone && train ? at::empty_like(C) : at::empty({0}, c0.options());
+  Tensor A = per_step(L, {keep.n, B, G}, xw.options());
+  Tensor C = per_step(L, {keep.n, B, H}, c0.options()), K = per_step(L, C.sizes(), C.options()), out = at::empty({L.T, B, H}, c0.options());
+  Tensor CP = zone && train ? per_step(L, C.sizes(), C.options()) : at::empty({0}, c0.options());
   Tensor HR = at::empty({keep.n_rec, B, H}, h0.options());
   Tensor h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_forward", [&] {
@@ -407,6 +427,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
     T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
     T *CPp = CP.numel() ? CP.data_ptr<T>() : nullptr;
     const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
+    const T* P = opt_ptr<T>(peep);
     write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
       const int64_t t = L.step(k);
@@ -419,8 +440,11 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
           T *zr = Z + r * G, *ar = Ap + q * G, *cr = cp + b * H, *hrow = hp + b * H;
           T *Cr = Cp + q * H, *Kr = Kp + q * H, *orow = Op + r * H;
           if (L.live(t, b)) {
-            lstm_gates_forward(kinds, a, zr, ar, H);
+            lstm_peep_if(P, cr, zr, H);
+            for (int64_t g = 0; g < 3; ++g) act_forward(kinds[g], a[g], zr + g * H, ar + g * H, H);
             lstm_cell_update(ar, cr, Cr, H);
+            lstm_peep_o(P, peep_current ? Cr : cr, zr, H);
+            act_forward(kinds[3], a[3], zr + 3 * H, ar + 3 * H, H);
             act_forward(kinds[4], a[4], Cr, Kr, H);
             lstm_hand_on(ar, Kr, Cr, MH ? MH + r * H : nullptr, MC ? MC + r * H : nullptr, cr, hrow, orow, H);
           } else {
@@ -439,8 +463,9 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
                                   const Tensor& A, const Tensor& C, const Tensor& K, const Tensor& CP,
                                   const Tensor& c0, const Tensor& W_hh, const c10::optional<Tensor>& lengths,
                                   const c10::optional<Tensor>& mask, const c10::optional<Tensor>& zh,
-                                  const c10::optional<Tensor>& zc, at::IntArrayRef kinds,
-                                  at::ArrayRef<double> params, bool reverse) {
+                                  const c10::optional<Tensor>& zc, const c10::optional<Tensor>& peep,
+                                  bool peep_current, at::IntArrayRef kinds, at::ArrayRef<double> params,
+                                  bool reverse) {
   const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B, G = 4 * H;
   const bool zone = zh.has_value() || zc.has_value();
@@ -453,6 +478,7 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
     const T *Kp = K.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *c0p = c0.data_ptr<T>();
     const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
     const T *Sp = zone ? CP.data_ptr<T>() : Cp;  // the cell state each step hands on
+    const T* P = opt_ptr<T>(peep);
     T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
     std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
@@ -471,8 +497,16 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
           }
           lstm_output_backward(dor, MH ? MH + r * H : nullptr, ar, Kr, dhr, gr, tmp.data(), H);
           act_backward(kinds[4], a[4], Cr, Kr, tmp.data(), tmp.data(), H);  // dL/dc' through psi
+          // dL/dz_o now: with a peephole on c' it adds to dL/dc'
+          act_backward(kinds[3], a[3], zr ? zr + 3 * H : nullptr, ar + 3 * H, gr + 3 * H, gr + 3 * H, H);
+          if (P && peep_current) for (int64_t j = 0; j < H; ++j) tmp[j] += gr[3 * H + j] * P[2 * H + j];
           lstm_cell_backward(tmp.data(), MC ? MC + r * H : nullptr, ar, cpr, dcr, gr, H);
-          lstm_gates_backward(kinds, a, zr, ar, gr, H);
+          for (int64_t g = 0; g < 3; ++g)
+            act_backward(kinds[g], a[g], zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, H);
+          if (P) {  // i and f (and o, reading c) read the previous cell state
+            for (int64_t j = 0; j < H; ++j) dcr[j] += gr[j] * P[j] + gr[H + j] * P[H + j];
+            if (!peep_current) for (int64_t j = 0; j < H; ++j) dcr[j] += gr[3 * H + j] * P[2 * H + j];
+          }
         }
       });
       recurrent_grad<T>(dhp, dZp + t * B * G, W, M, scratch, B, G, H);
@@ -523,11 +557,11 @@ std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const 
   const int64_t H = c0.size(1), B = L.B, G = 4 * H;
   const Keep keep(L, train);
   const bool zone = zh.has_value() || zc.has_value();
-  Tensor A = at::empty({keep.n, B, G}, xw.options()), NH = at::empty_like(A);
-  Tensor C = at::empty({keep.n, B, H}, c0.options()), K = at::empty_like(C), Y = at::empty_like(C);
-  Tensor NC = at::empty_like(C);
-  Tensor RH = at::empty({keep.n, B}, c0.options()), RC = at::empty_like(RH);
-  Tensor CP = zone && train ? at::empty_like(C) : at::empty({0}, c0.options());  // zoned-out c, as lstm_forward
+  Tensor A = per_step(L, {keep.n, B, G}, xw.options()), NH = per_step(L, A.sizes(), A.options());
+  Tensor C = per_step(L, {keep.n, B, H}, c0.options()), K = per_step(L, C.sizes(), C.options()), Y = per_step(L, C.sizes(), C.options());
+  Tensor NC = per_step(L, C.sizes(), C.options());
+  Tensor RH = per_step(L, {keep.n, B}, c0.options()), RC = per_step(L, RH.sizes(), RH.options());
+  Tensor CP = zone && train ? per_step(L, C.sizes(), C.options()) : at::empty({0}, c0.options());  // zoned-out c, as lstm_forward
   Tensor out = at::empty({L.T, B, H}, c0.options()), HR = at::empty({keep.n_rec, B, H}, h0.options());
   Tensor GH = at::empty({B, G}, xw.options()), h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_ln_forward", [&] {
@@ -643,8 +677,8 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B, G = 3 * H;
   const Keep keep(L, train);
-  Tensor A = at::empty({keep.n, B, G}, xw.options()), GHn = at::empty({keep.n, B, H}, h0.options());
-  Tensor S = at::empty_like(GHn), out = at::empty({L.T, B, H}, h0.options()), HR = at::empty({keep.n_rec, B, H}, h0.options());
+  Tensor A = per_step(L, {keep.n, B, G}, xw.options()), GHn = per_step(L, {keep.n, B, H}, h0.options());
+  Tensor S = per_step(L, GHn.sizes(), GHn.options()), out = at::empty({L.T, B, H}, h0.options()), HR = per_step(L, {keep.n_rec, B, H}, h0.options());
   Tensor gh = at::empty({B, G}, h0.options()), h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_forward", [&] {
     using T = scalar_t;
@@ -849,9 +883,9 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = s0.size(1), B = L.B, G = 4 * H;
   const Keep keep(L, train);
-  Tensor A = at::empty({keep.n, B, G}, xw.options());
-  Tensor S = at::empty({keep.n, B, H}, s0.options()), out = at::empty({L.T, B, H}, s0.options());
-  Tensor SN = zs.has_value() && train ? at::empty_like(S) : at::empty({0}, s0.options());
+  Tensor A = per_step(L, {keep.n, B, G}, xw.options());
+  Tensor S = per_step(L, {keep.n, B, H}, s0.options()), out = at::empty({L.T, B, H}, s0.options());
+  Tensor SN = zs.has_value() && train ? per_step(L, S.sizes(), S.options()) : at::empty({0}, s0.options());
   Tensor HR = at::empty({keep.n_rec, B, H}, s0.options());
   Tensor s = s0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gated_state_forward", [&] {
@@ -986,8 +1020,8 @@ TORCH_LIBRARY(gatelab_fused, m) {
   m.def("set_gemm_library(int choice) -> int", &set_gemm_library);
   m.def("gemm_library(int m, int n, int k, bool dense=False) -> str", &gemm_library);
   m.def("matmul(Tensor a, Tensor b, Tensor? bias) -> Tensor");
-  m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
-  m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor CP, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, Tensor? peep, bool peep_current, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
+  m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor CP, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, Tensor? peep, bool peep_current, int[] kinds, float[] params, bool reverse) -> Tensor[]");
   m.def("lstm_ln_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, Tensor g_hh, Tensor g_c, Tensor b_c, float eps, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("lstm_ln_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor Y, Tensor NH, Tensor RH, Tensor NC, Tensor RC, Tensor CP, Tensor c0, Tensor W_hh, Tensor g_hh, Tensor g_c, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, int[] kinds, float[] params, bool reverse) -> Tensor[]");
   m.def("gru_forward(Tensor xw, Tensor W_hh, Tensor? b_hh, Tensor h0, Tensor? lengths, Tensor? mask, Tensor? zh, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
