@@ -50,7 +50,8 @@ def run(sizes: list[int], pairs: int, batch: int, T: int, backend: str) -> tuple
             model = cls(H, H, **options)
             compiled = torch.compile(model, fullgraph=True, backend=backend)
             for mode, make in (("fwd+bwd", train_step), ("fwd (no grad)", infer_step)):
-                eager_fn, compiled_fn = make(lambda x: model(x)[0], x), make(lambda x: compiled(x)[0], x)
+                eager_fn = make(lambda x, m=model: m(x)[0], x)
+                compiled_fn = make(lambda x, m=compiled: m(x)[0], x)
                 start = time.perf_counter()
                 compiled_fn()  # the first call compiles (the graph for this grad mode)
                 compile_s = time.perf_counter() - start

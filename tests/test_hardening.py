@@ -119,6 +119,10 @@ def test_empty_sequences_and_empty_batches_agree_with_torch_on_every_engine(engi
 
 
 LOW = [torch.bfloat16, torch.float16]
+
+
+def cpp_loaded() -> bool:
+    return gatelab.engines.fused.cpp.load()
 CELLS = [(gatelab.LSTM, {"gate_activation": {"f": "hard_sigmoid", "i": "elliott"}}),
          (gatelab.GRU, {"candidate_activation": "relu"}), (gatelab.RNN, {"activation": "softsign"}),
          (gatelab.GatedStateRNN, {"gate_activation": "hard_sigmoid"}),
@@ -128,8 +132,12 @@ CELLS = [(gatelab.LSTM, {"gate_activation": {"f": "hard_sigmoid", "i": "elliott"
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("case", range(len(CELLS)))
 def test_low_precision_layers_run_on_auto_and_match_float32(dtype, case):
-    """bf16/fp16: auto never picks a loop that cannot run the dtype (the C++ loop is float32/float64); the
-    result is within the dtype's rounding of the float32 reference (measured: up to ~4e-2 for bf16)."""
+    """bf16/fp16 on auto: the C++ loop computes in float32 (weights, input and state cast up for the call),
+    so against a float32 reference with the same rounded weights and input only the rounding of each
+    layer's output remains (measured at these sizes: up to 2.3e-3 bf16, 3.5e-4 fp16, but 1.3e-2 bf16 for
+    the layer-norm LSTM, whose norm of c' magnifies the rounding of the first layer's output); against
+    the original float32 weights, within the dtype's rounding of the weights (measured: up to 3.3e-2
+    bf16, 2e-3 fp16, both the layer-norm LSTM)."""
     cls, kw = CELLS[case]
     torch.manual_seed(0)
     ref = cls(3, 8, 2, bidirectional=True, backend="reference", **kw)
@@ -137,9 +145,14 @@ def test_low_precision_layers_run_on_auto_and_match_float32(dtype, case):
     low.load_state_dict({k: v.to(dtype) for k, v in ref.state_dict().items()})
     x = torch.randn(6, 2, 3)
     out = low(x.to(dtype))[0]
-    assert out.dtype == dtype and ("C++" not in low.explain() or "C++ loop runs float32" in low.explain())
-    tol = {torch.bfloat16: 6e-2, torch.float16: 1e-2}[dtype]
+    assert out.dtype == dtype
+    assert low.engine_name != "fused" or not cpp_loaded() or f"in float32: the {str(dtype)[6:]} weights" in low.explain()
+    tol = {torch.bfloat16: 6e-2, torch.float16: 5e-3}[dtype]
     torch.testing.assert_close(out.float(), ref(x)[0], rtol=0, atol=tol)
+    rounded = cls(3, 8, 2, bidirectional=True, backend="reference", **kw)
+    rounded.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
+    torch.testing.assert_close(out.float(), rounded(x.to(dtype).float())[0], rtol=0,
+                               atol={torch.bfloat16: 2e-2, torch.float16: 1e-3}[dtype])
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in low.parameters())
 

@@ -304,3 +304,18 @@ def test_every_cpp_cell_has_its_operators():
         op = ops.for_cell(cell)
         assert op.cell is type(cell) and op.layer_norm == getattr(cell, "layer_norm", False)
         assert hasattr(torch.ops.gatelab, op.name) and hasattr(torch.ops.gatelab, op.backward_name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_low_precision_layer_compiles_and_exports_on_the_cpp_loop(dtype):
+    """bf16/fp16 run the operators in float32 (casts around them), compiled and exported alike."""
+    model = gatelab.LSTM(3, 6, 2, bidirectional=True, dtype=dtype, gate_activation="hard_sigmoid", peephole=True)
+    assert "C++ loop in float32" in model.explain()
+    x = torch.randn(5, 2, 3, dtype=dtype)
+    want = model(x)[0]
+    got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)[0]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    program = torch.export.export(model, (x,), dynamic_shapes={"input": {0: torch.export.Dim("T", min=2, max=64)}})
+    x2 = torch.randn(9, 2, 3, dtype=dtype)
+    torch.testing.assert_close(program.module()(x2)[0], model(x2)[0], rtol=0, atol=0)

@@ -74,10 +74,27 @@ class CppLoops:
 
     def describe(self, cell: RecurrentCell) -> str:
         what = "C++ loop" + (" (layer-norm LSTM; the input-side norm under autograd)" if _is_layer_norm(cell) else "")
+        if (dtype := cell.weight_ih.dtype) in cpp.REDUCED:
+            what += (f" in float32: the {str(dtype).removeprefix('torch.')} weights, inputs and states are cast up "
+                     "for the call, its outputs and gradients rounded back")
         return what + ("" if cpp.loaded() else " (compiled at first use)")
 
     def run(self, cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout):
+        if x.dtype in cpp.REDUCED:
+            return _in_float32(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
         return ops.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
+
+
+def _in_float32(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout):
+    """A bfloat16 or float16 direction on the C++ loop: float32 arithmetic and float32 state within
+    the call (casts are differentiable, so the gradients come back in the layer's dtype)."""
+    def up(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.float()
+
+    with cell.using({name: p.float() for name, p in cell.named_parameters()}):
+        out, final = ops.run(cell, x.float(), tuple(map(up, state)), lengths, reverse, up(rec_mask), W_hh.float(),
+                             None if zoneout is None else tuple(map(up, zoneout)))
+    return out.to(x.dtype), tuple(s.to(x.dtype) for s in final)
 
 
 @torch.compiler.assume_constant_result

@@ -39,7 +39,8 @@ FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapp
 # its ``slots`` (LSTM: sigma_i, sigma_f, phi, sigma_o, psi).
 CELLS = (LSTMCell, GRUCell, ElmanCell, GatedStateCell)
 DEVICE_BLOCKER = "the C++ loop runs on the CPU"
-DTYPE_BLOCKER = "the C++ loop runs float32 and float64"
+DTYPE_BLOCKER = "the C++ loop runs float32 and float64 (bfloat16 and float16 in float32)"
+REDUCED = (torch.bfloat16, torch.float16)  # stored in the layer's dtype, computed in float32
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": False, "error": None}
@@ -161,7 +162,7 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
             out.append(f"{slot} ({getattr(act, 'key', type(act).__name__)}) has no C++ kernel")
     if cell.weight_ih.device.type != "cpu":
         out.append(f"{DEVICE_BLOCKER}, parameters are on {cell.weight_ih.device}")
-    if cell.weight_ih.dtype not in (torch.float32, torch.float64):
+    if cell.weight_ih.dtype not in (torch.float32, torch.float64, *REDUCED):
         out.append(f"{DTYPE_BLOCKER}, parameters are {cell.weight_ih.dtype}")
     return out
 
