@@ -319,3 +319,15 @@ def test_a_low_precision_layer_compiles_and_exports_on_the_cpp_loop(dtype):
     program = torch.export.export(model, (x,), dynamic_shapes={"input": {0: torch.export.Dim("T", min=2, max=64)}})
     x2 = torch.randn(9, 2, 3, dtype=dtype)
     torch.testing.assert_close(program.module()(x2)[0], model(x2)[0], rtol=0, atol=0)
+
+
+def test_a_layer_on_the_reference_loop_exports_with_a_fixed_length():
+    """A projection LSTM runs the PyTorch loop eagerly and the reference loop traced, which unrolls the
+    steps: its batch may be dynamic, its length not (torch says so)."""
+    model = _layer("lstm_projection")
+    x = torch.randn(5, 3, 3)
+    program = torch.export.export(model, (x,), dynamic_shapes={"input": {1: torch.export.Dim("B", min=2, max=64)}})
+    x2 = torch.randn(5, 6, 3)
+    torch.testing.assert_close(program.module()(x2)[0], model(x2)[0], rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match=r"Constraints violated \(T\)"):
+        torch.export.export(model, (x,), dynamic_shapes={"input": {0: torch.export.Dim("T", min=2, max=64)}})
