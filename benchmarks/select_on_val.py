@@ -4,8 +4,9 @@ Each candidate is a set of dotted overrides of the base config; every candidate 
 (``train.seed``, ``task.seed``) pair given, and the script reports, per candidate, the mean and the
 worst of the validation figures after training (with the weights the trainer keeps: the best
 validation checkpoint when ``restore_best``, else the last). It never reads or prints a test figure,
-so the choice it supports cannot leak the test split. (The trainer still scores the test split into
-each run's ``summary.json``; the acceptance runs of ``benchmarks/acceptance.py`` are what report it.)
+so the choice it supports cannot leak the test split: every run has ``train.score_test = false``, so
+the trainer never reads the test split either (the acceptance runs of ``benchmarks/acceptance.py`` are
+what report it).
 
 Usage::
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, overrides in candidates:
         for task_seed in args.task_seeds or [None]:
             for seed in args.seeds:
-                extra = [*args.overrides, *overrides, f"train.seed={seed}"]
+                extra = [*args.overrides, *overrides, f"train.seed={seed}", "train.score_test=false"]
                 if task_seed is not None:
                     extra.append(f"task.seed={task_seed}")
                 config = load(args.config, extra)

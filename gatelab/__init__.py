@@ -7,7 +7,7 @@ from .cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell
 from .config import ExperimentConfig, ModelConfig, TaskConfig, TrainConfig
 from .layers import GRU, LSTM, RNN, GatedStateRNN
 from .models import SequenceModel, build_model
-from .train import evaluate, fit
+from .train import cross_validate, evaluate, fit
 
 __all__ = [
     "activations", "engines", "init", "tasks",
@@ -15,6 +15,6 @@ __all__ = [
     "RNN", "LSTM", "GRU", "GatedStateRNN",
     "callbacks", "checkpoint", "config", "data", "diagnostics", "models", "train",
     "Callback", "ExperimentConfig", "TaskConfig", "ModelConfig", "TrainConfig",
-    "SequenceModel", "build_model", "fit", "evaluate",
+    "SequenceModel", "build_model", "fit", "cross_validate", "evaluate",
     "__version__",
 ]

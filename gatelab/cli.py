@@ -1,7 +1,7 @@
 """The ``gatelab`` command: thin subcommands over importable functions.
 
     gatelab train CONFIG [--train.lr=1e-3 --model.cell=gru ...] [--name NAME] [--runs DIR] [--quiet]
-                         [--resume | --overwrite]
+                         [--resume | --overwrite]   (with task.val_folds = k: k-fold validation)
     gatelab evaluate CHECKPOINT [--split val test]
     gatelab list [cells | activations | presets | tasks | configs]
     gatelab generate CHECKPOINT [--length N] [--temperature T] [--prime TEXT] [--seed S]
@@ -36,7 +36,7 @@ class UsageError(Exception):
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .checkpoint import safe_child
     from .config import load, parse_override_args
-    from .train import fit
+    from .train import cross_validate, fit
 
     parsed = parse_override_args(overrides)
     if args.no_test:
@@ -46,9 +46,21 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load(args.config, parsed)
     runs = writable_folder(args.runs, "--runs")
     run_dir = safe_child(runs, config.name, "--name" if args.name is not None else f"{args.config}: name")
+    if config.task.options.get("val_folds") and "fold" not in config.task.options:
+        if args.resume:
+            raise UsageError("--resume: a k-fold run (task.val_folds) restarts its folds; use --overwrite")
+        cv = cross_validate(config, run_dir=run_dir, quiet=args.quiet, overwrite=args.overwrite)
+        print(cv_line(cv, run_dir))
+        return 0
     run = fit(config, run_dir=run_dir, quiet=args.quiet, resume=args.resume, overwrite=args.overwrite)
     print(result_line(run.summary, run_dir))
     return 0
+
+
+def cv_line(cv: dict, run_dir: Path) -> str:
+    """The last line of a k-fold ``gatelab train``: every validation metric as mean ± std (min-max)."""
+    parts = [f"{m} {s['mean']:.4f} ± {s['std']:.4f} ({s['min']:.4f}-{s['max']:.4f})" for m, s in cv["val"].items()]
+    return f"{cv['name']}: {cv['val_folds']}-fold val " + ", ".join(parts) + f" (test not read); results in {run_dir}"
 
 
 def result_line(summary: dict, run_dir: Path) -> str:

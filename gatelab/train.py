@@ -22,7 +22,7 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -540,6 +540,42 @@ def fit(config: ExperimentConfig, *, run_dir: str | Path | None = None, callback
         train_loop(run)
         finish(run)
     return run
+
+
+def cross_validate(config: ExperimentConfig, *, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
+                   quiet: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """k-fold validation for small training sets: one run per fold of ``task.val_folds = k`` (``k >= 2``;
+    each in ``run_dir/fold_I``, fold ``I`` held out as the validation split), none of them reading the
+    test split. Returns, and writes to ``run_dir/cv.json``, every fold's final validation metrics and per
+    metric their mean, standard deviation (n - 1), minimum and maximum."""
+    if not isinstance(config, ExperimentConfig):
+        raise TypeError(f"cross_validate takes an ExperimentConfig, got {type(config).__name__}")
+    options = dict(config.task.options)
+    k = options.get("val_folds", 0)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+        raise ConfigError(f"cross_validate: set task.val_folds to the number of folds (at least 2), got {k!r}")
+    if "fold" in options:
+        raise ConfigError(f"cross_validate runs every fold: leave task.fold unset (got {options['fold']!r})")
+    base = run_directory(config, run_dir)
+    folds = []
+    for fold in range(k):
+        cfg = replace(config, task=replace(config.task, options={**options, "fold": fold}),
+                      train=replace(config.train, score_test=False))
+        if not quiet:
+            print(f"fold {fold + 1}/{k}", flush=True)
+        run = fit(cfg, run_dir=base / f"fold_{fold}", callbacks=callbacks, quiet=quiet, overwrite=overwrite)
+        folds.append({"fold": fold, "val": run.summary["final"]["val"], "steps": run.step,
+                      "best_step": run.best.get("step")})
+    spread = {}
+    for metric in folds[0]["val"]:
+        values = [f["val"][metric] for f in folds]
+        mean = sum(values) / k
+        spread[metric] = {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1)),
+                          "min": min(values), "max": max(values)}
+    result = {"name": config.name, "task": config.task.name, "val_folds": k, "folds": folds, "val": spread,
+              "config": to_dict(config)}
+    write_json(base / "cv.json", result)
+    return result
 
 
 def finish(run: Run) -> dict[str, Any]:

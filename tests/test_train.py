@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -592,3 +593,69 @@ def test_one_target_tbptt_trains_from_a_config(tmp_path):
                                                              "task.n_train=40", "task.n_val=10", "task.n_test=10"])
     run = gatelab.fit(cfg, run_dir=tmp_path / "tbptt", quiet=True)
     assert run.step == 4 and math.isfinite(run.summary["final"]["test"]["mse"])
+
+
+def test_stratified_folds_are_disjoint_cover_everything_and_keep_the_class_shares():
+    from gatelab.tasks.base import fold_split, stratified_folds
+
+    labels = np.array([0] * 10 + [1] * 7 + [2] * 3)
+    folds = stratified_folds(labels, 4, seed=3)
+    together = np.concatenate(folds)
+    assert len(together) == len(set(together.tolist())) == len(labels)  # disjoint and covering
+    assert sorted(len(f) for f in folds) == [5, 5, 5, 5]
+    for c, n in ((0, 10), (1, 7), (2, 3)):  # each class dealt across the folds: counts differ by at most one
+        counts = [int((labels[f] == c).sum()) for f in folds]
+        assert sum(counts) == n and max(counts) - min(counts) <= 1
+    keep, held = fold_split(labels, 4, 2, seed=3)
+    assert held.tolist() == folds[2].tolist() and sorted([*keep, *held]) == list(range(20))
+    assert stratified_folds(labels, 4, seed=3)[1].tolist() == folds[1].tolist()  # seeded
+    with pytest.raises(ValueError, match=r"fold must be in 0..3 \(val_folds = 4\), got 4"):
+        fold_split(labels, 4, 4, seed=0)
+    with pytest.raises(ValueError, match=r"val_folds must be in 2..20"):
+        stratified_folds(labels, 1, seed=0)
+
+
+def test_ucr_validation_folds_partition_the_official_training_set():
+    task_of = gatelab.tasks.get
+    train_size = len(task_of("ucr:ItalyPowerDemand").split("train")) + len(task_of("ucr:ItalyPowerDemand").split("val"))
+    vals = [task_of("ucr:ItalyPowerDemand", val_folds=3, fold=i) for i in range(3)]
+    held = [{tuple(x.flatten().tolist()) for x in t.split("val").xs} for t in vals]
+    assert sum(len(h) for h in held) == train_size and not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])
+    for t, h in zip(vals, held):
+        assert len(t.split("train")) + len(h) == train_size and len(t.split("test")) == 1029
+        assert not h & {tuple(x.flatten().tolist()) for x in t.split("train").xs}
+    with pytest.raises(ValueError, match=r"ucr:ItalyPowerDemand: fold must be in 0..2 \(val_folds = 3\), got 3"):
+        task_of("ucr:ItalyPowerDemand", val_folds=3, fold=3)
+    with pytest.raises(ValueError, match=r"fold = 1 needs val_folds"):
+        task_of("ucr:ItalyPowerDemand", fold=1)
+
+
+def test_cross_validate_runs_every_fold_reports_mean_and_spread_and_never_reads_test(tmp_path, capsys, monkeypatch):
+    from gatelab import cli
+    from gatelab.tasks.ucr import UCRClassificationTask
+
+    real_split = UCRClassificationTask.split
+
+    def sealed(self, split):
+        if split == "test":
+            raise AssertionError("the test split was read")
+        return real_split(self, split)
+
+    monkeypatch.setattr(UCRClassificationTask, "split", sealed)
+    path = tmp_path / "cv.toml"
+    path.write_text('name = "cv"\n[task]\nname = "ucr:ItalyPowerDemand"\nval_folds = 3\n[model]\ncell = "gru"\n'
+                    'hidden_sizes = [4]\n[train]\nsteps = 3\nbatch_size = 16\n')
+    assert cli.main(["train", str(path), "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(r"cv: 3-fold val accuracy \d\.\d{4} ± \d\.\d{4} \(\d\.\d{4}-\d\.\d{4}\)", line), line
+    cv = json.loads((tmp_path / "runs" / "cv" / "cv.json").read_text())
+    values = [f["val"]["accuracy"] for f in cv["folds"]]
+    assert [f["fold"] for f in cv["folds"]] == [0, 1, 2] and len(values) == 3
+    assert cv["val"]["accuracy"]["mean"] == pytest.approx(sum(values) / 3)
+    assert cv["val"]["accuracy"]["min"] == min(values) and cv["val"]["accuracy"]["max"] == max(values)
+    assert cv["val"]["accuracy"]["std"] == pytest.approx(float(np.std(values, ddof=1)))
+    for k in range(3):
+        summary = json.loads((tmp_path / "runs" / "cv" / f"fold_{k}" / "summary.json").read_text())
+        assert set(summary["final"]) == {"val"} and summary["final"]["val"] == cv["folds"][k]["val"]
+    with pytest.raises(ConfigError, match="set task.val_folds to the number of folds"):
+        gatelab.cross_validate(config())

@@ -102,6 +102,30 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return keep, held_out
 
 
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """``k`` disjoint index arrays that together cover ``range(len(labels))``, each holding about
+    ``1/k`` of every class (a class's items, shuffled with ``seed``, are dealt to the folds in turn,
+    the deal continuing across classes so that fold sizes differ by at most one). Sorted arrays."""
+    if k < 2 or k > len(labels):
+        raise ValueError(f"val_folds must be in 2..{len(labels)} (the training items), got {k}")
+    rng = np.random.default_rng(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    dealt = 0
+    for c in np.unique(labels):
+        for i in rng.permutation(np.flatnonzero(labels == c)):
+            folds[dealt % k].append(int(i))
+            dealt += 1
+    return [np.sort(np.array(f, dtype=np.int64)) for f in folds]
+
+
+def fold_split(labels: np.ndarray, k: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(keep, held_out)`` for fold ``fold`` of :func:`stratified_folds`: that fold is held out."""
+    if not 0 <= fold < k:
+        raise ValueError(f"fold must be in 0..{k - 1} (val_folds = {k}), got {fold}")
+    held_out = stratified_folds(labels, k, seed)[fold]
+    return np.setdiff1d(np.arange(len(labels)), held_out), held_out
+
+
 class SequenceDataset(Dataset):
     """``(x, y)`` pairs held as lists of tensors; ``x`` is ``(T_i, input_size)``, ``T_i`` may vary.
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _checks as check
 from . import metrics as M
-from .base import SequenceDataset, Task, quiet_deprecations, require, stratified_split
+from .base import SequenceDataset, Task, fold_split, quiet_deprecations, require, stratified_split
 from .digits import ClassificationTask
 
 __all__ = ["UCRClassificationTask", "UCRRegressionTask", "shipped", "ucr_task"]
@@ -51,6 +51,18 @@ def shipped() -> list[str]:
         if (train.parent / f"{name}_TEST.ts").is_file():
             names.append(name)
     return sorted(names, key=str.lower)
+
+
+def _check_folds(name: str, val_folds: int, fold: int) -> tuple[int, int]:
+    task = f"ucr:{name}"
+    val_folds, fold = check.integer(task, "val_folds", val_folds), check.integer(task, "fold", fold)
+    if val_folds == 1:
+        raise ValueError(f"{task}: val_folds must be 0 (one val_fraction split) or at least 2, got 1")
+    if fold and not val_folds:
+        raise ValueError(f"{task}: fold = {fold} needs val_folds (the number of folds)")
+    if val_folds and not 0 <= fold < val_folds:
+        raise ValueError(f"{task}: fold must be in 0..{val_folds - 1} (val_folds = {val_folds}), got {fold}")
+    return val_folds, fold
 
 
 def _check_args(name: str, val_fraction: float, normalize: str | None, seed: int) -> tuple[float, str | None, int]:
@@ -143,8 +155,9 @@ class _UCRMixin:
     """Shared loading for both kinds: official train/test files, validation drawn from train only."""
 
     def _load_sets(self, name: str, val_fraction: float, normalize: str | None, seed: int,
-                   crop: Sequence[int] | None = None, pool: int = 1) -> None:
+                   crop: Sequence[int] | None = None, pool: int = 1, val_folds: int = 0, fold: int = 0) -> None:
         val_fraction, normalize, seed = _check_args(name, val_fraction, normalize, seed)
+        self.val_folds, self.fold = _check_folds(name, val_folds, fold)
         self.crop, self.pool = _check_shaping(name, crop, pool)
         self.dataset, train_path, test_path = _files(name)
         self.name = f"ucr:{self.dataset}"
@@ -155,6 +168,13 @@ class _UCRMixin:
         self._n_official_train = len(X_train)
         self.input_size = int(X_train[0].shape[0])
         self.equal_length = len({s.shape[1] for s in self._series}) == 1
+
+    def _validation(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) indices into the official training set: a stratified ``val_fraction``, or with
+        ``val_folds = k`` the ``fold``-th of k stratified folds."""
+        if self.val_folds:
+            return fold_split(labels, self.val_folds, self.fold, self.seed)
+        return stratified_split(labels, self.val_fraction, self.seed)
 
     def _datasets(self, y: Tensor, keep: np.ndarray, val: np.ndarray) -> dict[str, SequenceDataset]:
         series = _shape(_normalize(self._series, self.normalize, keep), self.crop, self.pool, self.name)
@@ -171,17 +191,18 @@ class UCRClassificationTask(_UCRMixin, ClassificationTask):
 
     ``x`` is ``(T_i, channels)``; unequal-length sets keep their lengths (batch them with
     :func:`gatelab.tasks.collate`). ``val_fraction`` of the official training set, stratified and
-    drawn with ``seed``, becomes the validation split; the official test set is the test split.
-    ``normalize``: None (as shipped), ``"series"`` (z-normalise each series per channel) or
+    drawn with ``seed``, becomes the validation split (or, with ``val_folds = k``, fold ``fold`` of k
+    stratified disjoint folds: :func:`gatelab.cross_validate` runs every fold and reports the mean and
+    spread); the official test set is the test split. ``normalize``: None (as shipped), ``"series"`` (z-normalise each series per channel) or
     ``"train"`` (per-channel mean and std of the training split). Then, for long series: ``crop``
     keeps steps ``[start, stop)`` and ``pool`` averages every ``pool`` steps (a 1500-step series
     with ``pool=10`` runs 150 steps).
     """
 
     def __init__(self, name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0,
-                 crop: Sequence[int] | None = None, pool: int = 1) -> None:
+                 crop: Sequence[int] | None = None, pool: int = 1, val_folds: int = 0, fold: int = 0) -> None:
         ClassificationTask.__init__(self)
-        self._load_sets(name, val_fraction, normalize, seed, crop, pool)
+        self._load_sets(name, val_fraction, normalize, seed, crop, pool, val_folds, fold)
         self.classes = _label_order(self._y_train)
         unknown = {str(v) for v in self._y_test} - set(self.classes)
         if unknown:
@@ -191,7 +212,7 @@ class UCRClassificationTask(_UCRMixin, ClassificationTask):
     def _build(self) -> dict[str, SequenceDataset]:
         index = {c: k for k, c in enumerate(self.classes)}
         labels = np.array([index[str(v)] for v in np.concatenate([self._y_train, self._y_test])], dtype=np.int64)
-        keep, val = stratified_split(labels[: self._n_official_train], self.val_fraction, self.seed)
+        keep, val = self._validation(labels[: self._n_official_train])
         return self._datasets(torch.from_numpy(labels), keep, val)
 
 
@@ -208,13 +229,13 @@ class UCRRegressionTask(_UCRMixin, Task):
     primary_baseline = "predict_mean"
 
     def __init__(self, name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0,
-                 crop: Sequence[int] | None = None, pool: int = 1) -> None:
+                 crop: Sequence[int] | None = None, pool: int = 1, val_folds: int = 0, fold: int = 0) -> None:
         Task.__init__(self)
-        self._load_sets(name, val_fraction, normalize, seed, crop, pool)
+        self._load_sets(name, val_fraction, normalize, seed, crop, pool, val_folds, fold)
 
     def _build(self) -> dict[str, SequenceDataset]:
         y = np.concatenate([self._y_train, self._y_test]).astype(np.float32)[:, None]  # (N, 1)
-        keep, val = stratified_split(np.zeros(self._n_official_train), self.val_fraction, self.seed)
+        keep, val = self._validation(np.zeros(self._n_official_train))
         return self._datasets(torch.from_numpy(y), keep, val)
 
     def _targets(self, split: str) -> Tensor:
@@ -230,12 +251,14 @@ class UCRRegressionTask(_UCRMixin, Task):
 
 
 def ucr_task(name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0,
-             crop: Sequence[int] | None = None, pool: int = 1) -> Task:
+             crop: Sequence[int] | None = None, pool: int = 1, val_folds: int = 0, fold: int = 0) -> Task:
     """``ucr:NAME``: a classification or regression task, whichever the shipped ``.ts`` file declares
     (the options are those of both classes)."""
     _check_args(name, val_fraction, normalize, seed)
     _check_shaping(name, crop, pool)
+    _check_folds(name, val_folds, fold)
     _, train_path, _ = _files(name)
     _, _, meta = _load(train_path)
     cls = UCRClassificationTask if meta.get("classlabel", True) else UCRRegressionTask
-    return cls(name, val_fraction=val_fraction, normalize=normalize, seed=seed, crop=crop, pool=pool)
+    return cls(name, val_fraction=val_fraction, normalize=normalize, seed=seed, crop=crop, pool=pool,
+               val_folds=val_folds, fold=fold)
