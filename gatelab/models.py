@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from .config import ConfigError, ModelConfig
 from .tasks import Task
 from .tasks.base import IGNORE_INDEX
 
-__all__ = ["SequenceModel", "build_model", "State"]
+__all__ = ["SequenceModel", "UserModel", "build_model", "State"]
 HEADS = ("last", "mean", "max", "attention", "every")
 OBJECTIVES = ("mse", "cross_entropy")
 
@@ -216,6 +217,53 @@ class SequenceModel(nn.Module):
     def engines(self) -> list[str]:
         """The engine each recurrent layer runs in the current mode (``layer.engine_name``)."""
         return [layer.engine_name for layer in self.layers]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class UserModel(nn.Module):
+    """A model of your own in gatelab's trainer (:func:`gatelab.fit` wraps it): ``module(x)``, or
+    ``module(x, lengths)`` when its ``forward`` takes ``lengths``, with ``x`` batch-first ``(B, T, I)``
+    padded past each length, returns the output (or a tuple whose first item is the output): ``(B,
+    output_size)`` for a task with one target per sequence (class scores, or the regression target),
+    ``(B, T, output_size)`` for one with a target at every step. The objective follows the task
+    (cross-entropy for classification, MSE for regression) as for a :class:`SequenceModel`. It
+    carries no state between calls, so truncated BPTT needs a SequenceModel."""
+
+    def __init__(self, module: nn.Module, task: Any) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"expected a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.head_mode = "every" if task.per_step else "last"
+        self.objective = "cross_entropy" if task.kind in ("classification", "lm") else "mse"
+        self.output_size = task.output_size
+        self._takes_lengths = "lengths" in inspect.signature(module.forward).parameters
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None, state: State | None = None) -> tuple[Tensor, None]:
+        if state is not None:
+            raise ValueError(f"{type(self.module).__name__}: a model of your own carries no state between calls")
+        out = self.module(x, lengths) if self._takes_lengths else self.module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        want = (x.shape[0], self.output_size) if self.head_mode == "last" else (*x.shape[:2], self.output_size)
+        if not isinstance(out, Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"{type(self.module).__name__}: expected an output of shape {want} (batch, "
+                             f"{'steps, ' if self.head_mode == 'every' else ''}task outputs), got {got}")
+        return out, None
+
+    criterion = SequenceModel.criterion
+    n_targets = SequenceModel.n_targets
+    loss = SequenceModel.loss
+    predict = SequenceModel.predict
+
+    @property
+    def engines(self) -> list[str]:
+        """The engine of every gatelab layer inside the module."""
+        from .layers.base import RecurrentLayer
+
+        return [m.engine_name for m in self.module.modules() if isinstance(m, RecurrentLayer)]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

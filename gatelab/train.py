@@ -47,7 +47,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, ExperimentConfig, TrainConfig, from_dict, to_dict, to_toml
 from .data import Minibatches, StreamWindows, Unit, in_order
-from .models import SequenceModel, State, build_model, detach_state
+from .models import SequenceModel, State, UserModel, build_model, detach_state
 from .tasks import Task
 from .tasks import metrics as M
 
@@ -412,6 +412,7 @@ def save(run: Run, path: Path) -> None:
         "grad_norm": run.grad_norm, "train_seconds": run.train_seconds, "task": _task_shape(run.task),
         "wall_seconds": run.wall_seconds + time.perf_counter() - run.started,
         "carry": run.carry if run.config.train.tbptt else None,
+        "user_model": type(run.model.module).__qualname__ if isinstance(run.model, UserModel) else None,
     }
     save_checkpoint(path, step=run.step, config=to_dict(run.config), model=run.model, optimizer=run.optimizer,
                     scheduler={"kind": run.config.train.schedule, "last_lr": run.optimizer.param_groups[0]["lr"]},
@@ -477,7 +478,8 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
-            quiet: bool = False, resume: bool = False, overwrite: bool = False) -> Run:
+            quiet: bool = False, resume: bool = False, overwrite: bool = False, model: torch.nn.Module | None = None,
+            task: Task | None = None) -> Run:
     """Build the task, model, optimiser and data of a run, and its directory (resuming if asked).
 
     It deletes and rewrites the run's files: the caller holds the directory's lock (:func:`fit` does)."""
@@ -490,8 +492,15 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
         raise CheckpointError(f"{run_dir / 'last.pt'}: nothing to resume (no checkpoint)")
     _seed_everything(cfg.seed)
     device = resolve_device(cfg)
-    task = config.task.build()
-    model = build_model(config.model, task).to(device)
+    task = task if task is not None else config.task.build()
+    if model is None:
+        model = build_model(config.model, task)
+    elif not isinstance(model, SequenceModel):
+        if cfg.tbptt:
+            raise ConfigError("train.tbptt_k1: truncated BPTT carries a state between windows, which a model of "
+                              "your own does not return; use a gatelab SequenceModel or full BPTT")
+        model = UserModel(model, task)
+    model = model.to(device)
     if cfg.tbptt and task.kind == "lm":
         units: Minibatches | StreamWindows = StreamWindows(task.stream("train"), cfg.batch_size, *cfg.tbptt)
     else:  # one target per sequence: the last tbptt_k2 (default k1) steps are backpropagated
@@ -521,22 +530,42 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
     return run
 
 
-def fit(config: ExperimentConfig, *, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
+def fit(config: ExperimentConfig | torch.nn.Module | None = None, *, model: torch.nn.Module | None = None,
+        task: Task | None = None, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
         quiet: bool = False, resume: bool = False, overwrite: bool = False) -> Run:
     """Train ``config`` in ``run_dir`` (default ``runs/<name>``), then evaluate on val and test and write
     ``summary.json``. Returns the :class:`Run` (``run.summary`` holds the summary).
 
+    ``model``: a module of your own instead of the one ``config.model`` describes (see
+    :class:`gatelab.models.UserModel` for what it is called with; it is trained in place); ``task``: a
+    task of your own (``gatelab.tasks.from_datasets(train, val, test)`` for plain datasets) instead of
+    ``config.task``. ``fit(my_module, task=...)`` is ``fit(config=None, model=my_module, ...)``; without
+    a config the defaults of :class:`gatelab.config.ExperimentConfig` train it (name ``"fit"``). The
+    same checkpoints, early stopping with the best weights, callbacks and summary apply.
+
     The run holds an exclusive lock on ``run_dir`` throughout (:class:`~gatelab.checkpoint.LockedError`
     at once if another process has it) and first removes the temporary files a killed write left there."""
+    if isinstance(config, torch.nn.Module):
+        if model is not None:
+            raise TypeError("fit: a module was given both as the first argument and as model=")
+        config, model = None, config
+    if config is None:
+        config = ExperimentConfig(name="fit")
     if not isinstance(config, ExperimentConfig):
         raise TypeError(f"fit takes an ExperimentConfig (gatelab.config.load('my.toml') or gatelab.config.from_dict"
-                        f"({{...}})), got {type(config).__name__}; a model of your own trains in your own loop "
-                        f"for now, with gatelab's layers inside it")
+                        f"({{...}})) and/or model= (a torch.nn.Module) and task= (gatelab.tasks.from_datasets(...)), "
+                        f"got {type(config).__name__}")
+    if task is not None:
+        if not isinstance(task, Task):
+            raise TypeError(f"fit: task must be a gatelab Task (gatelab.tasks.from_datasets(train, val, test) wraps "
+                            f"datasets), got {type(task).__name__}")
+        config = replace(config, task=replace(config.task, name=task.name, options={}))  # the record names it
     run_dir = run_directory(config, run_dir)
     resolve_device(config.train)  # a device that is not there fails before the run directory is made
     with exclusive(run_dir), _determinism(config.train):
         remove_stale_temporaries(run_dir, RUN_FILES)
-        run = prepare(config, run_dir=run_dir, callbacks=callbacks, quiet=quiet, resume=resume, overwrite=overwrite)
+        run = prepare(config, run_dir=run_dir, callbacks=callbacks, quiet=quiet, resume=resume, overwrite=overwrite,
+                      model=model, task=task)
         train_loop(run)
         finish(run)
     return run
@@ -624,6 +653,10 @@ def finish(run: Run) -> dict[str, Any]:
 def load_model(path: str | Path) -> tuple[SequenceModel, ExperimentConfig, dict[str, Any]]:
     """The model stored in a checkpoint (eval mode), its configuration and the raw checkpoint."""
     payload = load_checkpoint(path)
+    if (own := payload.get("trainer", {}).get("user_model")) is not None:
+        raise CheckpointError(f"{path}: holds a model of your own ({own}), which gatelab cannot rebuild; build it "
+                              f"and load the weights: module.load_state_dict({{k.removeprefix('module.'): v for k, v "
+                              f"in checkpoint['model'].items()}})")
     try:
         config = from_dict(payload["config"])
         shape = SimpleNamespace(**payload["trainer"]["task"])

@@ -659,3 +659,68 @@ def test_cross_validate_runs_every_fold_reports_mean_and_spread_and_never_reads_
         assert set(summary["final"]) == {"val"} and summary["final"]["val"] == cv["folds"][k]["val"]
     with pytest.raises(ConfigError, match="set task.val_folds to the number of folds"):
         gatelab.cross_validate(config())
+
+
+class _SumNet(torch.nn.Module):
+    """A model of a user's own: a gatelab GRU and a linear read-out of its last state."""
+
+    def __init__(self, outputs=2):
+        super().__init__()
+        self.rnn = gatelab.GRU(3, 8, batch_first=True, gate_activation="hard_sigmoid")
+        self.out = torch.nn.Linear(8, outputs)
+
+    def forward(self, x, lengths=None):
+        _, h = self.rnn(x, lengths=lengths)
+        return self.out(h[-1])
+
+
+def _sum_data(n, seed, regression=False):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(int(torch.randint(4, 9, (), generator=g)), 3, generator=g) for _ in range(n)]
+    return [(x, x[:, 0].sum().reshape(1) if regression else int(x[:, 0].sum() > 0)) for x in xs]
+
+
+def test_fit_trains_a_module_of_your_own_on_your_own_datasets(tmp_path):
+    torch.manual_seed(0)
+    task = gatelab.tasks.from_datasets(_sum_data(200, 0), _sum_data(60, 1), _sum_data(60, 2), name="sum_sign")
+    assert (task.kind, task.input_size, task.output_size) == ("classification", 3, 2)
+    net = _SumNet()
+    cfg = gatelab.config.from_dict({"name": "own", "train": {"epochs": 12, "batch_size": 16, "lr": 1e-2,
+                                                            "eval_every": 13, "patience": 4}})
+    run = fit(cfg, model=net, task=task, run_dir=tmp_path / "own", quiet=True)
+    summary = run.summary
+    assert summary["task"] == "sum_sign" and summary["engines"] == ["fused"]
+    assert summary["final"]["test"]["accuracy"] > summary["baseline"]["test"]["accuracy"] + 0.25
+    # the module itself holds the weights the summary was scored with (the best checkpoint's)
+    best = load_checkpoint(tmp_path / "own" / "best.pt")["model"]
+    assert all(torch.equal(p, best["module." + k]) for k, p in net.state_dict().items())
+    assert gatelab.train.evaluate(run.model, task, "test") == summary["final"]["test"]
+    with pytest.raises(CheckpointError, match=r"holds a model of your own \(_SumNet\)"):
+        gatelab.train.load_model(tmp_path / "own" / "best.pt")
+    assert "name = \"sum_sign\"" in (tmp_path / "own" / "config.toml").read_text()
+
+
+def test_fit_takes_a_module_first_and_regression_datasets(tmp_path):
+    torch.manual_seed(0)
+    task = gatelab.tasks.from_datasets(_sum_data(120, 0, True), _sum_data(40, 1, True), kind="regression")
+    assert task.metrics == ("rmse", "mse", "mae") and len(task.split("test")) == 0
+    run = fit(_SumNet(outputs=1), task=task, run_dir=tmp_path / "reg", quiet=True)
+    assert set(run.summary["final"]) == {"val"}  # no test split given: nothing scored on test
+    assert run.summary["final"]["val"]["rmse"] < run.summary["baseline"]["val"]["rmse"]
+
+
+def test_fit_with_a_module_of_your_own_says_what_is_wrong(tmp_path):
+    task = gatelab.tasks.from_datasets(_sum_data(20, 0), _sum_data(10, 1))
+    with pytest.raises(ValueError, match=r"_SumNet: expected an output of shape \(\d+, 2\) \(batch, task outputs\), "
+                                         r"got \(\d+, 3\)"):
+        fit(_SumNet(outputs=3), task=task, run_dir=tmp_path / "a", quiet=True)
+    with pytest.raises(ConfigError, match="truncated BPTT carries a state"):
+        fit(gatelab.config.from_dict({"train": {"tbptt_k1": 4}}), model=_SumNet(), task=task, run_dir=tmp_path / "b")
+    with pytest.raises(TypeError, match="a module was given both"):
+        fit(_SumNet(), model=_SumNet(), task=task)
+    with pytest.raises(TypeError, match="task must be a gatelab Task"):
+        fit(model=_SumNet(), task=_sum_data(5, 0))
+    with pytest.raises(ValueError, match=r"train\[0\]: x must be a float \(T, input_size\) tensor"):
+        gatelab.tasks.from_datasets([(torch.zeros(4), 0)], [(torch.zeros(4, 1), 0)])
+    with pytest.raises(ValueError, match="classification targets must be one integer class index per sequence"):
+        gatelab.tasks.from_datasets([(torch.zeros(4, 1), 0.5)], [(torch.zeros(4, 1), 1.0)])

@@ -23,10 +23,12 @@ from .digits import ClassificationTask, DigitsTask
 from .forecast import SERIES, ForecastTask
 from .synthetic import Adding1997Task, AddingTask, CopyTask
 from .ucr import UCRClassificationTask, UCRRegressionTask, shipped, ucr_task
+from .user import from_datasets
 
 __all__ = [
     "get",
     "available",
+    "from_datasets",
     "register",
     "factory",
     "Task",

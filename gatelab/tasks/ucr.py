@@ -193,10 +193,10 @@ class UCRClassificationTask(_UCRMixin, ClassificationTask):
     :func:`gatelab.tasks.collate`). ``val_fraction`` of the official training set, stratified and
     drawn with ``seed``, becomes the validation split (or, with ``val_folds = k``, fold ``fold`` of k
     stratified disjoint folds: :func:`gatelab.cross_validate` runs every fold and reports the mean and
-    spread); the official test set is the test split. ``normalize``: None (as shipped), ``"series"`` (z-normalise each series per channel) or
-    ``"train"`` (per-channel mean and std of the training split). Then, for long series: ``crop``
-    keeps steps ``[start, stop)`` and ``pool`` averages every ``pool`` steps (a 1500-step series
-    with ``pool=10`` runs 150 steps).
+    spread); the official test set is the test split. ``normalize``: None (as shipped), ``"series"``
+    (z-normalise each series per channel) or ``"train"`` (per-channel mean and std of the training
+    split). Then, for long series: ``crop`` keeps steps ``[start, stop)`` and ``pool`` averages every
+    ``pool`` steps (a 1500-step series with ``pool=10`` runs 150 steps).
     """
 
     def __init__(self, name: str, val_fraction: float = 0.2, normalize: str | None = None, seed: int = 0,
