@@ -174,7 +174,7 @@ def test_compile_with_inductor_runs_the_operator_as_one_node():
 
 def test_explain_says_what_runs_under_compile():
     assert "Under torch.compile and torch.export the fused engine, C++ loop" in gatelab.LSTM(3, 4).explain()
-    assert "under torch.compile and torch.export the reference loop" in gatelab.LSTM(3, 4, proj_size=2).explain()
+    assert "under torch.compile, torch.export and torch.func the reference loop" in gatelab.LSTM(3, 4, proj_size=2).explain()
     assert "Under torch.compile" not in gatelab.LSTM(3, 4, gate_activation="hard_sigmoid").explain()
 
 
@@ -209,7 +209,8 @@ def test_export_with_dynamic_time_and_batch_equals_eager_at_other_shapes(name, w
                                    rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["lstm_per_gate_2x_bi", "gru", "rnn", "gated_state", "lstm_default"])
+@pytest.mark.parametrize("name", ["lstm_per_gate_2x_bi", "gru", "rnn", "gated_state", "lstm_default", "lstm_layer_norm",
+                                  "lstm_projection"])
 def test_torch_func_grad_over_functional_call_equals_autograd(name):
     model = _layer(name)
     x = torch.randn(5, 2, 3)
@@ -331,3 +332,15 @@ def test_a_layer_on_the_reference_loop_exports_with_a_fixed_length():
     torch.testing.assert_close(program.module()(x2)[0], model(x2)[0], rtol=0, atol=1e-6)
     with pytest.raises(Exception, match=r"Constraints violated \(T\)"):
         torch.export.export(model, (x,), dynamic_shapes={"input": {0: torch.export.Dim("T", min=2, max=64)}})
+
+
+def test_a_second_torch_func_transform_over_the_operators_raises_instead_of_a_wrong_answer():
+    model = _layer("gru")
+    x = torch.randn(5, 2, 3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def inner(x):
+        return torch.func.grad(lambda x: torch.func.functional_call(model, params, (x,))[0].square().sum())(x)
+
+    with pytest.raises(RuntimeError, match=r"a derivative of torch.ops.gatelab.gru_backward was asked for"):
+        torch.func.grad(lambda x: inner(x).sum())(x)

@@ -97,7 +97,7 @@ def traceable(layer: RecurrentLayer, engine: Engine) -> Engine:
         return engine
     names = [e.name for e in ENGINES]
     later = ENGINES[names.index(engine.name) + 1:] if engine.name in names else ENGINES
-    return next(e for e in later if getattr(e, "traceable", True) and not e.unsupported(layer))
+    return next((e for e in later if getattr(e, "traceable", True) and not e.unsupported(layer)), reference.ENGINE)
 
 
 __all__ = ["ENGINES", "BACKENDS", "Engine", "DirectionEngine", "StackEngine", "Stack", "choose", "get", "register",

@@ -363,7 +363,7 @@ class RecurrentLayer(nn.Module):
         traced = engines.traceable(self, engine)
         if traced is not engine:
             why += (f". Under torch.compile and torch.export {traced.describe(self)} runs instead: "
-                    f"{engine.untraceable}")
+                    f"{getattr(engine, 'untraceable', 'it does not trace')}")
         return f"{self.kind_name}: engine {engine.name!r} ({'training' if self.training else 'eval'} mode). {why}"
 
     def train(self, mode: bool = True) -> RecurrentLayer:

@@ -121,7 +121,7 @@ class PyTorchLoop:
     traceable = False  # its per-step autograd function does not trace: compiled, the reference loop runs
 
     def describe(self, cell: RecurrentCell) -> str:
-        return "pure-PyTorch loop (under torch.compile and torch.export the reference loop, which traces)"
+        return "pure-PyTorch loop (under torch.compile, torch.export and torch.func the reference loop, which traces)"
 
     def run(self, cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout):
         loop = PyLoop(step_class(cell)(cell, W_hh), zoneout)
@@ -205,7 +205,7 @@ class FusedEngine:
                 else contextlib.nullcontext():
             for loop in LOOPS:
                 if not loop.unsupported(cell) and loop.ready(strict):
-                    if getattr(loop, "traceable", True) or not torch.compiler.is_compiling():
+                    if getattr(loop, "traceable", True) or not _tracing_or_transforming():
                         return loop.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
                     break
         # A layer-norm LSTM without its C++ loop (no kernels, or another device), or a loop that does
@@ -215,6 +215,12 @@ class FusedEngine:
 
 
 ENGINE = FusedEngine()
+
+
+def _tracing_or_transforming() -> bool:
+    """torch.compile / torch.export tracing, or a torch.func transform running: a loop that is not
+    ``traceable`` (its per-step autograd function) gives way to the reference loop there."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def _autocast_available(device_type: str) -> bool:

@@ -180,6 +180,3 @@ def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
         return torch.ops.gatelab_fused.matmul(a, b, bias)
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
-
-def contiguous(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()

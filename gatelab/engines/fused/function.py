@@ -9,7 +9,7 @@ which are torch operators of their own with the same arithmetic (:mod:`.ops`).
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,35 +18,18 @@ from .cpp import matmul
 from .steps import Step
 
 
-class TimeLoop(Protocol):
-    """What the autograd function needs from a loop implementation."""
-
-    fold_bias_hh: bool  # add b_hh into the input projection (every cell but the GRU)
-
-    def forward(self, xw: Tensor, W_hh: Tensor, b_hh: Tensor | None, state: tuple[Tensor, ...],
-                lengths: Tensor | None, rec_mask: Tensor | None, reverse: bool, keep: bool = True
-                ) -> tuple[Tensor, tuple[Tensor, ...], Any]:
-        """Return ``(out (T, B, O), final state, saved)``; with ``keep=False`` nothing is kept for a
-        backward pass (inference). Zoneout masks, when any, were given to the loop's constructor."""
-
-    def backward(self, saved: Any, dout: Tensor, dstate: tuple[Tensor, ...], W_hh: Tensor, lengths: Tensor | None,
-                 rec_mask: Tensor | None, reverse: bool
-                 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], Tensor, list[Tensor]]:
-        """Return ``(dL/dxw, dL/dgh (T, B, G·H), dL/dstate0, h_rec (T, B, R), extra parameter grads)``."""
-
-
 class PyLoop:
     """The time loop in PyTorch over a :class:`~.steps.Step`. ``zoneout``: per state tensor the keep
-    shares ``m (T, B, S)`` or None (see :func:`gatelab.engines.reference.run_direction`)."""
-
-    fold_bias_hh = False
+    shares ``m (T, B, S)`` or None (see :func:`gatelab.engines.reference.run_direction`). ``forward``
+    returns ``(out (T, B, O), final state, saved)``; ``backward`` returns ``(dL/dxw, dL/dgh (T, B, G·H),
+    dL/dstate0, h_rec (T, B, R), extra parameter grads)``."""
 
     def __init__(self, step: Step, zoneout: tuple[Tensor | None, ...] | None = None) -> None:
         self.step = step
         self.zoneout = zoneout
         self.output_state = step.cell.output_state  # which state is also the output (None: computed)
 
-    def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse, keep=True):
+    def forward(self, xw, W_hh, b_hh, state, lengths, rec_mask, reverse):
         T, B, _ = xw.shape
         order = range(T - 1, -1, -1) if reverse else range(T)
         outs: list[Tensor] = [xw.new_empty(0)] * T
@@ -103,21 +86,18 @@ class PyLoop:
         return dxws, dghs, dstate, h_recs, self.step.param_grads(pgrads)
 
 
-def input_projection(loop: TimeLoop, x: Tensor, W_ih: Tensor | None, b_ih: Tensor | None, b_hh: Tensor | None
-                     ) -> Tensor:
-    """``x W_ihᵀ + b`` for all steps as one product: (T, B, I) -> (T, B, G·H), a fresh buffer the
-    loop may overwrite."""
+def input_projection(x: Tensor, W_ih: Tensor, b_ih: Tensor | None) -> Tensor:
+    """``x W_ihᵀ + b_ih`` for all steps as one product: (T, B, I) -> (T, B, G·H) (``b_hh`` is added to
+    each step's recurrent product)."""
     T, B, I = x.shape
-    bias = None if b_ih is None else (b_ih + b_hh if loop.fold_bias_hh else b_ih)
-    return matmul(x.reshape(T * B, I), W_ih.t(), bias).view(T, B, -1)
+    return matmul(x.reshape(T * B, I), W_ih.t(), b_ih).view(T, B, -1)
 
 
-def infer(loop: TimeLoop, reverse: bool, lengths: Tensor | None, rec_mask: Tensor | None, x: Tensor, W_ih: Tensor,
+def infer(loop: PyLoop, reverse: bool, lengths: Tensor | None, rec_mask: Tensor | None, x: Tensor, W_ih: Tensor,
           W_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, *state: Tensor) -> tuple[Tensor, ...]:
     """The forward pass without autograd: same results as :class:`FusedDirection`, nothing kept."""
-    xw = input_projection(loop, x, W_ih, b_ih, b_hh)
-    out, final, _ = loop.forward(xw, W_hh, None if loop.fold_bias_hh else b_hh, state, lengths, rec_mask, reverse,
-                                 keep=False)
+    with torch.no_grad():
+        out, final, _ = loop.forward(input_projection(x, W_ih, b_ih), W_hh, b_hh, state, lengths, rec_mask, reverse)
     return (out, *final)
 
 
@@ -128,13 +108,12 @@ class FusedDirection(torch.autograd.Function):
     gradients."""
 
     @staticmethod
-    def forward(ctx: Any, loop: TimeLoop, reverse: bool, lengths: Tensor | None, rec_mask: Tensor | None,
+    def forward(ctx: Any, loop: PyLoop, reverse: bool, lengths: Tensor | None, rec_mask: Tensor | None,
                 x: Tensor, W_ih: Tensor, W_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                 *rest: Tensor) -> tuple[Tensor, ...]:
         n_state = len(loop.step.cell.state_names)
-        xw = input_projection(loop, x, W_ih, b_ih, b_hh)  # (T, B, G·H)
-        out, final, saved = loop.forward(xw, W_hh, None if loop.fold_bias_hh else b_hh, tuple(rest[:n_state]),
-                                         lengths, rec_mask, reverse)
+        xw = input_projection(x, W_ih, b_ih)  # (T, B, G·H)
+        out, final, saved = loop.forward(xw, W_hh, b_hh, tuple(rest[:n_state]), lengths, rec_mask, reverse)
         ctx.loop, ctx.reverse, ctx.saved_loop, ctx.has_bias = loop, reverse, saved, b_ih is not None
         ctx.x_shape = x.shape
         # The cell's tensors as bound for this call (a layer's parametrised or functional_call weights):
@@ -163,13 +142,13 @@ def _differentiable_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor
     from .. import reference
 
     x, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest = ctx.saved_tensors
-    loop: TimeLoop = ctx.loop
+    loop: PyLoop = ctx.loop
     cell = loop.step.cell
     state, extra = tuple(rest[:ctx.n_state]), rest[ctx.n_state:]
     bound = {"weight_ih": W_ih, "weight_hh": W_hh, **dict(zip(ctx.extra_names, extra))}
     if b_ih is not None:
         bound.update(bias_ih=b_ih, bias_hh=b_hh)
-    zoneout = getattr(loop, "zoneout", None)
+    zoneout = loop.zoneout
     with cell.using(bound):
         out, final = reference.run_direction(cell, x, state, lengths, ctx.reverse, rec_mask=rec_mask, weight_hh=W_hh,
                                              zoneout=zoneout)
@@ -196,7 +175,7 @@ def _hand_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor | None, .
     """The hand-written backward: the loop's backward, then the weight gradients as matrix products (grad
     mode is off here: the autograd engine runs a backward that way unless create_graph=True)."""
     x, W_ih, W_hh, lengths, rec_mask, *_ = ctx.saved_tensors
-    loop: TimeLoop = ctx.loop
+    loop: PyLoop = ctx.loop
     T, B, I = ctx.x_shape
     GH = W_hh.shape[0]
     cell = loop.step.cell

@@ -349,12 +349,17 @@ def _autograd_backward(op: CellOp) -> Callable[..., tuple[Tensor | None, ...]]:
     def backward(ctx, *grads):
         if not ctx.options["train"]:
             raise RuntimeError(f"gatelab: torch.ops.gatelab.{op.name} ran with train=False, which keeps nothing for a "
-                               "backward pass; pass train=True when a gradient is wanted")
+                               "backward pass: the call ran under torch.no_grad() or with no input that needed a "
+                               "gradient (a program exported that way cannot be differentiated: export with grad "
+                               "enabled and a parameter that requires grad)")
         tensors = ctx.saved_tensors
         a = {**dict(zip(ctx.tensor_names, tensors)), **ctx.options}
         a.update(zip(op.saved, tensors[len(ctx.tensor_names):]))
         need = {k: bool(v) for (k, _), v in zip(arguments, ctx.needs_input_grad)}
-        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+        # create_graph=True: the gradient must itself be differentiable. (torch.func.grad runs every
+        # backward with grad mode on; there the hand-written backward serves, and a second transform
+        # over it raises: _no_second_derivative.)
+        if torch.is_grad_enabled() and not _transforms_active():
             found = _differentiable_backward(op, a, grads, need)
         else:
             W_hh = a["W_hh"]
@@ -367,7 +372,9 @@ def _autograd_backward(op: CellOp) -> Callable[..., tuple[Tensor | None, ...]]:
             if op.fold_bias_hh and not op.layer_norm:  # one bias gradient serves b_ih and b_hh
                 wanted["db_ih"] = need["b_ih"] or need["b_hh"]
             a["needs"] = list(wanted.values())
-            out = getattr(torch.ops.gatelab, op.backward_name)(*(a[k] for k, _ in backward_arguments(op)))
+            call = _TRANSFORMABLE[op.backward_name].apply if _transforms_active() else \
+                getattr(torch.ops.gatelab, op.backward_name)
+            out = call(*(a[k] for k, _ in backward_arguments(op)))
             found = {g[1:]: v for g, v in zip(grads_out, out)}
             if op.fold_bias_hh and not op.layer_norm:
                 found["b_hh"] = found["b_ih"]
@@ -423,7 +430,19 @@ def reference_cell(op: CellOp, input_size: int, hidden_size: int, bias: bool, ki
 # -- registration -----------------------------------------------------------------------------------
 
 
-_TRANSFORMABLE: dict[str, type[torch.autograd.Function]] = {}  # op name -> its autograd function for torch.func
+# op name -> the same operator as an autograd function with setup_context, for torch.func
+_TRANSFORMABLE: dict[str, type[torch.autograd.Function]] = {}
+
+
+def _no_second_derivative(op: CellOp) -> Callable[..., None]:
+    def backward(ctx, *grads):
+        raise RuntimeError(f"gatelab: a derivative of torch.ops.gatelab.{op.backward_name} was asked for (a torch.func "
+                           "transform over torch.func.grad, e.g. a Hessian): not supported on the fused engine's "
+                           "operators; autograd.grad(..., create_graph=True) gives second derivatives (but for the "
+                           "layer-norm LSTM), or build the "
+                           "layer with backend='reference'")
+
+    return backward
 
 
 def _calling(fn: Callable[..., tuple[Tensor, ...]]) -> Callable[..., tuple[Tensor, ...]]:
@@ -442,6 +461,11 @@ def _register() -> None:
         torch.library.impl(backward, "cpu", _backward_cpu(op))
         torch.library.register_fake(forward, _forward_fake(op))
         torch.library.register_fake(backward, _backward_fake(op))
+        torch.library.register_autograd(backward, _no_second_derivative(op))
+        _TRANSFORMABLE[op.backward_name] = type(f"{op.backward_name}_direction", (torch.autograd.Function,), {
+            "forward": staticmethod(_calling(getattr(torch.ops.gatelab, op.backward_name))),
+            "setup_context": staticmethod(lambda ctx, inputs, output: None),
+            "backward": staticmethod(_no_second_derivative(op))})
         setup, backward_fn = _setup_context(op), _autograd_backward(op)
         torch.library.register_autograd(forward, backward_fn, setup_context=setup)
         # torch.func transforms (grad, jacrev) need an autograd.Function with setup_context, which the
