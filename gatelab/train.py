@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -113,6 +114,7 @@ class Run:
     budget_start: float = 0.0  # ... and when
     budget_fitted: int | None = None  # the step count fitted to the budget, once measured
     summary: dict[str, Any] = field(default_factory=dict)
+    own: dict[str, str | None] = field(default_factory=lambda: {"model": None, "task": None})  # fit(model=, task=)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -412,7 +414,7 @@ def save(run: Run, path: Path) -> None:
         "grad_norm": run.grad_norm, "train_seconds": run.train_seconds, "task": _task_shape(run.task),
         "wall_seconds": run.wall_seconds + time.perf_counter() - run.started,
         "carry": run.carry if run.config.train.tbptt else None,
-        "user_model": type(run.model.module).__qualname__ if isinstance(run.model, UserModel) else None,
+        "user_model": run.own["model"], "user_task": run.own["task"],
     }
     save_checkpoint(path, step=run.step, config=to_dict(run.config), model=run.model, optimizer=run.optimizer,
                     scheduler={"kind": run.config.train.schedule, "last_lr": run.optimizer.param_groups[0]["lr"]},
@@ -429,6 +431,12 @@ def _restore(run: Run, path: Path) -> None:
         diff = _differences(saved, to_dict(run.config))
         raise ConfigError(f"{path} was written by another configuration ({diff}); resume with the same config, "
                           f"or start a new run with --name")
+    trainer = payload.get("trainer", {})
+    for what in ("model", "task"):
+        saved_own, given = trainer.get(f"user_{what}"), run.own[what]
+        if saved_own != given:
+            was, now = (f"a {what} of your own ({n})" if n else f"the config's {what}" for n in (saved_own, given))
+            raise ConfigError(f"{path} was trained with {was} and is resumed with {now}: resume with the same {what}")
     run.model.load_state_dict(payload["model"])
     run.optimizer.load_state_dict(payload["optimizer"])
     set_rng_state(payload["rng"])
@@ -492,6 +500,7 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
         raise CheckpointError(f"{run_dir / 'last.pt'}: nothing to resume (no checkpoint)")
     _seed_everything(cfg.seed)
     device = resolve_device(cfg)
+    own = {"model": None if model is None else type(model).__qualname__, "task": None if task is None else task.name}
     task = task if task is not None else config.task.build()
     if model is None:
         model = build_model(config.model, task)
@@ -499,6 +508,9 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
         if cfg.tbptt:
             raise ConfigError("train.tbptt_k1: truncated BPTT carries a state between windows, which a model of "
                               "your own does not return; use a gatelab SequenceModel or full BPTT")
+        if task.kind == "lm":
+            raise ConfigError(f"task {task.name!r} is a language model, scored with its state carried through the "
+                              f"text, which a model of your own does not return; use a gatelab SequenceModel")
         model = UserModel(model, task)
     model = model.to(device)
     if cfg.tbptt and task.kind == "lm":
@@ -519,14 +531,16 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
     hooks = ([] if quiet else [ProgressBar()]) + list(callbacks)
     run = Run(config, task, model, make_optimizer(model, cfg), run_dir, units, total, eval_every,
               cfg.checkpoint_every or eval_every, monitor, "val" if len(task.split("val")) else "train", device,
-              CallbackList(hooks))
+              CallbackList(hooks), own=own)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         _restore(run, run_dir / "last.pt")
     else:
         for name in ("metrics.jsonl", "summary.json", "failure.json", "last.pt", "best.pt"):
             (run_dir / name).unlink(missing_ok=True)
-    atomic_write(run_dir / "config.toml", to_toml(config))
+    note = "".join(f"# trained with a {what} of your own ({name}) through gatelab.fit({what}=...): this file alone "
+                   f"does not rebuild the run\n" for what, name in own.items() if name)
+    atomic_write(run_dir / "config.toml", note + to_toml(config))
     return run
 
 
@@ -550,6 +564,9 @@ def fit(config: ExperimentConfig | torch.nn.Module | None = None, *, model: torc
             raise TypeError("fit: a module was given both as the first argument and as model=")
         config, model = None, config
     if config is None:
+        if model is not None and task is None:
+            raise TypeError("fit(model): say what to train it on: task=gatelab.tasks.from_datasets(train, val, test) "
+                            "(or a task of gatelab's), or a config whose [task] names one")
         config = ExperimentConfig(name="fit")
     if not isinstance(config, ExperimentConfig):
         raise TypeError(f"fit takes an ExperimentConfig (gatelab.config.load('my.toml') or gatelab.config.from_dict"
@@ -559,7 +576,6 @@ def fit(config: ExperimentConfig | torch.nn.Module | None = None, *, model: torc
         if not isinstance(task, Task):
             raise TypeError(f"fit: task must be a gatelab Task (gatelab.tasks.from_datasets(train, val, test) wraps "
                             f"datasets), got {type(task).__name__}")
-        config = replace(config, task=replace(config.task, name=task.name, options={}))  # the record names it
     run_dir = run_directory(config, run_dir)
     resolve_device(config.train)  # a device that is not there fails before the run directory is made
     with exclusive(run_dir), _determinism(config.train):
@@ -586,6 +602,12 @@ def cross_validate(config: ExperimentConfig, *, run_dir: str | Path | None = Non
     if "fold" in options:
         raise ConfigError(f"cross_validate runs every fold: leave task.fold unset (got {options['fold']!r})")
     base = run_directory(config, run_dir)
+    if overwrite:  # a k-fold run of another k left more folds here: they are not this run's
+        stale = [d for d in base.glob("fold_*") if d.is_dir() and d.name.removeprefix("fold_").isdigit()
+                 and int(d.name.removeprefix("fold_")) >= k]
+        for d in stale:
+            shutil.rmtree(d)
+        (base / "cv.json").unlink(missing_ok=True)
     folds = []
     for fold in range(k):
         cfg = replace(config, task=replace(config.task, options={**options, "fold": fold}),
@@ -653,7 +675,7 @@ def finish(run: Run) -> dict[str, Any]:
 def load_model(path: str | Path) -> tuple[SequenceModel, ExperimentConfig, dict[str, Any]]:
     """The model stored in a checkpoint (eval mode), its configuration and the raw checkpoint."""
     payload = load_checkpoint(path)
-    if (own := payload.get("trainer", {}).get("user_model")) is not None:
+    if (own := payload.get("trainer", {}).get("user_model")) is not None:  # fit(model=...): any module of yours
         raise CheckpointError(f"{path}: holds a model of your own ({own}), which gatelab cannot rebuild; build it "
                               f"and load the weights: module.load_state_dict({{k.removeprefix('module.'): v for k, v "
                               f"in checkpoint['model'].items()}})")
@@ -669,7 +691,10 @@ def load_model(path: str | Path) -> tuple[SequenceModel, ExperimentConfig, dict[
 
 def evaluate_checkpoint(path: str | Path, splits: Sequence[str] = ("val", "test")) -> dict[str, dict[str, float]]:
     """Metrics of a checkpoint's model on ``splits`` of its task, next to the task's baselines."""
-    model, config, _ = load_model(path)
+    model, config, payload = load_model(path)
+    if (own := payload.get("trainer", {}).get("user_task")) is not None:
+        raise CheckpointError(f"{path}: was trained on a task of your own ({own}), which gatelab cannot rebuild; score "
+                              f"it with gatelab.train.evaluate(model, your_task, split)")
     task = config.task.build()
     with _determinism(config.train):
         out = {s: evaluate(model, task, s, batch_size=config.train.eval_batch_size, lm_eval=config.train.lm_eval)

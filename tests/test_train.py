@@ -690,6 +690,7 @@ def test_fit_trains_a_module_of_your_own_on_your_own_datasets(tmp_path):
     run = fit(cfg, model=net, task=task, run_dir=tmp_path / "own", quiet=True)
     summary = run.summary
     assert summary["task"] == "sum_sign" and summary["engines"] == ["fused"]
+    assert summary["weights"].startswith("best.pt (step")  # early stopping restored an earlier step's weights
     assert summary["final"]["test"]["accuracy"] > summary["baseline"]["test"]["accuracy"] + 0.25
     # the module itself holds the weights the summary was scored with (the best checkpoint's)
     best = load_checkpoint(tmp_path / "own" / "best.pt")["model"]
@@ -697,7 +698,7 @@ def test_fit_trains_a_module_of_your_own_on_your_own_datasets(tmp_path):
     assert gatelab.train.evaluate(run.model, task, "test") == summary["final"]["test"]
     with pytest.raises(CheckpointError, match=r"holds a model of your own \(_SumNet\)"):
         gatelab.train.load_model(tmp_path / "own" / "best.pt")
-    assert "name = \"sum_sign\"" in (tmp_path / "own" / "config.toml").read_text()
+    assert "a task of your own (sum_sign)" in (tmp_path / "own" / "config.toml").read_text()
 
 
 def test_fit_takes_a_module_first_and_regression_datasets(tmp_path):
@@ -720,7 +721,57 @@ def test_fit_with_a_module_of_your_own_says_what_is_wrong(tmp_path):
         fit(_SumNet(), model=_SumNet(), task=task)
     with pytest.raises(TypeError, match="task must be a gatelab Task"):
         fit(model=_SumNet(), task=_sum_data(5, 0))
-    with pytest.raises(ValueError, match=r"train\[0\]: x must be a float \(T, input_size\) tensor"):
+    with pytest.raises(ValueError, match=r"train\[0\]: x must be a \(T, input_size\) array of numbers"):
         gatelab.tasks.from_datasets([(torch.zeros(4), 0)], [(torch.zeros(4, 1), 0)])
     with pytest.raises(ValueError, match="classification targets must be one integer class index per sequence"):
         gatelab.tasks.from_datasets([(torch.zeros(4, 1), 0.5)], [(torch.zeros(4, 1), 1.0)])
+
+
+def test_runs_with_your_own_model_or_task_are_recorded_as_such(tmp_path):
+    """A SequenceModel passed as model= is not the config's model; a task of your own is not the config's
+    task: the record says so, resuming needs the same, and loading says how instead of rebuilding wrongly."""
+    torch.manual_seed(0)
+    task = gatelab.tasks.from_datasets([(np.random.default_rng(i).normal(size=(5, 3)), [float(i % 3)]) for i in range(40)],
+                                    [(np.ones((4, 3)), [1.0])], kind="regression", name="mine")
+    assert task.split("train").xs[0].dtype == torch.float32  # numpy float64 is cast
+    cfg = gatelab.config.from_dict({"name": "rec", "model": {"cell": "gru", "hidden_sizes": [4]},
+                                    "train": {"steps": 3, "batch_size": 8}})
+    own = gatelab.build_model(gatelab.config.ModelConfig(cell="gru", hidden_sizes=[4],
+                                                         candidate_activation="softsign"), task)
+    fit(cfg, model=own, task=task, run_dir=tmp_path / "r", quiet=True)
+    text = (tmp_path / "r" / "config.toml").read_text()
+    assert text.startswith("# trained with a model of your own (SequenceModel)") and "a task of your own (mine)" in text
+    with pytest.raises(CheckpointError, match=r"holds a model of your own \(SequenceModel\)"):
+        gatelab.train.load_model(tmp_path / "r" / "last.pt")
+    with pytest.raises(ConfigError, match="was trained with a model of your own .* resumed with the config's model"):
+        fit(cfg, task=task, run_dir=tmp_path / "r", resume=True, quiet=True)
+    fit(cfg, task=task, run_dir=tmp_path / "t", quiet=True)  # the config's model on your task: loads, cannot be scored
+    model, _, _ = gatelab.train.load_model(tmp_path / "t" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"was trained on a task of your own \(mine\)"):
+        gatelab.train.evaluate_checkpoint(tmp_path / "t" / "last.pt")
+    with pytest.raises(TypeError, match="fit\\(model\\): say what to train it on"):
+        fit(_SumNet())
+
+
+def test_from_datasets_copies_checks_and_never_changes_what_it_is_given():
+    train = gatelab.tasks.get("digits").split("train")
+    before = train.ys.clone()
+    task = gatelab.tasks.from_datasets(train, train, kind="regression")
+    assert torch.equal(train.ys, before) and task.split("train").ys.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"data: train\[1\]: y has shape \(1,\), train\[0\]'s has \(\): every target"):
+        gatelab.tasks.from_datasets([(np.ones((3, 2)), 0), (np.ones((3, 2)), torch.tensor([1]))], None)
+    with pytest.raises(ValueError, match=r"train\[0\]: x must be a \(T, input_size\) array of numbers with T >= 1"):
+        gatelab.tasks.from_datasets([(np.ones((0, 2)), 0)], None)
+    with pytest.raises(TypeError, match=r"train\[0\]: x and y must be numbers or tensors"):
+        gatelab.tasks.from_datasets([(np.ones((3, 2)), "cat")], None)
+    with pytest.raises(ValueError, match=r"val's targets have shape \(2,\), train's \(1,\)"):
+        gatelab.tasks.from_datasets([(np.ones((3, 2)), [1.0])], [(np.ones((3, 2)), [1.0, 2.0])], kind="regression")
+
+
+def test_a_class_with_one_series_cannot_be_folded():
+    from gatelab.tasks.base import stratified_folds
+
+    with pytest.raises(ValueError, match="class 2 has a single item: the fold holding it would train without"):
+        stratified_folds(np.array([0, 0, 1, 1, 2]), 2, seed=0)
+    with pytest.raises(ValueError, match=r"ucr:ItalyPowerDemand: val_folds = 500 is more than the 67 training series"):
+        gatelab.tasks.get("ucr:ItalyPowerDemand", val_folds=500).splits()

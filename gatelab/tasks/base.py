@@ -108,6 +108,10 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     the deal continuing across classes so that fold sizes differ by at most one). Sorted arrays."""
     if k < 2 or k > len(labels):
         raise ValueError(f"val_folds must be in 2..{len(labels)} (the training items), got {k}")
+    values, counts = np.unique(labels, return_counts=True)
+    if len(values) > 1 and (counts == 1).any():
+        raise ValueError(f"class {values[counts == 1][0]} has a single item: the fold holding it would train without "
+                         f"that class; use val_fraction, which keeps every class in training")
     rng = np.random.default_rng(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
     dealt = 0

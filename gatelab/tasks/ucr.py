@@ -166,6 +166,9 @@ class _UCRMixin:
         X_test, self._y_test, _ = _load(test_path)
         self._series = list(X_train) + list(X_test)
         self._n_official_train = len(X_train)
+        if self.val_folds > self._n_official_train:
+            raise ValueError(f"{self.name}: val_folds = {self.val_folds} is more than the {self._n_official_train} "
+                             f"training series")
         self.input_size = int(X_train[0].shape[0])
         self.equal_length = len({s.shape[1] for s in self._series}) == 1
 
@@ -173,7 +176,10 @@ class _UCRMixin:
         """(train, val) indices into the official training set: a stratified ``val_fraction``, or with
         ``val_folds = k`` the ``fold``-th of k stratified folds."""
         if self.val_folds:
-            return fold_split(labels, self.val_folds, self.fold, self.seed)
+            try:
+                return fold_split(labels, self.val_folds, self.fold, self.seed)
+            except ValueError as err:
+                raise ValueError(f"{self.name}: {err}") from None
         return stratified_split(labels, self.val_fraction, self.seed)
 
     def _datasets(self, y: Tensor, keep: np.ndarray, val: np.ndarray) -> dict[str, SequenceDataset]:
