@@ -122,7 +122,7 @@ BAD_ARGUMENTS = [
     ("ucr:GunPoint", {"seed": "0"}, TypeError, r"^ucr:GunPoint: seed must be an int >= 0, got '0' \(str\)$"),
     ("ucr:GunPoint", {"seed": -2}, ValueError, r"^ucr:GunPoint: seed must be an int >= 0, got -2 \(int\)$"),
     ("ucr:GunPoint", {"normalise": "train"}, TypeError,
-     r"^ucr:GunPoint: .*'normalise'.*takes val_fraction, normalize, seed, crop, pool$"),
+     r"^ucr:GunPoint: .*'normalise'.*takes val_fraction, normalize, seed, crop, pool, val_folds, fold$"),
     ("forecast:Airline", {"horizon": 0}, ValueError, r"^forecast:Airline: horizon must be None or an int >= 1, got 0 \(int\)$"),
     ("forecast:Airline", {"horizon": 1.5}, TypeError, r"^forecast:Airline: horizon must be None or an int >= 1, got 1.5"),
     ("forecast:Airline", {"window": -1}, ValueError, r"^forecast:Airline: window must be None or an int >= 1, got -1 \(int\)$"),
