@@ -5,6 +5,7 @@ from ._version import __version__
 from .callbacks import Callback
 from .cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell
 from .config import ExperimentConfig, ModelConfig, TaskConfig, TrainConfig
+from .keras import from_keras, to_keras
 from .layers import GRU, LSTM, RNN, GatedStateRNN
 from .models import SequenceModel, build_model
 from .train import cross_validate, evaluate, fit
@@ -15,6 +16,6 @@ __all__ = [
     "RNN", "LSTM", "GRU", "GatedStateRNN",
     "callbacks", "checkpoint", "config", "data", "diagnostics", "models", "train",
     "Callback", "ExperimentConfig", "TaskConfig", "ModelConfig", "TrainConfig",
-    "SequenceModel", "build_model", "fit", "cross_validate", "evaluate",
+    "SequenceModel", "build_model", "fit", "cross_validate", "evaluate", "from_keras", "to_keras",
     "__version__",
 ]
