@@ -143,8 +143,8 @@ class SequenceModel(nn.Module):
         previous call, as truncated BPTT and sampling do; ``None`` starts from zeros.
         """
         T = x.shape[1]
-        if lengths is not None and bool((lengths == T).all()):
-            lengths = None  # every sequence is full: the faster unpadded path
+        if lengths is not None and not torch.compiler.is_compiling() and bool((lengths == T).all()):
+            lengths = None  # every sequence is full: the faster unpadded path (not while tracing: data-dependent)
         h = self.encode(x)
         new_state: State = []
         for k, layer in enumerate(self.layers):

@@ -1,0 +1,112 @@
+"""ONNX export with ONNX's own recurrent nodes (gatelab.onnx), run in onnxruntime against PyTorch at
+a length and batch other than the export's, float32 to 1e-5; and the clear error for what ONNX's
+nodes cannot express."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import gatelab
+import gatelab.onnx as gonnx
+
+ort = pytest.importorskip("onnxruntime")  # the onnx extra (make setup installs it)
+pytest.importorskip("onnxscript")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+GRID = [  # (layer, options); each exported once, run with and without lengths where marked
+    (gatelab.LSTM, {"gate_activation": "hard_sigmoid", "candidate_activation": "relu"}),
+    (gatelab.LSTM, {}),
+    (gatelab.LSTM, {"gate_activation": "hard_sigmoid:0.2", "candidate_activation": "softsign",
+                    "cell_activation": "softplus"}),
+    (gatelab.LSTM, {"candidate_activation": "elu:0.5", "cell_activation": "identity"}),
+    (gatelab.LSTM, {"candidate_activation": "leaky_relu:0.2", "num_layers": 2}),
+    (gatelab.LSTM, {"peephole": True, "bidirectional": True}),
+    (gatelab.LSTM, {"peephole": True, "num_layers": 2, "bidirectional": True, "gate_activation": "hard_sigmoid"}),
+    (gatelab.LSTM, {"bias": False, "gate_activation": "tanh"}),
+    (gatelab.GRU, {}),
+    (gatelab.GRU, {"gate_activation": "hard_sigmoid", "candidate_activation": "relu"}),
+    (gatelab.GRU, {"candidate_activation": "softsign", "bidirectional": True, "num_layers": 2}),
+    (gatelab.GRU, {"candidate_activation": "identity", "bias": False}),
+    (gatelab.RNN, {}),
+    (gatelab.RNN, {"nonlinearity": "relu", "num_layers": 2, "bidirectional": True}),
+    (gatelab.RNN, {"activation": "elu"}),
+    (gatelab.RNN, {"activation": "softplus"}),
+]
+
+
+def _run(path, feed):
+    session = ort.InferenceSession(str(path))
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, dict(zip(names, feed)))
+
+
+def _flat(result):
+    out, hn = result
+    return [out, *(hn if isinstance(hn, tuple) else (hn,))]
+
+
+@pytest.mark.parametrize(("cls", "options"), GRID, ids=lambda v: v.__name__ if isinstance(v, type) else
+                         ",".join(f"{k}={w}" for k, w in v.items()) or "defaults")
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_native_node_export_runs_in_onnxruntime_like_pytorch(cls, options, with_lengths, tmp_path):
+    torch.manual_seed(0)
+    model = cls(3, 5, **options).eval()
+    x = torch.randn(6, 2, 3)
+    if with_lengths:
+        args, dynamic = (x, None, torch.tensor([6, 4])), ({0: "T", 1: "B"}, None, {0: "B"})
+    else:
+        args, dynamic = (x,), ({0: "T", 1: "B"},)
+    program = gonnx.export(model, args, dynamic_shapes=dynamic)
+    kinds = [n.op_type for n in program.model_proto.graph.node if n.op_type in ("LSTM", "GRU", "RNN", "Loop", "Scan")]
+    expected = {gatelab.LSTM: "LSTM", gatelab.GRU: "GRU", gatelab.RNN: "RNN"}[cls]
+    assert kinds == [expected] * (model.num_layers * model.num_directions)  # one node per layer and direction
+    program.save(tmp_path / "m.onnx")
+    x2, lengths = torch.randn(11, 4, 3), torch.tensor([11, 3, 7, 1])
+    got = _run(tmp_path / "m.onnx", [x2.numpy(), lengths.numpy()] if with_lengths else [x2.numpy()])
+    with torch.no_grad():
+        want = _flat(model(x2, lengths=lengths if with_lengths else None))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
+
+
+def test_alpha_and_beta_are_written_out(tmp_path):
+    model = gatelab.LSTM(3, 4, gate_activation="hard_sigmoid", candidate_activation="relu").eval()
+    program = gonnx.export(model, (torch.randn(5, 2, 3),), dynamic_shapes=({0: "T", 1: "B"},))
+    node = next(n for n in program.model_proto.graph.node if n.op_type == "LSTM")
+    attrs = {a.name: a for a in node.attribute}
+    assert [s.decode() for s in attrs["activations"].strings] == ["HardSigmoid", "Relu", "Tanh"]
+    # consumed in order by the activations that take them: HardSigmoid's, torch's slope (not ONNX's 0.2)
+    assert list(attrs["activation_alpha"].floats) == pytest.approx([1 / 6])
+    assert list(attrs["activation_beta"].floats) == pytest.approx([0.5])
+
+
+def test_a_sequence_model_exports_with_its_head(tmp_path):
+    torch.manual_seed(0)
+    model = gatelab.SequenceModel(3, 4, cell="gru", hidden_sizes=(6, 5), head="mean",
+                                  gate_activation="hard_sigmoid").eval()
+    x, lengths = torch.randn(2, 7, 3), torch.tensor([7, 4])
+    program = gonnx.export(model, (x, lengths), dynamic_shapes=({0: "B", 1: "T"}, {0: "B"}))
+    program.save(tmp_path / "s.onnx")
+    x2, l2 = torch.randn(5, 12, 3), torch.tensor([12, 3, 9, 1, 12])
+    got = _run(tmp_path / "s.onnx", [x2.numpy(), l2.numpy()])
+    with torch.no_grad():
+        want = model(x2, l2)[0]
+    np.testing.assert_allclose(got[0], want.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("layer", "reason"), [
+    (lambda: gatelab.LSTM(3, 4, gate_activation={"i": "hard_sigmoid"}), "one activation for the i, f and o gates"),
+    (lambda: gatelab.GRU(3, 4, candidate_activation="elliott"), "activation elliott has no counterpart"),
+    (lambda: gatelab.LSTM(3, 4, peephole=True, peephole_output="previous"), "peephole_output='previous'"),
+    (lambda: gatelab.GatedStateRNN(3, 4), "the gated-state cell has no ONNX recurrent node"),
+])
+def test_what_onnx_nodes_cannot_express_is_named(layer, reason):
+    with warnings.catch_warnings(), pytest.raises(Exception, match=reason):
+        warnings.simplefilter("ignore")
+        gonnx.export(layer(), (torch.randn(5, 2, 3),), dynamic_shapes=({0: "T", 1: "B"},))
