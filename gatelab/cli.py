@@ -3,6 +3,7 @@
     gatelab train CONFIG [--train.lr=1e-3 --model.cell=gru ...] [--name NAME] [--runs DIR] [--quiet]
                          [--resume | --overwrite]   (with task.val_folds = k: k-fold validation)
     gatelab evaluate CHECKPOINT [--split val test]
+    gatelab export RUN_DIR_OR_CHECKPOINT [--onnx OUT.onnx] [--safetensors OUT.safetensors]
     gatelab list [cells | activations | presets | tasks | configs]
     gatelab generate CHECKPOINT [--length N] [--temperature T] [--prime TEXT] [--seed S]
     gatelab demo [--out runs/demo] [--quiet]
@@ -104,6 +105,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(existing_file(args.checkpoint, "checkpoint"), args.split), indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    if args.onnx is None and args.safetensors is None:
+        raise UsageError("export: give --onnx OUT.onnx and/or --safetensors OUT.safetensors")
+    written = export_run(args.source, onnx=args.onnx, safetensors=args.safetensors)
+    for what in ("safetensors", "config", "onnx"):
+        if what in written:
+            print(f"{what}: {written[what]}")
+    print(f"from {written['checkpoint']}")
     return 0
 
 
@@ -216,6 +230,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", nargs="+", default=["val", "test"], choices=["train", "val", "test"],
                    help="the splits to score (default: val test)")
 
+    x = sub.add_parser("export", help="a trained run as ONNX and/or safetensors (+ its config)")
+    x.add_argument("source", help="a run directory (its best.pt, else last.pt) or a checkpoint file")
+    x.add_argument("--onnx", help="write ONNX here (ONNX's own LSTM/GRU/RNN nodes)")
+    x.add_argument("--safetensors", help="write the weights here (torch's names), the config beside it (.toml)")
     ls = sub.add_parser("list", help="cells, activations, presets, tasks, configs")
     ls.add_argument("what", nargs="?", default="all", choices=["all", "cells", "activations", "presets", "tasks", "configs"],
                     help="what to list (default: all)")
@@ -300,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "train":
             return cmd_train(args, extra)
         return {"evaluate": cmd_evaluate, "list": cmd_list, "generate": cmd_generate, "demo": cmd_demo,
-                "diagnose": cmd_diagnose}[command](args)
+                "diagnose": cmd_diagnose, "export": cmd_export}[command](args)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -208,6 +208,7 @@ def export(model: torch.nn.Module, args: tuple[Any, ...], path: Any = None, *, d
     """``torch.onnx.export(model, args, path, dynamo=True, ...)`` with :func:`translation_table`, the
     model in eval mode and without gradients; returns the ONNX program. ``dynamic_shapes`` as for
     ``torch.onnx.export`` (e.g. ``({0: "T", 1: "B"},)`` for a time-major input)."""
+    kwargs.setdefault("verbose", False)  # the exporter's progress lines
     was_training = model.training
     model.eval()
     try:

@@ -110,3 +110,33 @@ def test_what_onnx_nodes_cannot_express_is_named(layer, reason):
     with warnings.catch_warnings(), pytest.raises(Exception, match=reason):
         warnings.simplefilter("ignore")
         gonnx.export(layer(), (torch.randn(5, 2, 3),), dynamic_shapes=({0: "T", 1: "B"},))
+
+
+def test_an_exported_run_reloads_and_scores_its_metric(tmp_path, capsys):
+    """gatelab export: the safetensors weights rebuild the model, and the ONNX file run in onnxruntime,
+    score the test split exactly as the trained run's summary says."""
+    import json
+
+    from gatelab import cli
+    from gatelab.export import load_safetensors
+
+    config = tmp_path / "tiny.toml"
+    config.write_text('name = "tiny"\n[task]\nname = "ucr:ItalyPowerDemand"\n[model]\ncell = "gru"\nhidden_sizes = [6]\n'
+                      'gate_activation = "hard_sigmoid"\n[train]\nsteps = 30\nbatch_size = 16\n')
+    assert cli.main(["train", str(config), "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    summary = json.loads((run / "summary.json").read_text())
+    out = tmp_path / "out"
+    assert cli.main(["export", str(run), "--onnx", str(out / "m.onnx"), "--safetensors", str(out / "m.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert "from " + str(run / "best.pt") in printed or "from " + str(run / "last.pt") in printed
+    assert (out / "m.toml").read_text() == (run / "config.toml").read_text()
+    task = gatelab.tasks.get("ucr:ItalyPowerDemand")
+    model = load_safetensors(out / "m.safetensors")
+    assert gatelab.train.evaluate(model, task, "test") == pytest.approx(summary["final"]["test"], abs=1e-6)
+    test = task.split("test")
+    x = torch.stack(list(test.xs))  # equal lengths: (N, T, 1)
+    logits = _run(out / "m.onnx", [x.numpy(), np.full(len(test), x.shape[1], dtype=np.int64)])[0]
+    assert task.evaluate(torch.from_numpy(logits), "test")["accuracy"] == summary["final"]["test"]["accuracy"]
+    assert cli.main(["export", str(run)]) == 2  # nothing to write: a usage error, one line on stderr
+    assert "give --onnx OUT.onnx and/or --safetensors" in capsys.readouterr().err
