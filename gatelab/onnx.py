@@ -193,6 +193,37 @@ def _not_expressible(what: str):
     return translate
 
 
+def form(layer: Any) -> str:
+    """Which ONNX form ``layer`` exports to: ``"ONNX LSTM node"`` (``GRU``, ``RNN``), one per layer and
+    direction, or why ONNX's nodes cannot express it. Needs no ONNX package."""
+    from .engines.fused import ops
+
+    cell = layer.cells[0]
+    if blockers := [b for b in cpp.cell_blockers(cell) if not b.startswith((cpp.DEVICE_BLOCKER, cpp.DTYPE_BLOCKER))]:
+        return f"not expressible as an ONNX node: {blockers[0]} (only what the C++ loops run maps to ONNX's nodes)"
+    op = ops.for_cell(cell)
+    kinds, params = zip(*(cpp._kind(a) for a in cell.activation_slots().values()))
+    try:
+        if op is ops.LSTM:
+            if cell.peephole and cell.peephole_output != "current":
+                raise NotExpressibleError("ONNX's LSTM peephole on o reads the new cell state "
+                                          "(peephole_output='previous' here)")
+            acts = [_shared(kinds, params, (0, 1, 3), "the i, f and o gates"), onnx_activation(kinds[2], params[2]),
+                    onnx_activation(kinds[4], params[4])]
+        elif op is ops.GRU:
+            acts = [_shared(kinds, params, (0, 1), "the r and z gates"), onnx_activation(kinds[2], params[2])]
+        elif op is ops.ELMAN:
+            acts = [onnx_activation(kinds[0], params[0])]
+        else:
+            raise NotExpressibleError(f"{'the layer-norm LSTM' if op.layer_norm else 'the gated-state cell'} has no "
+                                      f"ONNX recurrent node")
+    except NotExpressibleError as err:
+        return f"not expressible as an ONNX node: {err}"
+    node = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}[op.name]
+    count = layer.num_layers * layer.num_directions
+    return f"ONNX {node} node{'s' if count > 1 else ''} ({count}), activations {', '.join(a[0] for a in acts)}"
+
+
 def translation_table() -> dict[Any, Any]:
     """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: gatelab's operators to ONNX's
     recurrent nodes."""
@@ -219,4 +250,4 @@ def export(model: torch.nn.Module, args: tuple[Any, ...], path: Any = None, *, d
         model.train(was_training)
 
 
-__all__ = ["NotExpressibleError", "RNN_ACTIVATIONS", "export", "onnx_activation", "translation_table"]
+__all__ = ["NotExpressibleError", "RNN_ACTIVATIONS", "export", "form", "onnx_activation", "translation_table"]

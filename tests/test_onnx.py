@@ -140,3 +140,12 @@ def test_an_exported_run_reloads_and_scores_its_metric(tmp_path, capsys):
     assert task.evaluate(torch.from_numpy(logits), "test")["accuracy"] == summary["final"]["test"]["accuracy"]
     assert cli.main(["export", str(run)]) == 2  # nothing to write: a usage error, one line on stderr
     assert "give --onnx OUT.onnx and/or --safetensors" in capsys.readouterr().err
+
+
+def test_form_says_which_onnx_form_a_layer_exports_to():
+    assert gonnx.form(gatelab.LSTM(3, 4, 2, bidirectional=True, gate_activation="hard_sigmoid",
+                                   candidate_activation="relu")) == "ONNX LSTM nodes (4), activations HardSigmoid, Relu, Tanh"
+    assert gonnx.form(gatelab.GRU(3, 4)) == "ONNX GRU node (1), activations Sigmoid, Tanh"
+    assert "one activation for the i, f and o gates" in gonnx.form(gatelab.LSTM(3, 4, gate_activation={"i": "elliott"}))
+    assert "gated-state cell has no ONNX recurrent node" in gonnx.form(gatelab.GatedStateRNN(3, 4))
+    assert "proj_size" in gonnx.form(gatelab.LSTM(3, 4, proj_size=2))
