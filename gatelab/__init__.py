@@ -1,6 +1,6 @@
 """gatelab: gated recurrent networks in which every activation inside every gate is pluggable."""
 
-from . import activations, callbacks, checkpoint, config, data, diagnostics, engines, init, models, tasks, train
+from . import activations, callbacks, checkpoint, config, data, diagnostics, engines, export, init, models, onnx, tasks, train
 from ._version import __version__
 from .callbacks import Callback
 from .cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell
@@ -14,7 +14,7 @@ __all__ = [
     "activations", "engines", "init", "tasks",
     "ElmanCell", "LSTMCell", "GRUCell", "GatedStateCell",
     "RNN", "LSTM", "GRU", "GatedStateRNN",
-    "callbacks", "checkpoint", "config", "data", "diagnostics", "models", "train",
+    "callbacks", "checkpoint", "config", "data", "diagnostics", "export", "models", "onnx", "train",
     "Callback", "ExperimentConfig", "TaskConfig", "ModelConfig", "TrainConfig",
     "SequenceModel", "build_model", "fit", "cross_validate", "evaluate", "from_keras", "to_keras",
     "__version__",

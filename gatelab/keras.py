@@ -139,15 +139,19 @@ def _keras_activation(spec: Any, what: str, owner: str) -> str:
     return TO_KERAS[key]
 
 
-def to_keras(layer: RecurrentLayer, *, return_sequences: bool = True, return_state: bool = False) -> Any:
+def to_keras(layer: RecurrentLayer | Backwards, *, return_sequences: bool = True, return_state: bool = False) -> Any:
     """A built Keras 3 layer equal to a one-layer, unidirectional gatelab ``LSTM``, ``GRU`` or ``RNN``
     whose options Keras has (Keras' single ``activation`` is the LSTM's φ and ψ, and all gates share one
-    ``recurrent_activation``; no peepholes, projection, layer norm, zoneout or residual). Raises
-    ``ValueError`` naming what Keras cannot express."""
+    ``recurrent_activation``; no peepholes, projection, layer norm, zoneout or residual); a
+    :class:`Backwards` (what :func:`from_keras` gives for ``go_backwards``) becomes ``go_backwards=True``.
+    Raises ``ValueError`` naming what Keras cannot express."""
     keras = _keras()
-    owner = layer.kind_name
+    backwards = isinstance(layer, Backwards)
+    if backwards:
+        layer = layer.layer
     if not isinstance(layer, (LSTM, GRU, RNN)):
         raise TypeError(f"to_keras: expected a gatelab LSTM, GRU or RNN, got {type(layer).__name__}")
+    owner = layer.kind_name
     if layer.num_layers != 1 or layer.bidirectional:
         raise ValueError(f"to_keras: {owner} has {layer.num_layers} layer(s), bidirectional={layer.bidirectional}; "
                          f"Keras' layer is one unidirectional layer (stack them, or wrap in keras.layers.Bidirectional)")
@@ -163,7 +167,8 @@ def to_keras(layer: RecurrentLayer, *, return_sequences: bool = True, return_sta
     H, I = layer.hidden_size, layer.input_size
     sd = {k: v.detach().cpu().numpy() for k, v in layer.state_dict().items()}
     common = {"units": H, "use_bias": layer.bias, "return_sequences": return_sequences,
-              "return_state": return_state, "dropout": layer.input_dropout, "recurrent_dropout": layer.recurrent_dropout}
+              "return_state": return_state, "dropout": layer.input_dropout, "recurrent_dropout": layer.recurrent_dropout,
+              "go_backwards": backwards}
     if isinstance(layer, LSTM):
         gates = {_keras_activation(slots[s], s, owner) for s in ("sigma_i", "sigma_f", "sigma_o")}
         phi, psi = _keras_activation(slots["phi"], "phi", owner), _keras_activation(slots["psi"], "psi", owner)

@@ -198,6 +198,9 @@ def form(layer: Any) -> str:
     direction, or why ONNX's nodes cannot express it. Needs no ONNX package."""
     from .engines.fused import ops
 
+    if any(layer.zoneout):
+        return ("not expressible as an ONNX node: zoneout (in eval its constant keep shares still mix old and new "
+                "states, which ONNX's nodes cannot)")
     cell = layer.cells[0]
     if blockers := [b for b in cpp.cell_blockers(cell) if not b.startswith((cpp.DEVICE_BLOCKER, cpp.DTYPE_BLOCKER))]:
         return f"not expressible as an ONNX node: {blockers[0]} (only what the C++ loops run maps to ONNX's nodes)"
@@ -237,8 +240,16 @@ def translation_table() -> dict[Any, Any]:
 def export(model: torch.nn.Module, args: tuple[Any, ...], path: Any = None, *, dynamic_shapes: Any = None,
            **kwargs: Any) -> Any:
     """``torch.onnx.export(model, args, path, dynamo=True, ...)`` with :func:`translation_table`, the
-    model in eval mode and without gradients; returns the ONNX program. ``dynamic_shapes`` as for
+    model in eval mode and without gradients; returns the ONNX program. Every gatelab layer inside is
+    checked first (:func:`form`): one ONNX's nodes cannot express raises :class:`NotExpressibleError`
+    naming the layer and the reason. ``dynamic_shapes`` as for
     ``torch.onnx.export`` (e.g. ``({0: "T", 1: "B"},)`` for a time-major input)."""
+    from .layers.base import RecurrentLayer
+
+    for name, layer in model.named_modules():
+        if isinstance(layer, RecurrentLayer) and (how := form(layer)).startswith("not expressible"):
+            raise NotExpressibleError(f"{name or type(model).__name__} ({layer.kind_name}): {how}; a Loop form is not "
+                                      f"built yet (backend='reference' exports an unrolled graph at a fixed length)")
     kwargs.setdefault("verbose", False)  # the exporter's progress lines
     was_training = model.training
     model.eval()

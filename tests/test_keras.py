@@ -64,7 +64,7 @@ def test_from_keras_gives_keras_outputs_and_states(cls, options):
     assert inner.batch_first and inner.bias == options.get("use_bias", True)
 
 
-@pytest.mark.parametrize(("cls", "options"), [g for g in GRID if not g[1].get("go_backwards")][::2],
+@pytest.mark.parametrize(("cls", "options"), GRID[::2] + [g for g in GRID if g[1].get("go_backwards")],
                          ids=lambda v: v.__name__ if isinstance(v, type) else ",".join(f"{k}={w}" for k, w in v.items()))
 def test_to_keras_inverts_from_keras(cls, options):
     layer = _keras_layer(cls, options, seed=7)

@@ -105,9 +105,11 @@ def test_a_sequence_model_exports_with_its_head(tmp_path):
     (lambda: gatelab.GRU(3, 4, candidate_activation="elliott"), "activation elliott has no counterpart"),
     (lambda: gatelab.LSTM(3, 4, peephole=True, peephole_output="previous"), "peephole_output='previous'"),
     (lambda: gatelab.GatedStateRNN(3, 4), "the gated-state cell has no ONNX recurrent node"),
+    (lambda: gatelab.GRU(3, 4, reset_after=False), "reset_after=False runs on the pure-PyTorch loop"),
+    (lambda: gatelab.LSTM(3, 4, zoneout=0.2), "zoneout"),
 ])
 def test_what_onnx_nodes_cannot_express_is_named(layer, reason):
-    with warnings.catch_warnings(), pytest.raises(Exception, match=reason):
+    with warnings.catch_warnings(), pytest.raises(gonnx.NotExpressibleError, match=reason):
         warnings.simplefilter("ignore")
         gonnx.export(layer(), (torch.randn(5, 2, 3),), dynamic_shapes=({0: "T", 1: "B"},))
 

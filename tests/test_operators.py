@@ -173,7 +173,7 @@ def test_compile_with_inductor_runs_the_operator_as_one_node():
 
 
 def test_explain_says_what_runs_under_compile():
-    assert "Under torch.compile and torch.export the fused engine, C++ loop" in gatelab.LSTM(3, 4).explain()
+    assert "Under torch.compile, torch.export and torch.func the fused engine, C++ loop" in gatelab.LSTM(3, 4).explain()
     assert "under torch.compile, torch.export and torch.func the reference loop" in gatelab.LSTM(3, 4, proj_size=2).explain()
     assert "Under torch.compile" not in gatelab.LSTM(3, 4, gate_activation="hard_sigmoid").explain()
 
@@ -210,18 +210,18 @@ def test_export_with_dynamic_time_and_batch_equals_eager_at_other_shapes(name, w
 
 
 @pytest.mark.parametrize("name", ["lstm_per_gate_2x_bi", "gru", "rnn", "gated_state", "lstm_default", "lstm_layer_norm",
-                                  "lstm_projection"])
+                                  "lstm_projection", "gru_default"])
 def test_torch_func_grad_over_functional_call_equals_autograd(name):
     model = _layer(name)
-    x = torch.randn(5, 2, 3)
+    x, lengths = torch.randn(5, 2, 3), torch.tensor([5, 3])  # padded: torch's own kernel would pack
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss(p):
-        out = torch.func.functional_call(model, p, (x,))[0]
+        out = torch.func.functional_call(model, p, (x,), {"lengths": lengths})[0]
         return (out * out.detach().cos()).sum()
 
     got = torch.func.grad(loss)(params)
-    out = model(x)[0]
+    out = model(x, lengths=lengths)[0]
     want = torch.autograd.grad((out * out.detach().cos()).sum(), list(model.parameters()))
     for (k, g), w in zip(got.items(), want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5, msg=k)

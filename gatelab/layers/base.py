@@ -362,7 +362,7 @@ class RecurrentLayer(nn.Module):
                                              f"runs, the only one that exposes every step's state (else: {why})")
         traced = engines.traceable(self, engine)
         if traced is not engine:
-            why += (f". Under torch.compile and torch.export {traced.describe(self)} runs instead: "
+            why += (f". Under torch.compile, torch.export and torch.func {traced.describe(self)} runs instead: "
                     f"{getattr(engine, 'untraceable', 'it does not trace')}")
         return f"{self.kind_name}: engine {engine.name!r} ({'training' if self.training else 'eval'} mode). {why}"
 
@@ -401,8 +401,8 @@ class RecurrentLayer(nn.Module):
         packing. Returns ``(output, h_n)`` as torch does (``(output, (h_n, c_n))`` for an LSTM)."""
         owner = self.kind_name
         batch = to_sequence_batch(input, self.input_size, self.batch_first, lengths, owner)
-        engine = reference.ENGINE if self._step_hooks else self._traced_engine if torch.compiler.is_compiling() \
-            else self.engine
+        traced = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+        engine = reference.ENGINE if self._step_hooks else self._traced_engine if traced else self.engine
         with self._weights_bound() as cells:
             ref = cells[0].weight_ih  # as bound: what runs
             if (batch.data.dtype in _REDUCED and ref.dtype not in _REDUCED and batch.data.device == ref.device
