@@ -344,3 +344,23 @@ def test_a_second_torch_func_transform_over_the_operators_raises_instead_of_a_wr
 
     with pytest.raises(RuntimeError, match=r"a derivative of torch.ops.gatelab.gru_backward was asked for"):
         torch.func.grad(lambda x: inner(x).sum())(x)
+
+
+@pytest.mark.parametrize("name", ["lstm_per_gate_peephole_2x_bi", "gru", "rnn", "gated_state", "lstm_default",
+                                  "lstm_layer_norm"])
+def test_vmap_and_per_sample_gradients_equal_a_loop(name):
+    """torch.vmap runs the operators once per mapped entry (their vmap rule); vmap over torch.func.grad
+    gives every sample's own gradient."""
+    model = _layer(name).double()
+    xs = torch.randn(4, 5, 2, 3, dtype=torch.float64)  # 4 samples of (T, B, I)
+    got = torch.vmap(lambda x: model(x)[0])(xs)
+    torch.testing.assert_close(got, torch.stack([model(x)[0] for x in xs]), rtol=0, atol=1e-12)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, x):
+        return torch.func.functional_call(model, p, (x,))[0].square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
+    for k, p in model.named_parameters():
+        want = torch.stack([torch.autograd.grad(model(x)[0].square().sum(), p)[0] for x in xs])
+        torch.testing.assert_close(per_sample[k], want, rtol=0, atol=1e-10, msg=k)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -445,6 +446,20 @@ def _no_second_derivative(op: CellOp) -> Callable[..., None]:
     return backward
 
 
+def _vmap_by_loop(fn: Callable[..., tuple[Tensor, ...]]) -> Callable[..., Any]:
+    """A torch.vmap rule for an operator: run it once per entry of the mapped dimension and stack the
+    results (correct for every argument being mapped or not; per-sample gradients need exactly that)."""
+    def rule(info, in_dims, *args):
+        results = []
+        for i in range(info.batch_size):
+            results.append(fn(*(a.select(d, i) if isinstance(a, Tensor) and isinstance(d, int) else a
+                                for a, d in zip(args, in_dims))))
+        outs = tuple(torch.stack([r[k] for r in results]) for k in range(len(results[0])))
+        return outs, (0,) * len(outs)
+
+    return rule
+
+
 def _calling(fn: Callable[..., tuple[Tensor, ...]]) -> Callable[..., tuple[Tensor, ...]]:
     def forward(*args):
         return fn(*args)
@@ -462,17 +477,19 @@ def _register() -> None:
         torch.library.register_fake(forward, _forward_fake(op))
         torch.library.register_fake(backward, _backward_fake(op))
         torch.library.register_autograd(backward, _no_second_derivative(op))
+        for qualname, name in ((forward, op.name), (backward, op.backward_name)):
+            torch.library.register_vmap(qualname, _vmap_by_loop(getattr(torch.ops.gatelab, name)))
         _TRANSFORMABLE[op.backward_name] = type(f"{op.backward_name}_direction", (torch.autograd.Function,), {
             "forward": staticmethod(_calling(getattr(torch.ops.gatelab, op.backward_name))),
             "setup_context": staticmethod(lambda ctx, inputs, output: None),
-            "backward": staticmethod(_no_second_derivative(op))})
+            "backward": staticmethod(_no_second_derivative(op)), "generate_vmap_rule": True})
         setup, backward_fn = _setup_context(op), _autograd_backward(op)
         torch.library.register_autograd(forward, backward_fn, setup_context=setup)
         # torch.func transforms (grad, jacrev) need an autograd.Function with setup_context, which the
         # operator's registered autograd is not (torch 2.13): the same formula as one
         _TRANSFORMABLE[op.name] = type(f"{op.name}_direction", (torch.autograd.Function,), {
             "forward": staticmethod(_calling(getattr(torch.ops.gatelab, op.name))),
-            "setup_context": staticmethod(setup), "backward": staticmethod(backward_fn)})
+            "setup_context": staticmethod(setup), "backward": staticmethod(backward_fn), "generate_vmap_rule": True})
 
 
 _register()
