@@ -9,14 +9,13 @@ its Python twin :func:`export_run`; :func:`load_safetensors` reads a safetensors
   ``x (B, T, features)`` (or token ids) and ``lengths (B,)``, both dimensions dynamic.
 
 A run directory exports its ``best.pt`` when there is one, else ``last.pt``. Every file is written
-atomically (a temporary file beside it, then renamed).
+atomically (:func:`gatelab.checkpoint.atomic_write`); the ONNX file holds its weights (no external
+data file).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, atomic_write
 from .config import from_dict, to_toml
 from .models import SequenceModel, build_model
 from .tasks.base import MissingExtraError
@@ -41,18 +40,6 @@ def checkpoint_of(path: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")
     return path
-
-
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _safetensors() -> Any:
@@ -90,9 +77,9 @@ def export_run(path: str | Path, *, onnx: str | Path | None = None, safetensors:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         metadata = {"gatelab_config": to_toml(config), "gatelab_task": json.dumps(shape),
                     "gatelab_step": str(payload.get("step"))}
-        _atomic(out, lambda tmp: st.save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write(out, st.save(tensors, metadata=metadata))
         beside = out.with_suffix(".toml")
-        _atomic(beside, lambda tmp: tmp.write_text(to_toml(config)))
+        atomic_write(beside, to_toml(config))
         written.update(safetensors=str(out), config=str(beside))
     if onnx is not None:
         from .onnx import export
@@ -100,7 +87,7 @@ def export_run(path: str | Path, *, onnx: str | Path | None = None, safetensors:
         out = Path(onnx)
         x, lengths = _example(model, shape)
         program = export(model, (x, lengths), dynamic_shapes=({0: "B", 1: "T"}, {0: "B"}))
-        _atomic(out, lambda tmp: program.save(str(tmp)))
+        atomic_write(out, program.model_proto.SerializeToString())  # one file: the weights inside
         written["onnx"] = str(out)
     return written
 

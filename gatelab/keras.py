@@ -70,6 +70,11 @@ class Backwards(nn.Module):
         return self.layer(torch.flip(x, [1]), hx)
 
 
+def _swap_first_blocks(H: int) -> np.ndarray:
+    """Row order that swaps the first two of three H-row gate blocks (its own inverse)."""
+    return np.concatenate([np.arange(H, 2 * H), np.arange(0, H), np.arange(2 * H, 3 * H)])
+
+
 def _activation(name: Any, what: str, layer: str) -> str:
     key = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
     if key not in ACTIVATIONS:
@@ -110,7 +115,7 @@ def from_keras(layer: Any) -> RecurrentLayer | Backwards:
     elif kind == "GRU":
         out = GRU(I, H, gate_activation=_activation(cfg["recurrent_activation"], "recurrent_activation", kind),
                   candidate_activation=act, reset_after=cfg["reset_after"], **common)
-        order = np.concatenate([np.arange(H, 2 * H), np.arange(0, H), np.arange(2 * H, 3 * H)])  # z r h -> r z n
+        order = _swap_first_blocks(H)  # Keras' z r h -> torch's r z n
         w_ih, w_hh = kernel[:, order].T, recurrent[:, order].T
         if not bias:
             b_ih = b_hh = None
@@ -187,7 +192,7 @@ def to_keras(layer: RecurrentLayer | Backwards, *, return_sequences: bool = True
         phi = _keras_activation(slots["phi"], "phi", owner)
         reset_after = cell.reset_after
         out = keras.layers.GRU(activation=phi, recurrent_activation=gates.pop(), reset_after=reset_after, **common)
-        order = np.concatenate([np.arange(H, 2 * H), np.arange(0, H), np.arange(2 * H, 3 * H)])  # r z n -> z r h
+        order = _swap_first_blocks(H)  # torch's r z n -> Keras' z r h
         weights = [sd["weight_ih_l0"][order].T, sd["weight_hh_l0"][order].T]
         if layer.bias:
             b_ih, b_hh = sd["bias_ih_l0"][order], sd["bias_hh_l0"][order]

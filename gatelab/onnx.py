@@ -32,14 +32,13 @@ from typing import Any
 
 import torch
 
-from .activations import get as get_activation
 from .engines.fused import cpp
+from .engines.fused.ops import save_z
 from .tasks.base import MissingExtraError
 
 # ONNX's recurrent-operator activations (onnx.ai LSTM/GRU/RNN "activations")
 RNN_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh", "HardSigmoid",
                    "Elu", "Softsign", "Softplus")
-_PARAMETRISED = ("hard_sigmoid", "leaky_relu", "elu")
 
 
 class NotExpressibleError(ValueError):
@@ -58,8 +57,7 @@ def _opset() -> Any:
 def onnx_activation(kind: int, param: float) -> tuple[str, float, float]:
     """``(ONNX name, alpha, beta)`` of a C++ kernel kind; :class:`NotExpressibleError` when ONNX's
     recurrent operators lack it."""
-    name = cpp.KINDS[kind]
-    act = get_activation(f"{name}:{param!r}" if name in _PARAMETRISED else name)
+    act = cpp.activation(kind, param)
     if act.onnx == "Identity":
         return "Affine", 1.0, 0.0
     if act.onnx not in RNN_ACTIVATIONS:
@@ -92,6 +90,20 @@ def _attributes(acts: Sequence[tuple[str, float, float]]) -> dict[str, Any]:
     if beta:
         out["activation_beta"] = beta
     return out
+
+
+def node_activations(name: str, kinds: Sequence[int], params: Sequence[float]) -> list[tuple[str, float, float]]:
+    """The ``(ONNX name, alpha, beta)`` list of operator ``name``'s ONNX node: LSTM ``[f (i, f, o gates), g,
+    h]``, GRU ``[f (r, z gates), g]``, RNN ``[f]``; :class:`NotExpressibleError` when it has none."""
+    if name == "lstm":
+        return [_shared(kinds, params, (0, 1, 3), "the i, f and o gates"), onnx_activation(kinds[2], params[2]),
+                onnx_activation(kinds[4], params[4])]
+    if name == "gru":
+        return [_shared(kinds, params, (0, 1), "the r and z gates"), onnx_activation(kinds[2], params[2])]
+    if name == "elman":
+        return [onnx_activation(kinds[0], params[0])]
+    what = "the layer-norm LSTM" if name == "lstm_ln" else "the gated-state cell"
+    raise NotExpressibleError(f"{what} has no ONNX recurrent node")
 
 
 def _blocks(op: Any, t: Any, order: Sequence[int], n: int) -> Any:
@@ -131,8 +143,7 @@ def _lstm(x, W_ih, W_hh, b_ih, b_hh, h0, c0, lengths, rec_mask, zh, zc, w_ci, w_
     if w_ci is not None and not peep_current:
         raise NotExpressibleError("ONNX's LSTM has the output gate's peephole read the new cell state; this layer "
                                   "has peephole_output='previous'")
-    acts = [_shared(kinds, params, (0, 1, 3), "the i, f and o gates"), onnx_activation(kinds[2], params[2]),
-            onnx_activation(kinds[4], params[4])]
+    acts = node_activations("lstm", kinds, params)
     iofc = (0, 3, 1, 2)  # torch's i f g o -> ONNX's i o f c
     W = op.Unsqueeze(_blocks(op, W_ih, iofc, 4), [0])
     R = op.Unsqueeze(_blocks(op, W_hh, iofc, 4), [0])
@@ -142,7 +153,7 @@ def _lstm(x, W_ih, W_hh, b_ih, b_hh, h0, c0, lengths, rec_mask, zh, zc, w_ci, w_
     hidden = W_hh.shape[1]
     Y, Y_h, Y_c = op.LSTM(x, W, R, B, seq, op.Unsqueeze(h0, [0]), op.Unsqueeze(c0, [0]), P, hidden_size=hidden,
                           direction="reverse" if reverse else "forward", **_attributes(acts))
-    keep_z = _keeps_z(kinds, params, 4)
+    keep_z = save_z(kinds, params, 4)
     saved = _saved(op, x, ("Z", "A", "C", "K", "HR", "CP"), hidden, 4 * hidden, train, keep_z, False)
     return (op.Squeeze(Y, [1]), op.Squeeze(Y_h, [0]), op.Squeeze(Y_c, [0]), *saved)
 
@@ -150,7 +161,7 @@ def _lstm(x, W_ih, W_hh, b_ih, b_hh, h0, c0, lengths, rec_mask, zh, zc, w_ci, w_
 def _gru(x, W_ih, W_hh, b_ih, b_hh, h0, lengths, rec_mask, zh, kinds, params, reverse, train):
     op = _opset()
     seq = _common(op, "GRU", rec_mask, (zh,), lengths)
-    acts = [_shared(kinds, params, (0, 1), "the r and z gates"), onnx_activation(kinds[2], params[2])]
+    acts = node_activations("gru", kinds, params)
     zrh = (1, 0, 2)  # torch's r z n -> ONNX's z r h
     W = op.Unsqueeze(_blocks(op, W_ih, zrh, 3), [0])
     R = op.Unsqueeze(_blocks(op, W_hh, zrh, 3), [0])
@@ -159,7 +170,7 @@ def _gru(x, W_ih, W_hh, b_ih, b_hh, h0, lengths, rec_mask, zh, kinds, params, re
     hidden = W_hh.shape[1]
     Y, Y_h = op.GRU(x, W, R, B, seq, op.Unsqueeze(h0, [0]), hidden_size=hidden, linear_before_reset=1,
                     direction="reverse" if reverse else "forward", **_attributes(acts))
-    saved = _saved(op, x, ("Z", "A", "GHn", "S", "HR"), hidden, 3 * hidden, train, _keeps_z(kinds, params, 3), False)
+    saved = _saved(op, x, ("Z", "A", "GHn", "S", "HR"), hidden, 3 * hidden, train, save_z(kinds, params, 3), False)
     return (op.Squeeze(Y, [1]), op.Squeeze(Y_h, [0]), *saved)
 
 
@@ -170,8 +181,8 @@ def _elman(x, W_ih, W_hh, b_ih, b_hh, h0, lengths, rec_mask, zh, kinds, params, 
     hidden = W_hh.shape[1]
     Y, Y_h = op.RNN(x, op.Unsqueeze(W_ih, [0]), op.Unsqueeze(W_hh, [0]), B, seq, op.Unsqueeze(h0, [0]),
                     hidden_size=hidden, direction="reverse" if reverse else "forward",
-                    **_attributes([onnx_activation(kinds[0], params[0])]))
-    keep_z = _keeps_z(kinds, params, 1)
+                    **_attributes(node_activations("elman", kinds, params)))
+    keep_z = save_z(kinds, params, 1)
     out = op.Squeeze(Y, [1])
     # S: empty when training without lengths (the output itself), one slot in eval, else every step
     s_dims = (1, "B", hidden) if not train else ("T", "B", hidden) if lengths is not None else (0,)
@@ -179,16 +190,9 @@ def _elman(x, W_ih, W_hh, b_ih, b_hh, h0, lengths, rec_mask, zh, kinds, params, 
             _zeros(op, x, s_dims), _zeros(op, x, ("T", "B", hidden) if train else (2, "B", hidden)))
 
 
-def _keeps_z(kinds: Sequence[int], params: Sequence[float], gates: int) -> bool:
-    from .engines.fused.ops import save_z
-
-    return save_z(kinds, params, gates)
-
-
-def _not_expressible(what: str):
+def _not_expressible(name: str):
     def translate(*args: Any) -> Any:
-        raise NotExpressibleError(f"{what} has no ONNX recurrent node (a Loop form is not built yet); export with "
-                                  f"backend='reference' for an unrolled graph at a fixed length")
+        node_activations(name, (), ())  # raises, naming the cell
 
     return translate
 
@@ -207,19 +211,10 @@ def form(layer: Any) -> str:
     op = ops.for_cell(cell)
     kinds, params = zip(*(cpp._kind(a) for a in cell.activation_slots().values()))
     try:
-        if op is ops.LSTM:
-            if cell.peephole and cell.peephole_output != "current":
-                raise NotExpressibleError("ONNX's LSTM peephole on o reads the new cell state "
-                                          "(peephole_output='previous' here)")
-            acts = [_shared(kinds, params, (0, 1, 3), "the i, f and o gates"), onnx_activation(kinds[2], params[2]),
-                    onnx_activation(kinds[4], params[4])]
-        elif op is ops.GRU:
-            acts = [_shared(kinds, params, (0, 1), "the r and z gates"), onnx_activation(kinds[2], params[2])]
-        elif op is ops.ELMAN:
-            acts = [onnx_activation(kinds[0], params[0])]
-        else:
-            raise NotExpressibleError(f"{'the layer-norm LSTM' if op.layer_norm else 'the gated-state cell'} has no "
-                                      f"ONNX recurrent node")
+        if op is ops.LSTM and cell.peephole and cell.peephole_output != "current":
+            raise NotExpressibleError("ONNX's LSTM peephole on o reads the new cell state "
+                                      "(peephole_output='previous' here)")
+        acts = node_activations(op.name, kinds, params)
     except NotExpressibleError as err:
         return f"not expressible as an ONNX node: {err}"
     node = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}[op.name]
@@ -233,8 +228,7 @@ def translation_table() -> dict[Any, Any]:
     _opset()
     ops = torch.ops.gatelab
     return {ops.lstm.default: _lstm, ops.gru.default: _gru, ops.elman.default: _elman,
-            ops.lstm_ln.default: _not_expressible("the layer-norm LSTM"),
-            ops.gated_state.default: _not_expressible("the gated-state cell")}
+            ops.lstm_ln.default: _not_expressible("lstm_ln"), ops.gated_state.default: _not_expressible("gated_state")}
 
 
 def export(model: torch.nn.Module, args: tuple[Any, ...], path: Any = None, *, dynamic_shapes: Any = None,

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -620,9 +621,8 @@ def cross_validate(config: ExperimentConfig, *, run_dir: str | Path | None = Non
     spread = {}
     for metric in folds[0]["val"]:
         values = [f["val"][metric] for f in folds]
-        mean = sum(values) / k
-        spread[metric] = {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1)),
-                          "min": min(values), "max": max(values)}
+        spread[metric] = {"mean": statistics.fmean(values), "std": statistics.stdev(values), "min": min(values),
+                          "max": max(values)}
     result = {"name": config.name, "task": config.task.name, "val_folds": k, "folds": folds, "val": spread,
               "config": to_dict(config)}
     write_json(base / "cv.json", result)

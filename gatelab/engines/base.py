@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -19,6 +20,13 @@ if TYPE_CHECKING:
     from ..layers.base import RecurrentLayer
 
 ZoneoutMasks = tuple[Tensor | None, ...]
+
+
+def tracing_or_transforming() -> bool:
+    """torch.compile / torch.export tracing, or a torch.func transform running: where an engine or loop
+    that is not ``traceable`` gives way to one that is."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
 OnStep = Callable[[int, tuple[Tensor, ...]], None]
 
 

@@ -21,7 +21,7 @@ from .. import engines
 from ..cells import RecurrentCell
 from ..cells.base import _check_size, check_flag
 from ..engines import reference
-from ..engines.base import Engine, OnStep, Stack
+from ..engines.base import Engine, OnStep, Stack, tracing_or_transforming
 from ..engines.native import WEIGHT_NAMES
 from ..init import SCHEMES, init_cell
 from .sequence import SequenceBatch, to_sequence_batch
@@ -401,8 +401,8 @@ class RecurrentLayer(nn.Module):
         packing. Returns ``(output, h_n)`` as torch does (``(output, (h_n, c_n))`` for an LSTM)."""
         owner = self.kind_name
         batch = to_sequence_batch(input, self.input_size, self.batch_first, lengths, owner)
-        traced = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-        engine = reference.ENGINE if self._step_hooks else self._traced_engine if traced else self.engine
+        engine = reference.ENGINE if self._step_hooks else self._traced_engine if tracing_or_transforming() \
+            else self.engine
         with self._weights_bound() as cells:
             ref = cells[0].weight_ih  # as bound: what runs
             if (batch.data.dtype in _REDUCED and ref.dtype not in _REDUCED and batch.data.device == ref.device

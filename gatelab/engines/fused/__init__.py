@@ -20,7 +20,7 @@ from torch import Tensor
 from ...activations import ModuleActivation
 from ...cells import LSTMCell, RecurrentCell
 from .. import reference
-from ..base import ZoneoutMasks
+from ..base import ZoneoutMasks, tracing_or_transforming
 from . import cpp, ops
 from .function import FusedDirection, PyLoop, infer
 from .steps import step_class
@@ -205,7 +205,7 @@ class FusedEngine:
                 else contextlib.nullcontext():
             for loop in LOOPS:
                 if not loop.unsupported(cell) and loop.ready(strict):
-                    if getattr(loop, "traceable", True) or not _tracing_or_transforming():
+                    if getattr(loop, "traceable", True) or not tracing_or_transforming():
                         return loop.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
                     break
         # A layer-norm LSTM without its C++ loop (no kernels, or another device), or a loop that does
@@ -215,12 +215,6 @@ class FusedEngine:
 
 
 ENGINE = FusedEngine()
-
-
-def _tracing_or_transforming() -> bool:
-    """torch.compile / torch.export tracing, or a torch.func transform running: a loop that is not
-    ``traceable`` (its per-step autograd function) gives way to the reference loop there."""
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def _autocast_available(device_type: str) -> bool:

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from ...activations import Activation
+from ...activations import get as get_activation
 from ...cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell, RecurrentCell
 
 # Activation kinds the kernels know, in the order of the C++ enum.
@@ -138,6 +139,12 @@ def _kind(act: Any) -> tuple[int, float] | None:
         return None
     param = act.param if act.param is not None else _DEFAULT_PARAM.get(act.kind, 0.0)
     return KINDS.index(act.kind), float(param)
+
+
+def activation(kind: int, param: float) -> Activation:
+    """The registry entry a kernel kind and its parameter stand for (the inverse of :func:`_kind`)."""
+    name = KINDS[kind]
+    return get_activation(f"{name}:{param!r}" if name in _DEFAULT_PARAM else name)
 
 
 def cell_blockers(cell: RecurrentCell) -> list[str]:

@@ -28,12 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...activations import get as get_activation
 from ...cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell, RecurrentCell
 from . import cpp
 
 NAMESPACE = "gatelab"
-_PARAMETRISED = ("hard_sigmoid", "leaky_relu", "elu")  # the kinds whose parameter is part of the activation
 
 
 def save_z(kinds: Sequence[int], params: Sequence[float], gates: int) -> bool:
@@ -423,8 +421,7 @@ def reference_cell(op: CellOp, input_size: int, hidden_size: int, bias: bool, ki
     extra = {"peephole": True, "peephole_output": "current" if peep_current else "previous"} if peephole else {}
     cell = op.cell(input_size, hidden_size, bias, device="meta", **extra)
     for slot, kind, param in zip(cell.activation_slots(), kinds, params):
-        name = cpp.KINDS[kind]
-        setattr(cell, slot, get_activation(f"{name}:{param!r}" if name in _PARAMETRISED else name))
+        setattr(cell, slot, cpp.activation(kind, param))
     return cell
 
 
