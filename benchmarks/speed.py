@@ -235,7 +235,7 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in have)
 
 
-GEMM_LIBRARIES = {"auto": 0, "blas": 1, "onednn": 2}
+GEMM_LIBRARIES = {"auto": 0, "blas": 1, "onednn": 2, "kernel": 3}
 
 
 def step_gemm_library(cell: str, H: int, batch: int) -> str:
@@ -243,7 +243,7 @@ def step_gemm_library(cell: str, H: int, batch: int) -> str:
     if gatelab.engines.fused.implementation() != "C++":
         return "PyTorch loop (torch.mm)"
     G = {"lstm": 4, "gru": 3, "rnn": 1}[cell] * H
-    return str(torch.ops.gatelab_fused.gemm_library(batch, G, H))
+    return str(torch.ops.gatelab_fused.gemm_library(batch, G, H, False, cell))
 
 
 def dense_gemm_library(H: int, rows: int) -> str:
@@ -305,8 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, help="write the markdown table here")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
     p.add_argument("--gemm", choices=list(GEMM_LIBRARIES), default="auto",
-                   help="the fused C++ loop's products: chosen by size and CPU (auto), or forced (blas: MKL/the "
-                        "linked BLAS everywhere, as before oneDNN was used; onednn everywhere)")
+                   help="the fused C++ loop's products: chosen by size and CPU (auto: the LSTM's per-step product "
+                        "on gatelab's AVX-512 kernel where built, the rest by size), or forced (blas: MKL/the linked "
+                        "BLAS everywhere, as before oneDNN was used; onednn everywhere; kernel: the AVX-512 kernel "
+                        "for the LSTM loop)")
     args = p.parse_args(argv)
     if args.tiny:
         args.sizes, args.pairs, args.batch, args.seq_len = [8], 2, 2, 5

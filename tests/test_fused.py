@@ -458,14 +458,29 @@ def test_layer_norm_lstm_on_another_device_runs_the_reference_loop_even_when_str
 
 # -- the per-step products: BLAS or oneDNN ---------------------------------------------------------------
 
+def kernel_built() -> bool:
+    """Whether gatelab's AVX-512 per-step kernel is in this build (the library is built per CPU)."""
+    if not cpp.load():
+        return False
+    try:
+        previous = torch.ops.gatelab_fused.set_gemm_library(3)
+    except RuntimeError:
+        return False
+    torch.ops.gatelab_fused.set_gemm_library(previous)
+    return True
+
+
 @pytest.fixture
 def gemm_library():
-    """Force the C++ loops' per-step products onto one library for a test (0 auto, 1 BLAS, 2 oneDNN)."""
+    """Force the C++ loops' per-step products onto one library for a test (0 auto, 1 BLAS, 2 oneDNN,
+    3 gatelab's AVX-512 kernel: skipped where the build has none)."""
     if not cpp.load():
         pytest.skip("C++ kernels unavailable (no compiler)")
     previous = []
 
     def use(choice: int) -> None:
+        if choice == 3 and not kernel_built():
+            pytest.skip("this CPU has no AVX-512: the library is built without gatelab's kernel")
         previous.append(torch.ops.gatelab_fused.set_gemm_library(choice))
 
     yield use
@@ -473,10 +488,10 @@ def gemm_library():
         torch.ops.gatelab_fused.set_gemm_library(previous[0])
 
 
-@pytest.mark.parametrize("library", [1, 2], ids=["BLAS", "oneDNN"])
+@pytest.mark.parametrize("library", [1, 2, 3], ids=["BLAS", "oneDNN", "kernel"])
 @pytest.mark.parametrize(("cell_cls", "options"), CPP_CASES[:4] + [(gatelab.LSTMCell, {"layer_norm": True})])
 def test_cpp_loop_on_each_gemm_library_equals_the_pytorch_loop_in_float32(gemm_library, library, cell_cls, options):
-    """Both libraries run the forward product (with the accumulate into xw) and the backward's product
+    """Each library runs the forward product (with the accumulate into xw) and the backward's product
     with W_hh (plain and under a recurrent mask); float32 to 1e-5 relative to scale."""
     gemm_library(library)
     torch.manual_seed(0)
@@ -496,12 +511,59 @@ def test_gemm_library_is_chosen_by_size_and_cpu(gemm_library):
     info = Path("/proc/cpuinfo")
     amd = info.exists() and "AuthenticAMD" in info.read_text()
     assert large == ("oneDNN" if amd else "BLAS")
+    assert ops.gemm_library(32, 256, 64, False, "lstm") == ("AVX-512 kernel" if kernel_built() else "BLAS")
     gemm_library(2)
     assert ops.gemm_library(32, 256, 64) == "oneDNN"
+    assert ops.gemm_library(32, 256, 64, False, "lstm") == "oneDNN"
     gemm_library(1)
     assert ops.gemm_library(32, 2048, 512) == "BLAS"
-    with pytest.raises(RuntimeError, match="gemm library 0, 1 or 2, got 7"):
+    with pytest.raises(RuntimeError, match="gemm library 0, 1, 2 or 3, got 7"):
         ops.set_gemm_library(7)
+
+
+LSTM_ACTS = {"gate_activation": "hard_sigmoid", "candidate_activation": "elu", "cell_activation": "softsign"}
+KERNEL_CASES = [
+    (gatelab.LSTM, LSTM_ACTS, None), (gatelab.LSTM, {**LSTM_ACTS, "peephole": True}, "lengths"),
+    (gatelab.LSTM, {**LSTM_ACTS, "peephole": True, "peephole_output": "previous"}, None),
+    (gatelab.LSTM, {**LSTM_ACTS, "bidirectional": True, "num_layers": 2}, "lengths"),
+    (gatelab.LSTM, {**LSTM_ACTS, "recurrent_dropout": 0.3}, "lengths"), (gatelab.LSTM, {**LSTM_ACTS, "zoneout": 0.2}, None),
+    (gatelab.LSTM, {**LSTM_ACTS, "zoneout": 0.2, "recurrent_dropout": 0.2}, "lengths"),
+    (gatelab.GRU, {"gate_activation": "hard_sigmoid", "candidate_activation": "silu"}, None),
+    (gatelab.GRU, {"recurrent_dropout": 0.3, "zoneout": 0.2, "bidirectional": True}, "lengths"),
+    (gatelab.RNN, {"nonlinearity": "gelu"}, None),
+    (gatelab.RNN, {"nonlinearity": "relu", "recurrent_dropout": 0.3, "zoneout": 0.2}, "lengths"),
+    (gatelab.GatedStateRNN, {"gate_activation": "elliott"}, None),
+    (gatelab.GatedStateRNN, {"recurrent_dropout": 0.3, "zoneout": 0.2, "bidirectional": True}, "lengths"),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("H", [1, 17, 40, 70])
+@pytest.mark.parametrize(("layer_cls", "options", "lengths"), KERNEL_CASES,
+                         ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(KERNEL_CASES)])
+def test_kernel_loops_equal_the_blas_loops(gemm_library, threads, H, layer_cls, options, lengths):
+    """gatelab's AVX-512 loops (their own packed product, units split among the workers, one barrier per
+    step) against the same C++ loops on the BLAS: outputs, states and every gradient, float32, for unit
+    counts that leave short blocks (16 units forward, 32 backward), batches that leave short row tiles,
+    one and two workers, padding, peepholes, recurrent masks and zoneout."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for library in (1, 3):
+            gemm_library(library)
+            torch.manual_seed(0)
+            layer = layer_cls(5, H, backend="fused", strict=True, **options)
+            x = torch.randn(9, 7, 5, requires_grad=True)
+            lens = torch.tensor([9, 4, 9, 1, 6, 9, 2]) if lengths else None
+            out, state = layer(x, lengths=lens)
+            states = list(state) if isinstance(state, tuple) else [state]
+            loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + sum(s.sin().sum() for s in states)
+            results.append([out, *states, *torch.autograd.grad(loss, [x, *layer.parameters()])])
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=0, atol=2e-6 * max(1.0, a.abs().max().item()))
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 @pytest.mark.parametrize("library", [0, 1, 2], ids=["auto", "BLAS", "oneDNN"])

@@ -2,8 +2,11 @@
 // the gated-state cell,
 // forward and hand-written backward, for any stateless registered activation in any slot.
 //
-// Per step: one GEMM with W_hh (the BLAS torch links, on raw pointers), then one pass over the batch
-// rows that applies every activation and the cell's elementwise update. The input projection of all steps
+// Per step: one product with W_hh, then one pass over the batch rows that applies every activation and
+// the cell's elementwise update. In float32 on a CPU with AVX-512 the product is gatelab's own packed
+// kernel and each worker of one parallel region per sequence owns a range of units (see "gatelab's own
+// per-step product" below); otherwise the BLAS torch links or oneDNN on raw pointers, and the row pass
+// in a parallel region per step. The input projection of all steps
 // and the weight gradients are GEMMs done by the Python caller before and after these loops
 // (gatelab/engines/fused/function.py), which also holds the pure-PyTorch twin of every function
 // here (steps.py); tests tie the two.
@@ -12,15 +15,22 @@
 // A sequence b is live at step t when t < lengths[b]; dead steps hold the state and output zero.
 
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -31,6 +41,11 @@ enum Act : int64_t {
   IDENTITY = 0, SIGMOID, HARD_SIGMOID, ELLIOTT, TANH, HARDTANH, SOFTSIGN, RELU, LEAKY_RELU, ELU,
   SELU, GELU, SILU, SOFTPLUS
 };
+
+// The loops run activations inside parallel regions, where an error cannot be raised: check first.
+void check_kinds(at::IntArrayRef kinds) {
+  for (const int64_t kind : kinds) TORCH_CHECK(kind >= IDENTITY && kind <= SOFTPLUS, "gatelab fused: unknown activation kind ", kind);
+}
 
 constexpr double kSeluAlpha = 1.6732632423543772848170429916717;
 constexpr double kSeluScale = 1.0507009873554804934193349852946;
@@ -229,7 +244,7 @@ void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result,
 namespace {
 
 // Which library runs the per-step float32 products (set_gemm_library): by size and CPU, or one of them.
-enum GemmChoice : int64_t { GEMM_AUTO = 0, GEMM_BLAS = 1, GEMM_ONEDNN = 2 };
+enum GemmChoice : int64_t { GEMM_AUTO = 0, GEMM_BLAS = 1, GEMM_ONEDNN = 2, GEMM_KERNEL = 3 };
 int64_t gemm_choice = GEMM_AUTO;
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 24;  // below: BLAS measured as fast or faster in the loop
 
@@ -325,6 +340,226 @@ inline void write_rec(T* hr, const T* h, const T* mask, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// gatelab's own per-step product for float32 on AVX-512 (GEMM_KERNEL; the automatic choice where the
+// library was built for such a CPU). The BLAS and oneDNN calls above pay a per-call cost that rivals a
+// small step's work, re-read W_hh in their own layout every step and leave the step's elementwise pass
+// to a second parallel region. Here instead:
+// * W_hh is packed once per call into panels, one per block of units: a panel holds, for every k, the
+//   columns of NG column groups (LSTM forward: the 16 units' i, f, g and o rows of W_hh; the backward's
+//   dh = dZ W_hh: 2 x 16 consecutive units), so one step's tile reads it sequentially;
+// * a register tile of MR batch rows x NG x 16 columns accumulates onto the input projection already
+//   in the output (broadcast of h, fused multiply-add);
+// * the workers of one parallel region for the whole sequence each own a range of units: each packs its
+//   own panels, computes its columns of the product and then runs the step's elementwise pass on its
+//   units only (the gate values it just wrote, still in its cache); one barrier per step hands the new
+//   h (forward) or dZ (backward) to the others.
+
+#if defined(__AVX512F__)
+constexpr bool kHaveKernel = true;
+#else
+constexpr bool kHaveKernel = false;
+#endif
+
+template <typename T>
+bool use_kernel() {
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    return kHaveKernel && (gemm_choice == GEMM_AUTO || gemm_choice == GEMM_KERNEL);
+  }
+}
+
+// How many workers the loop's parallel region gets: one per torch thread, as long as every chunk of an
+// at::parallel_for then runs at once (OpenMP: a team), which the barrier needs; else one.
+int64_t kernel_workers() {
+#if AT_PARALLEL_OPENMP
+  return at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
+#else
+  return 1;
+#endif
+}
+
+// A spinning barrier for the workers of one at::parallel_for(0, n, 1, ...): a chunk [w0, w1) arrives with
+// weight w1 - w0, so any split of the n slices among the team's threads (one thread taking several
+// included) completes it. Spins briefly, then yields (a shared or oversubscribed machine).
+class Barrier {
+ public:
+  explicit Barrier(int64_t total) : total_(total) {}
+  void wait(int64_t weight) {
+    const int64_t phase = phase_.load(std::memory_order_acquire);
+    if (count_.fetch_add(weight, std::memory_order_acq_rel) + weight == total_) {
+      count_.store(0, std::memory_order_relaxed);
+      phase_.store(phase + 1, std::memory_order_release);
+      return;
+    }
+    for (int64_t spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
+      if (spins < 2000) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  const int64_t total_;
+  std::atomic<int64_t> count_{0}, phase_{0};
+};
+
+// Units [lo, hi) of worker chunk [w0, w1) of nw, in blocks of `width` units (the last block may be short).
+struct Units {
+  int64_t block_lo, block_hi, lo, hi;
+  Units(int64_t w0, int64_t w1, int64_t nw, int64_t H, int64_t width) {
+    const int64_t blocks = (H + width - 1) / width;
+    block_lo = w0 * blocks / nw;
+    block_hi = w1 * blocks / nw;
+    lo = std::min(H, block_lo * width);
+    hi = std::min(H, block_hi * width);
+  }
+};
+
+#if defined(__AVX512F__)
+// C (MR rows, ldc) (+)= A (MR rows, lda; K columns) · panel (K x NG·16), column group g of the tile
+// landing at C + g·gs; mask[g] marks the group's columns that exist (a short last block).
+template <int NG, int MR>
+__attribute__((always_inline)) inline void tile(const float* __restrict A, int64_t lda, const float* __restrict P,
+                                                int64_t K, float* C, int64_t ldc, int64_t gs, const __mmask16* mask,
+                                                bool accumulate) {
+  __m512 acc[MR][NG];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g)
+      acc[r][g] = accumulate ? _mm512_maskz_loadu_ps(mask[g], C + r * ldc + g * gs) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 b[NG];
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) b[g] = _mm512_load_ps(P + (k * NG + g) * 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(A[r * lda + k]);
+#pragma GCC unroll 4
+      for (int g = 0; g < NG; ++g) acc[r][g] = _mm512_fmadd_ps(a, b[g], acc[r][g]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) _mm512_mask_storeu_ps(C + r * ldc + g * gs, mask[g], acc[r][g]);
+}
+
+// The last M < MR rows: the tile of exactly M rows.
+template <int NG, int MR>
+inline void tile_rows(int64_t M, const float* A, int64_t lda, const float* P, int64_t K, float* C, int64_t ldc,
+                      int64_t gs, const __mmask16* mask, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (M == MR) return tile<NG, MR>(A, lda, P, K, C, ldc, gs, mask, accumulate);
+    tile_rows<NG, MR - 1>(M, A, lda, P, K, C, ldc, gs, mask, accumulate);
+  }
+}
+
+// The lane masks of a block's NG column groups when `valid` of its columns exist: the groups are gates
+// of the same units (each holds the block's first `valid` lanes) or consecutive units (`consecutive`).
+template <int NG>
+void block_masks(int64_t valid, bool consecutive, __mmask16* mask) {
+  for (int g = 0; g < NG; ++g) {
+    const int64_t n = consecutive ? std::min<int64_t>(16, std::max<int64_t>(0, valid - 16 * g)) : valid;
+    mask[g] = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+  }
+}
+
+// All M rows of one panel: C (M rows) (+)= A (M x K) · panel, group g at C + g·gs.
+template <int NG, int MR>
+__attribute__((noinline)) void panel_product(const float* A, int64_t lda, const float* P, int64_t K, float* C,
+                                             int64_t ldc, int64_t gs, const __mmask16* mask, int64_t M,
+                                             bool accumulate) {
+  int64_t r = 0;
+  for (; r + MR <= M; r += MR) tile<NG, MR>(A + r * lda, lda, P, K, C + r * ldc, ldc, gs, mask, accumulate);
+  if (r < M) tile_rows<NG, MR - 1>(M - r, A + r * lda, lda, P, K, C + r * ldc, ldc, gs, mask, accumulate);
+}
+#endif
+
+// Packs one block's panel: P[(k·NG + g)·16 + jj] = elem(k, g, col), col the column within the block
+// (jj for gate groups, g·16 + jj for consecutive units), zero from `valid` on.
+template <int NG, typename Elem>
+void pack_panel(float* P, int64_t K, int64_t valid, bool consecutive, Elem elem) {
+  for (int g = 0; g < NG; ++g)
+    for (int64_t jj = 0; jj < 16; ++jj) {
+      const int64_t col = consecutive ? g * 16 + jj : jj;
+      for (int64_t k = 0; k < K; ++k) P[(k * NG + g) * 16 + jj] = col < valid ? elem(k, g, col) : 0.0f;
+    }
+}
+
+#if defined(__AVX512F__)
+// The forward time loop of a cell with NG blocks of H pre-activations per row (W_hh: NG·H x H,
+// row-major). Per step every worker adds the recurrent input rec(k) (B x H) times its units' rows of W_hh
+// into out(t) (B x NG·H, onto what is there when `accumulate`), then runs row(k, b, j0, n) for each batch
+// row on its units [j0, j0 + n), which writes rec(k + 1) there; init(j0, n) writes rec(0) for its units.
+template <int NG, typename Out, typename Rec, typename Init, typename Row>
+void kernel_forward(const Loop& L, int64_t H, const float* W, Out out, bool accumulate, Rec rec, Init init, Row row) {
+  constexpr int MR = std::min(24 / NG, 12);  // MR x NG accumulators + NG loads + 1 broadcast <= 32 registers
+  const int64_t B = L.B, G = NG * H, nw = kernel_workers(), blocks = (H + 15) / 16, panel = H * NG * 16;
+  Tensor packed = at::empty({blocks * panel}, at::kFloat);
+  float* Pk = packed.data_ptr<float>();
+  Barrier barrier(nw);
+  at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
+    const Units U(w0, w1, nw, H, 16);
+    for (int64_t u = U.block_lo; u < U.block_hi; ++u)  // the NG rows of W_hh of each unit 16u ... 16u + 15
+      pack_panel<NG>(Pk + u * panel, H, std::min<int64_t>(16, H - 16 * u), false,
+                     [&](int64_t k, int g, int64_t col) { return W[(g * H + 16 * u + col) * H + k]; });
+    init(U.lo, U.hi - U.lo);
+    for (int64_t k = 0; k < L.T; ++k) {
+      barrier.wait(w1 - w0);  // every unit of this step's recurrent input is written
+      float* C = out(L.step(k));
+      for (int64_t u = U.block_lo; u < U.block_hi; ++u) {
+        __mmask16 lanes[NG];
+        block_masks<NG>(std::min<int64_t>(16, H - 16 * u), false, lanes);
+        panel_product<NG, MR>(rec(k), H, Pk + u * panel, H, C + 16 * u, G, H, lanes, B, accumulate);
+      }
+      if (U.hi > U.lo)
+        for (int64_t b = 0; b < B; ++b) row(k, b, U.lo, U.hi - U.lo);
+    }
+  });
+}
+
+// The backward time loop: per step (k = T-1 ... 0) every worker runs row(k, b, j0, n, tmp) for each batch
+// row on its units (dL/dZ there into dz(t), B x G, from dh; tmp holds n values), then, once all of dz(t)
+// is written, adds dz(t) W_hh (W_hh: G x H) to dh (B x H) for its units, times the recurrent mask M.
+template <typename DZ, typename Row>
+void kernel_backward(const Loop& L, int64_t H, int64_t G, const float* W, float* dh, const float* M, DZ dz, Row row) {
+  const int64_t B = L.B, nw = kernel_workers(), blocks = (H + 31) / 32, panel = G * 32;
+  Tensor packed = at::empty({blocks * panel}, at::kFloat);
+  Tensor tmps = at::empty({nw, H + (M ? B * H : 0)}, at::kFloat);  // allocated here: nothing in the region may throw
+  float* Pk = packed.data_ptr<float>();
+  Barrier barrier(nw);
+  at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
+    const Units U(w0, w1, nw, H, 32);
+    float *tmp = tmps.data_ptr<float>() + w0 * tmps.size(1), *masked = tmp + H;  // masked: dz W_hh, B x H
+    for (int64_t u = U.block_lo; u < U.block_hi; ++u)  // columns 32u ... 32u + 31 of W_hh
+      pack_panel<2>(Pk + u * panel, G, std::min<int64_t>(32, H - 32 * u), true,
+                    [&](int64_t k, int, int64_t col) { return W[k * H + 32 * u + col]; });
+    for (int64_t k = L.T - 1; k >= 0; --k) {
+      if (U.hi > U.lo)
+        for (int64_t b = 0; b < B; ++b) row(k, b, U.lo, U.hi - U.lo, tmp);
+      barrier.wait(w1 - w0);  // every unit of dz at this step is written
+      const float* D = dz(L.step(k));
+      for (int64_t u = U.block_lo; u < U.block_hi; ++u) {
+        __mmask16 lanes[2];
+        block_masks<2>(std::min<int64_t>(32, H - 32 * u), true, lanes);
+        panel_product<2, 12>(D, G, Pk + u * panel, G, (M ? masked : dh) + 32 * u, H, 16, lanes, B, !M);
+      }
+      if (M)
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t j = U.lo; j < U.hi; ++j) dh[b * H + j] += masked[b * H + j] * M[b * H + j];
+    }
+  });
+}
+#endif
+
+
+// ---------------------------------------------------------------------------------------------
 // One batch row of an LSTM step (H units), shared by the plain and the layer-norm loops. Gate order
 // i, f, g, o; `a` holds the five activation parameters (sigma_i, sigma_f, phi, sigma_o, psi).
 
@@ -335,16 +570,16 @@ inline void lstm_gates_forward(at::IntArrayRef kinds, const T* a, const T* zr, T
 
 // c' = f c + i g.
 template <typename T>
-inline void lstm_cell_update(const T* ar, const T* c, T* cn, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) cn[j] = ar[H + j] * c[j] + ar[j] * ar[2 * H + j];
+inline void lstm_cell_update(const T* ar, const T* c, T* cn, int64_t H, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) cn[j] = ar[H + j] * c[j] + ar[j] * ar[2 * H + j];
 }
 
 // h' = o k, then the state handed on: c <- m_c c + (1 - m_c) c', h <- m_h h + (1 - m_h) h' (no
 // zoneout share: the update itself); the output is the new h.
 template <typename T>
 inline void lstm_hand_on(const T* ar, const T* k, const T* cn, const T* mh, const T* mc, T* c, T* h, T* out,
-                         int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+                         int64_t H, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
     const T hn = ar[3 * H + j] * k[j];
     c[j] = mc ? mc[j] * c[j] + (T(1) - mc[j]) * cn[j] : cn[j];
     out[j] = h[j] = mh ? mh[j] * h[j] + (T(1) - mh[j]) * hn : hn;
@@ -354,8 +589,9 @@ inline void lstm_hand_on(const T* ar, const T* k, const T* cn, const T* mh, cons
 // Backward of the output side: dL/dh after the step (dout + dh) -> dL/do into gr, dL/dk into dk;
 // dh keeps the zoned-out share (the recurrent product adds the rest later).
 template <typename T>
-inline void lstm_output_backward(const T* dor, const T* mh, const T* ar, const T* k, T* dh, T* gr, T* dk, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+inline void lstm_output_backward(const T* dor, const T* mh, const T* ar, const T* k, T* dh, T* gr, T* dk, int64_t H,
+                                 int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
     T d = dor[j] + dh[j];
     dh[j] = T(0);
     if (mh) { dh[j] = d * mh[j]; d *= T(1) - mh[j]; }
@@ -367,8 +603,9 @@ inline void lstm_output_backward(const T* dor, const T* mh, const T* ar, const T
 // Backward of the cell update: dcc = dL/dc' through the output, dc = dL/dc after the step (becomes
 // dL/dc before it) -> dL/di, dL/df, dL/dg into gr.
 template <typename T>
-inline void lstm_cell_backward(const T* dcc, const T* mc, const T* ar, const T* cprev, T* dc, T* gr, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+inline void lstm_cell_backward(const T* dcc, const T* mc, const T* ar, const T* cprev, T* dc, T* gr, int64_t H,
+                               int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
     const T keep_c = mc ? mc[j] : T(0);
     const T dcn = dc[j] * (T(1) - keep_c) + dcc[j];
     gr[j] = dcn * ar[2 * H + j];
@@ -381,15 +618,15 @@ inline void lstm_cell_backward(const T* dcc, const T* mc, const T* ar, const T* 
 // Peepholes (P: w_ci, w_cf, w_co, each H; nullptr: none): i and f read the previous cell state c, o
 // reads c' (`current`) or c.
 template <typename T>
-inline void lstm_peep_if(const T* P, const T* c, T* zr, int64_t H) {
+inline void lstm_peep_if(const T* P, const T* c, T* zr, int64_t H, int64_t n) {
   if (!P) return;
-  for (int64_t j = 0; j < H; ++j) { zr[j] += P[j] * c[j]; zr[H + j] += P[H + j] * c[j]; }
+  for (int64_t j = 0; j < n; ++j) { zr[j] += P[j] * c[j]; zr[H + j] += P[H + j] * c[j]; }
 }
 
 template <typename T>
-inline void lstm_peep_o(const T* P, const T* c, T* zr, int64_t H) {
+inline void lstm_peep_o(const T* P, const T* c, T* zr, int64_t H, int64_t n) {
   if (!P) return;
-  for (int64_t j = 0; j < H; ++j) zr[3 * H + j] += P[2 * H + j] * c[j];
+  for (int64_t j = 0; j < n; ++j) zr[3 * H + j] += P[2 * H + j] * c[j];
 }
 
 template <typename T>
@@ -411,6 +648,7 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                  const c10::optional<Tensor>& zh, const c10::optional<Tensor>& zc,
                                  const c10::optional<Tensor>& peep, bool peep_current, at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse, bool save_z, bool train) {
+  check_kinds(kinds);
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B, G = 4 * H;
   const Keep keep(L, train);
@@ -421,40 +659,57 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
   Tensor HR = at::empty({keep.n_rec, B, H}, h0.options());
   Tensor h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_forward", [&] {
-    using T = scalar_t;
-    const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
-    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>();
-    T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
-    T *CPp = CP.numel() ? CP.data_ptr<T>() : nullptr;
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
-    const T* P = opt_ptr<T>(peep);
-    write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
-    for (int64_t k = 0; k < L.T; ++k) {
-      const int64_t t = L.step(k);
-      const int64_t s = keep.at(t);
-      T* hr_next = k + 1 < L.T ? HRp + keep.rec(k + 1) * B * H : nullptr;
-      times_Wt<T>(Z + t * B * G, HRp + keep.rec(k) * B * H, W, B, G, H, T(1));
-      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b, q = s * B + b;
-          T *zr = Z + r * G, *ar = Ap + q * G, *cr = cp + b * H, *hrow = hp + b * H;
-          T *Cr = Cp + q * H, *Kr = Kp + q * H, *orow = Op + r * H;
-          if (L.live(t, b)) {
-            lstm_peep_if(P, cr, zr, H);
-            for (int64_t g = 0; g < 3; ++g) act_forward(kinds[g], a[g], zr + g * H, ar + g * H, H);
-            lstm_cell_update(ar, cr, Cr, H);
-            lstm_peep_o(P, peep_current ? Cr : cr, zr, H);
-            act_forward(kinds[3], a[3], zr + 3 * H, ar + 3 * H, H);
-            act_forward(kinds[4], a[4], Cr, Kr, H);
-            lstm_hand_on(ar, Kr, Cr, MH ? MH + r * H : nullptr, MC ? MC + r * H : nullptr, cr, hrow, orow, H);
-          } else {
-            for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
-          }
-          if (CPp) for (int64_t j = 0; j < H; ++j) CPp[q * H + j] = cr[j];
-          if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
+    // A generic lambda, so that its body is a template in T and the float-only kernel path drops out for double.
+    [&](auto zero) {
+      using T = decltype(zero);
+      const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
+      T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>();
+      T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
+      T *CPp = CP.numel() ? CP.data_ptr<T>() : nullptr;
+      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
+      const T* P = opt_ptr<T>(peep);
+      // Batch row b of step t, units [j0, j0 + n), once Z holds the step's pre-activations there.
+      auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
+        const int64_t r = t * B + b, q = keep.at(t) * B + b;
+        T *zr = Z + r * G + j0, *ar = Ap + q * G + j0, *cr = cp + b * H + j0, *hrow = hp + b * H + j0;
+        T *Cr = Cp + q * H + j0, *Kr = Kp + q * H + j0, *orow = Op + r * H + j0;
+        const T* Pj = P ? P + j0 : nullptr;
+        if (L.live(t, b)) {
+          lstm_peep_if(Pj, cr, zr, H, n);
+          for (int64_t g = 0; g < 3; ++g) act_forward(kinds[g], a[g], zr + g * H, ar + g * H, n);
+          lstm_cell_update(ar, cr, Cr, H, n);
+          lstm_peep_o(Pj, peep_current ? Cr : cr, zr, H, n);
+          act_forward(kinds[3], a[3], zr + 3 * H, ar + 3 * H, n);
+          act_forward(kinds[4], a[4], Cr, Kr, n);
+          lstm_hand_on(ar, Kr, Cr, MH ? MH + r * H + j0 : nullptr, MC ? MC + r * H + j0 : nullptr, cr, hrow, orow, H, n);
+        } else {
+          for (int64_t j = 0; j < n; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
         }
-      });
-    }
+        if (CPp) for (int64_t j = 0; j < n; ++j) CPp[q * H + j0 + j] = cr[j];
+        if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
+      };
+      auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_kernel<T>()) {
+          return kernel_forward<4>(
+              L, H, W, [&](int64_t t) { return Z + t * B * G; }, true, hr_of,
+              [&](int64_t j0, int64_t n) {
+                for (int64_t b = 0; b < B; ++b) write_rec(hr_of(0) + b * H + j0, hp + b * H + j0, M ? M + b * H + j0 : nullptr, n);
+              },
+              [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); });
+        }
+      }
+#endif
+      write_rec(hr_of(0), hp, M, B * H);
+      for (int64_t k = 0; k < L.T; ++k) {
+        const int64_t t = L.step(k);
+        times_Wt<T>(Z + t * B * G, hr_of(k), W, B, G, H, T(1));
+        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
+        });
+      }
+    }(scalar_t(0));
   });
   return {out, h, c, save_z ? xw : at::empty({0}, xw.options()), A, C, K, HR, CP};
 }
@@ -466,51 +721,67 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
                                   const c10::optional<Tensor>& zc, const c10::optional<Tensor>& peep,
                                   bool peep_current, at::IntArrayRef kinds, at::ArrayRef<double> params,
                                   bool reverse) {
+  check_kinds(kinds);
   const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = c0.size(1), B = L.B, G = 4 * H;
   const bool zone = zh.has_value() || zc.has_value();
   TORCH_CHECK(!zone || CP.numel() == C.numel(), "gatelab fused: zoneout backward needs the zoned-out cell states");
   Tensor dZ = at::empty_like(A), dh = dhT.clone(), dc = dcT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lstm_backward", [&] {
-    using T = scalar_t;
-    const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
-    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>();
-    const T *Kp = K.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *c0p = c0.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
-    const T *Sp = zone ? CP.data_ptr<T>() : Cp;  // the cell state each step hands on
-    const T* P = opt_ptr<T>(peep);
-    T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
-    std::vector<T> scratch;
-    for (int64_t k = L.T - 1; k >= 0; --k) {
-      const int64_t t = L.step(k);
-      const T* cprev = k == 0 ? c0p : Sp + L.step(k - 1) * B * H;
-      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-        std::vector<T> tmp(H);
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b;
-          const T *zr = Zp ? Zp + r * G : nullptr, *ar = Ap + r * G, *Cr = Cp + r * H, *Kr = Kp + r * H;
-          const T *cpr = cprev + b * H, *dor = dOp + r * H;
-          T *gr = dZp + r * G, *dhr = dhp + b * H, *dcr = dcp + b * H;
-          if (!L.live(t, b)) {  // state passed through; nothing to differentiate
-            for (int64_t j = 0; j < G; ++j) gr[j] = T(0);
-            continue;
-          }
-          lstm_output_backward(dor, MH ? MH + r * H : nullptr, ar, Kr, dhr, gr, tmp.data(), H);
-          act_backward(kinds[4], a[4], Cr, Kr, tmp.data(), tmp.data(), H);  // dL/dc' through psi
-          // dL/dz_o now: with a peephole on c' it adds to dL/dc'
-          act_backward(kinds[3], a[3], zr ? zr + 3 * H : nullptr, ar + 3 * H, gr + 3 * H, gr + 3 * H, H);
-          if (P && peep_current) for (int64_t j = 0; j < H; ++j) tmp[j] += gr[3 * H + j] * P[2 * H + j];
-          lstm_cell_backward(tmp.data(), MC ? MC + r * H : nullptr, ar, cpr, dcr, gr, H);
-          for (int64_t g = 0; g < 3; ++g)
-            act_backward(kinds[g], a[g], zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, H);
-          if (P) {  // i and f (and o, reading c) read the previous cell state
-            for (int64_t j = 0; j < H; ++j) dcr[j] += gr[j] * P[j] + gr[H + j] * P[H + j];
-            if (!peep_current) for (int64_t j = 0; j < H; ++j) dcr[j] += gr[3 * H + j] * P[2 * H + j];
-          }
+    // A generic lambda, so that its body is a template in T and the float-only kernel path drops out for double.
+    [&](auto zero) {
+      using T = decltype(zero);
+      const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
+      const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>();
+      const T *Kp = K.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *c0p = c0.data_ptr<T>();
+      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
+      const T *Sp = zone ? CP.data_ptr<T>() : Cp;  // the cell state each step hands on
+      const T* P = opt_ptr<T>(peep);
+      T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+      auto cprev_of = [&](int64_t k) { return k == 0 ? c0p : Sp + L.step(k - 1) * B * H; };
+      // dL/dZ of batch row b at step t, units [j0, j0 + n), from dh and dc there; tmp holds n values.
+      auto row = [&](int64_t t, const T* cprev, int64_t b, int64_t j0, int64_t n, T* tmp) {
+        const int64_t r = t * B + b;
+        const T *zr = Zp ? Zp + r * G + j0 : nullptr, *ar = Ap + r * G + j0, *Cr = Cp + r * H + j0;
+        const T *Kr = Kp + r * H + j0, *cpr = cprev + b * H + j0, *dor = dOp + r * H + j0;
+        T *gr = dZp + r * G + j0, *dhr = dhp + b * H + j0, *dcr = dcp + b * H + j0;
+        if (!L.live(t, b)) {  // state passed through; nothing to differentiate
+          for (int64_t g = 0; g < 4; ++g) for (int64_t j = 0; j < n; ++j) gr[g * H + j] = T(0);
+          return;
         }
-      });
-      recurrent_grad<T>(dhp, dZp + t * B * G, W, M, scratch, B, G, H);
-    }
+        lstm_output_backward(dor, MH ? MH + r * H + j0 : nullptr, ar, Kr, dhr, gr, tmp, H, n);
+        act_backward(kinds[4], a[4], Cr, Kr, tmp, tmp, n);  // dL/dc' through psi
+        // dL/dz_o now: with a peephole on c' it adds to dL/dc'
+        act_backward(kinds[3], a[3], zr ? zr + 3 * H : nullptr, ar + 3 * H, gr + 3 * H, gr + 3 * H, n);
+        if (P && peep_current) for (int64_t j = 0; j < n; ++j) tmp[j] += gr[3 * H + j] * P[2 * H + j0 + j];
+        lstm_cell_backward(tmp, MC ? MC + r * H + j0 : nullptr, ar, cpr, dcr, gr, H, n);
+        for (int64_t g = 0; g < 3; ++g)
+          act_backward(kinds[g], a[g], zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, n);
+        if (P) {  // i and f (and o, reading c) read the previous cell state
+          for (int64_t j = 0; j < n; ++j) dcr[j] += gr[j] * P[j0 + j] + gr[H + j] * P[H + j0 + j];
+          if (!peep_current) for (int64_t j = 0; j < n; ++j) dcr[j] += gr[3 * H + j] * P[2 * H + j0 + j];
+        }
+      };
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_kernel<T>()) {
+          return kernel_backward(L, H, G, W, dhp, M, [&](int64_t t) { return dZp + t * B * G; },
+                                 [&](int64_t k, int64_t b, int64_t j0, int64_t n, T* tmp) {
+                                   row(L.step(k), cprev_of(k), b, j0, n, tmp);
+                                 });
+        }
+      }
+#endif
+      std::vector<T> scratch;
+      for (int64_t k = L.T - 1; k >= 0; --k) {
+        const int64_t t = L.step(k);
+        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+          std::vector<T> tmp(H);
+          for (int64_t b = b0; b < b1; ++b) row(t, cprev_of(k), b, 0, H, tmp.data());
+        });
+        recurrent_grad<T>(dhp, dZp + t * B * G, W, M, scratch, B, G, H);
+      }
+    }(scalar_t(0));
   });
   return {dZ, dh, dc};
 }
@@ -590,11 +861,11 @@ std::vector<Tensor> lstm_ln_forward(const Tensor& xw, const Tensor& W_hh, const 
             ln_row(GHp + b * G, nh, G, e, RHp[q]);
             for (int64_t j = 0; j < G; ++j) zr[j] += nh[j] * gh[j];
             lstm_gates_forward(kinds, a, zr, ar, H);
-            lstm_cell_update(ar, cr, Cr, H);
+            lstm_cell_update(ar, cr, Cr, H, H);
             ln_row(Cr, nc, H, e, RCp[q]);
             for (int64_t j = 0; j < H; ++j) yr[j] = nc[j] * gc[j] + bc[j];
             act_forward(kinds[4], a[4], yr, Kr, H);
-            lstm_hand_on(ar, Kr, Cr, MH ? MH + r * H : nullptr, MC ? MC + r * H : nullptr, cr, hrow, orow, H);
+            lstm_hand_on(ar, Kr, Cr, MH ? MH + r * H : nullptr, MC ? MC + r * H : nullptr, cr, hrow, orow, H, H);
           } else {  // the caller reduces gain gradients over NH and NC: no stale memory on dead steps
             for (int64_t j = 0; j < H; ++j) { Cr[j] = cr[j]; orow[j] = T(0); nc[j] = T(0); }
             for (int64_t j = 0; j < G; ++j) nh[j] = T(0);
@@ -647,11 +918,11 @@ std::vector<Tensor> lstm_ln_backward(const Tensor& dout, const Tensor& dhT, cons
             for (int64_t j = 0; j < H; ++j) dyr[j] = T(0);
             continue;
           }
-          lstm_output_backward(dor, MH ? MH + r * H : nullptr, ar, Kr, dhr, gr, tmp.data(), H);
+          lstm_output_backward(dor, MH ? MH + r * H : nullptr, ar, Kr, dhr, gr, tmp.data(), H, H);
           act_backward(kinds[4], a[4], yr, Kr, tmp.data(), dyr, H);  // dL/dY
           for (int64_t j = 0; j < H; ++j) tmp2[j] = dyr[j] * gc[j];
           ln_row_backward(tmp2.data(), nc, RCp[r], tmp.data(), H);  // dL/dc' through the norm
-          lstm_cell_backward(tmp.data(), MC ? MC + r * H : nullptr, ar, cpr, dcr, gr, H);
+          lstm_cell_backward(tmp.data(), MC ? MC + r * H : nullptr, ar, cpr, dcr, gr, H, H);
           lstm_gates_backward(kinds, a, zr, ar, gr, H);
           for (int64_t j = 0; j < G; ++j) tmp2[j] = gr[j] * gh[j];
           ln_row_backward(tmp2.data(), nh, RHp[r], ggr, G);    // dL/d(W_hh h_rec)
@@ -674,6 +945,7 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
                                 const Tensor& h0, const c10::optional<Tensor>& lengths,
                                 const c10::optional<Tensor>& mask, const c10::optional<Tensor>& zh, at::IntArrayRef kinds,
                                 at::ArrayRef<double> params, bool reverse, bool save_z, bool train) {
+  check_kinds(kinds);
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B, G = 3 * H;
   const Keep keep(L, train);
@@ -681,45 +953,61 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
   Tensor S = per_step(L, GHn.sizes(), GHn.options()), out = at::empty({L.T, B, H}, h0.options()), HR = per_step(L, {keep.n_rec, B, H}, h0.options());
   Tensor gh = at::empty({B, G}, h0.options()), h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_forward", [&] {
-    using T = scalar_t;
-    const T ar_ = params[0], az_ = params[1], an_ = params[2];
-    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>(), *Sp = S.data_ptr<T>();
-    T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *hp = h.data_ptr<T>(), *ghp = gh.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *bh = opt_ptr<T>(b_hh), *MZ = opt_ptr<T>(zh);
-    write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
-    for (int64_t k = 0; k < L.T; ++k) {
-      const int64_t t = L.step(k);
-      const int64_t s = keep.at(t);
-      T* hr_next = k + 1 < L.T ? HRp + keep.rec(k + 1) * B * H : nullptr;
-      times_Wt<T>(ghp, HRp + keep.rec(k) * B * H, W, B, G, H, T(0));
-      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b, q = s * B + b;
-          T *ghr = ghp + b * G, *zr = Z + r * G, *arow = Ap + q * G, *nr = Np + q * H, *hrow = hp + b * H;
-          T *Sr = Sp + q * H, *orow = Op + r * H;
-          if (L.live(t, b)) {
-            if (bh) for (int64_t j = 0; j < G; ++j) ghr[j] += bh[j];
-            for (int64_t j = 0; j < 2 * H; ++j) zr[j] += ghr[j];
-            act_forward(kinds[0], ar_, zr, arow, H);
-            act_forward(kinds[1], az_, zr + H, arow + H, H);
-            for (int64_t j = 0; j < H; ++j) {
-              nr[j] = ghr[2 * H + j];
-              zr[2 * H + j] += arow[j] * nr[j];
-            }
-            act_forward(kinds[2], an_, zr + 2 * H, arow + 2 * H, H);
-            const T* mz = MZ ? MZ + r * H : nullptr;
-            for (int64_t j = 0; j < H; ++j) {
-              const T z = arow[H + j], n = arow[2 * H + j];
-              const T hn = (T(1) - z) * n + z * hrow[j];
-              orow[j] = Sr[j] = hrow[j] = mz ? mz[j] * hrow[j] + (T(1) - mz[j]) * hn : hn;
-            }
-          } else {
-            for (int64_t j = 0; j < H; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
+    [&](auto zero) {  // generic: the float-only kernel path drops out for double
+      using T = decltype(zero);
+      const T ar_ = params[0], az_ = params[1], an_ = params[2];
+      T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>(), *Sp = S.data_ptr<T>();
+      T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *hp = h.data_ptr<T>(), *ghp = gh.data_ptr<T>();
+      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *bh = opt_ptr<T>(b_hh), *MZ = opt_ptr<T>(zh);
+      auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
+      // Batch row b of step t, units [j0, j0 + n), once gh holds W_hh h_rec there.
+      auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
+        const int64_t r = t * B + b, q = keep.at(t) * B + b;
+        T *ghr = ghp + b * G + j0, *zr = Z + r * G + j0, *arow = Ap + q * G + j0, *nr = Np + q * H + j0;
+        T *hrow = hp + b * H + j0, *Sr = Sp + q * H + j0, *orow = Op + r * H + j0;
+        if (L.live(t, b)) {
+          if (bh)
+            for (int64_t g = 0; g < 3; ++g) for (int64_t j = 0; j < n; ++j) ghr[g * H + j] += bh[g * H + j0 + j];
+          for (int64_t g = 0; g < 2; ++g) for (int64_t j = 0; j < n; ++j) zr[g * H + j] += ghr[g * H + j];
+          act_forward(kinds[0], ar_, zr, arow, n);
+          act_forward(kinds[1], az_, zr + H, arow + H, n);
+          for (int64_t j = 0; j < n; ++j) {
+            nr[j] = ghr[2 * H + j];
+            zr[2 * H + j] += arow[j] * nr[j];
           }
-          if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
+          act_forward(kinds[2], an_, zr + 2 * H, arow + 2 * H, n);
+          const T* mz = MZ ? MZ + r * H + j0 : nullptr;
+          for (int64_t j = 0; j < n; ++j) {
+            const T z = arow[H + j], nn = arow[2 * H + j];
+            const T hn = (T(1) - z) * nn + z * hrow[j];
+            orow[j] = Sr[j] = hrow[j] = mz ? mz[j] * hrow[j] + (T(1) - mz[j]) * hn : hn;
+          }
+        } else {
+          for (int64_t j = 0; j < n; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
         }
-      });
-    }
+        if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
+      };
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_kernel<T>()) {
+          return kernel_forward<3>(
+              L, H, W, [&](int64_t) { return ghp; }, false, hr_of,
+              [&](int64_t j0, int64_t n) {
+                for (int64_t b = 0; b < B; ++b) write_rec(hr_of(0) + b * H + j0, hp + b * H + j0, M ? M + b * H + j0 : nullptr, n);
+              },
+              [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); });
+        }
+      }
+#endif
+      write_rec(hr_of(0), hp, M, B * H);
+      for (int64_t k = 0; k < L.T; ++k) {
+        const int64_t t = L.step(k);
+        times_Wt<T>(ghp, hr_of(k), W, B, G, H, T(0));
+        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
+        });
+      }
+    }(scalar_t(0));
   });
   return {out, h, save_z ? xw : at::empty({0}, xw.options()), A, GHn, S, HR};
 }
@@ -729,49 +1017,63 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
                                  const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                  const c10::optional<Tensor>& zh, at::IntArrayRef kinds, at::ArrayRef<double> params,
                                  bool reverse) {
+  check_kinds(kinds);
   const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B, G = 3 * H;
   Tensor dXW = at::empty_like(A), dGH = at::empty_like(A), dh = dhT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gru_backward", [&] {
-    using T = scalar_t;
-    const T ar_ = params[0], az_ = params[1], an_ = params[2];
-    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>();
-    const T *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *h0p = h0.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
-    T *gxp = dXW.data_ptr<T>(), *ghp = dGH.data_ptr<T>(), *dhp = dh.data_ptr<T>();
-    std::vector<T> scratch;
-    for (int64_t k = L.T - 1; k >= 0; --k) {
-      const int64_t t = L.step(k);
-      const T* hprev = k == 0 ? h0p : Sp + L.step(k - 1) * B * H;
-      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b;
-          const T *zr = Zp ? Zp + r * G : nullptr, *arow = Ap + r * G, *nr = Np + r * H;
-          const T *hpr = hprev + b * H, *dor = dOp + r * H;
-          T *gxr = gxp + r * G, *ghr = ghp + r * G, *dhr = dhp + b * H;
-          if (!L.live(t, b)) {
-            for (int64_t j = 0; j < G; ++j) gxr[j] = ghr[j] = T(0);
-            continue;
-          }
-          const T* mz = MZ ? MZ + r * H : nullptr;
-          for (int64_t j = 0; j < H; ++j) {
-            const T z = arow[H + j], n = arow[2 * H + j];
-            T d = dor[j] + dhr[j], kept = T(0);  // dL/dh after the step (zoned out, if any)
-            if (mz) { kept = d * mz[j]; d *= T(1) - mz[j]; }
-            gxr[2 * H + j] = d * (T(1) - z);     // dL/dn
-            gxr[H + j] = d * (hpr[j] - n);       // dL/dz
-            dhr[j] = d * z + kept;               // direct paths; the product adds the rest
-          }
-          act_backward(kinds[2], an_, zr ? zr + 2 * H : nullptr, arow + 2 * H, gxr + 2 * H, gxr + 2 * H, H);
-          act_backward(kinds[1], az_, zr ? zr + H : nullptr, arow + H, gxr + H, gxr + H, H);
-          for (int64_t j = 0; j < H; ++j) gxr[j] = gxr[2 * H + j] * nr[j];  // dL/dr
-          act_backward(kinds[0], ar_, zr, arow, gxr, gxr, H);
-          for (int64_t j = 0; j < 2 * H; ++j) ghr[j] = gxr[j];
-          for (int64_t j = 0; j < H; ++j) ghr[2 * H + j] = gxr[2 * H + j] * arow[j];
+    [&](auto zero) {  // generic: the float-only kernel path drops out for double
+      using T = decltype(zero);
+      const T ar_ = params[0], az_ = params[1], an_ = params[2];
+      const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>();
+      const T *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *h0p = h0.data_ptr<T>();
+      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
+      T *gxp = dXW.data_ptr<T>(), *ghp = dGH.data_ptr<T>(), *dhp = dh.data_ptr<T>();
+      auto hprev_of = [&](int64_t k) { return k == 0 ? h0p : Sp + L.step(k - 1) * B * H; };
+      auto row = [&](int64_t t, const T* hprev, int64_t b, int64_t j0, int64_t n) {
+        const int64_t r = t * B + b;
+        const T *zr = Zp ? Zp + r * G + j0 : nullptr, *arow = Ap + r * G + j0, *nr = Np + r * H + j0;
+        const T *hpr = hprev + b * H + j0, *dor = dOp + r * H + j0;
+        T *gxr = gxp + r * G + j0, *ghr = ghp + r * G + j0, *dhr = dhp + b * H + j0;
+        if (!L.live(t, b)) {
+          for (int64_t g = 0; g < 3; ++g) for (int64_t j = 0; j < n; ++j) gxr[g * H + j] = ghr[g * H + j] = T(0);
+          return;
         }
-      });
-      recurrent_grad<T>(dhp, ghp + t * B * G, W, M, scratch, B, G, H);
-    }
+        const T* mz = MZ ? MZ + r * H + j0 : nullptr;
+        for (int64_t j = 0; j < n; ++j) {
+          const T z = arow[H + j], nn = arow[2 * H + j];
+          T d = dor[j] + dhr[j], kept = T(0);  // dL/dh after the step (zoned out, if any)
+          if (mz) { kept = d * mz[j]; d *= T(1) - mz[j]; }
+          gxr[2 * H + j] = d * (T(1) - z);     // dL/dn
+          gxr[H + j] = d * (hpr[j] - nn);      // dL/dz
+          dhr[j] = d * z + kept;               // direct paths; the product adds the rest
+        }
+        act_backward(kinds[2], an_, zr ? zr + 2 * H : nullptr, arow + 2 * H, gxr + 2 * H, gxr + 2 * H, n);
+        act_backward(kinds[1], az_, zr ? zr + H : nullptr, arow + H, gxr + H, gxr + H, n);
+        for (int64_t j = 0; j < n; ++j) gxr[j] = gxr[2 * H + j] * nr[j];  // dL/dr
+        act_backward(kinds[0], ar_, zr, arow, gxr, gxr, n);
+        for (int64_t g = 0; g < 2; ++g) for (int64_t j = 0; j < n; ++j) ghr[g * H + j] = gxr[g * H + j];
+        for (int64_t j = 0; j < n; ++j) ghr[2 * H + j] = gxr[2 * H + j] * arow[j];
+      };
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_kernel<T>()) {
+          return kernel_backward(L, H, G, W, dhp, M, [&](int64_t t) { return ghp + t * B * G; },
+                                 [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) {
+                                   row(L.step(k), hprev_of(k), b, j0, n);
+                                 });
+        }
+      }
+#endif
+      std::vector<T> scratch;
+      for (int64_t k = L.T - 1; k >= 0; --k) {
+        const int64_t t = L.step(k);
+        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) row(t, hprev_of(k), b, 0, H);
+        });
+        recurrent_grad<T>(dhp, ghp + t * B * G, W, M, scratch, B, G, H);
+      }
+    }(scalar_t(0));
   });
   return {dXW, dGH, dh};
 }
@@ -785,6 +1087,7 @@ std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Te
                                   const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                   const c10::optional<Tensor>& zh, int64_t kind, double param, bool reverse,
                                   bool save_z, bool train) {
+  check_kinds({kind});
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = h0.size(1), B = L.B;
   const Keep keep(L, train);
@@ -793,36 +1096,51 @@ std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Te
   Tensor S = !train ? at::empty({1, B, H}, h0.options()) : lengths.has_value() || zone ? at::empty_like(xw) : out;
   Tensor h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "elman_forward", [&] {
-    using T = scalar_t;
-    const T a = param;
-    T *Z = xw.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>();
-    T* hp = h.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
-    write_rec(HRp + keep.rec(0) * B * H, hp, M, B * H);
-    for (int64_t k = 0; k < L.T; ++k) {
-      const int64_t t = L.step(k);
-      const int64_t s = keep.at(t);
-      T* hr_next = k + 1 < L.T ? HRp + keep.rec(k + 1) * B * H : nullptr;
-      times_Wt<T>(Z + t * B * H, HRp + keep.rec(k) * B * H, W, B, H, H, T(1));
-      at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b;
-          T *hrow = hp + b * H, *Sr = Sp + (s * B + b) * H, *orow = Op + r * H;
-          if (L.live(t, b) && zone) {
-            const T* mz = MZ + r * H;
-            act_forward(kind, a, Z + r * H, Sr, H);
-            for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j] = mz[j] * hrow[j] + (T(1) - mz[j]) * Sr[j];
-          } else if (L.live(t, b)) {
-            act_forward(kind, a, Z + r * H, hrow, H);
-            for (int64_t j = 0; j < H; ++j) orow[j] = hrow[j];
-            if (Sp != Op) for (int64_t j = 0; j < H; ++j) Sr[j] = hrow[j];
-          } else {
-            for (int64_t j = 0; j < H; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
-          }
-          if (hr_next) write_rec(hr_next + b * H, hrow, M ? M + b * H : nullptr, H);
+    [&](auto zero) {  // generic: the float-only kernel path drops out for double
+      using T = decltype(zero);
+      const T a = param;
+      T *Z = xw.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>();
+      T* hp = h.data_ptr<T>();
+      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
+      auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
+      auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
+        const int64_t r = t * B + b;
+        T *hrow = hp + b * H + j0, *Sr = Sp + (keep.at(t) * B + b) * H + j0, *orow = Op + r * H + j0;
+        T* zr = Z + r * H + j0;
+        if (L.live(t, b) && zone) {
+          const T* mz = MZ + r * H + j0;
+          act_forward(kind, a, zr, Sr, n);
+          for (int64_t j = 0; j < n; ++j) orow[j] = hrow[j] = mz[j] * hrow[j] + (T(1) - mz[j]) * Sr[j];
+        } else if (L.live(t, b)) {
+          act_forward(kind, a, zr, hrow, n);
+          for (int64_t j = 0; j < n; ++j) orow[j] = hrow[j];
+          if (Sp != Op) for (int64_t j = 0; j < n; ++j) Sr[j] = hrow[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
         }
-      });
-    }
+        if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
+      };
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_kernel<T>()) {
+          return kernel_forward<1>(
+              L, H, W, [&](int64_t t) { return Z + t * B * H; }, true, hr_of,
+              [&](int64_t j0, int64_t n) {
+                for (int64_t b = 0; b < B; ++b) write_rec(hr_of(0) + b * H + j0, hp + b * H + j0, M ? M + b * H + j0 : nullptr, n);
+              },
+              [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); });
+        }
+      }
+#endif
+      write_rec(hr_of(0), hp, M, B * H);
+      for (int64_t k = 0; k < L.T; ++k) {
+        const int64_t t = L.step(k);
+        times_Wt<T>(Z + t * B * H, hr_of(k), W, B, H, H, T(1));
+        at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
+        });
+      }
+    }(scalar_t(0));
   });
   return {out, h, save_z ? xw : at::empty({0}, xw.options()), S, HR};
 }
@@ -831,41 +1149,54 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
                                    const Tensor& W_hh, const c10::optional<Tensor>& lengths,
                                    const c10::optional<Tensor>& mask, const c10::optional<Tensor>& zh, int64_t kind,
                                    double param, bool reverse) {
+  check_kinds({kind});
   const Loop L = make_loop(S, lengths, reverse);
   const int64_t H = S.size(2), B = L.B;
   Tensor dZ = at::empty_like(S), dh = dhT.clone();
   AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "elman_backward", [&] {
-    using T = scalar_t;
-    const T a = param;
-    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>();
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
-    T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>();
-    std::vector<T> scratch;
-    for (int64_t k = L.T - 1; k >= 0; --k) {
-      const int64_t t = L.step(k);
-      at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b;
-          T *gr = dZp + r * H, *dhr = dhp + b * H;
-          if (!L.live(t, b)) {
-            for (int64_t j = 0; j < H; ++j) gr[j] = T(0);
-            continue;
-          }
-          if (MZ) {  // kept share -> old h; the rest -> through phi
-            const T* mz = MZ + r * H;
-            for (int64_t j = 0; j < H; ++j) {
-              const T d = dOp[r * H + j] + dhr[j];
-              gr[j] = d * (T(1) - mz[j]);
-              dhr[j] = d * mz[j];
-            }
-          } else {
-            for (int64_t j = 0; j < H; ++j) { gr[j] = dOp[r * H + j] + dhr[j]; dhr[j] = T(0); }
-          }
-          act_backward(kind, a, Zp ? Zp + r * H : nullptr, Sp + r * H, gr, gr, H);
+    [&](auto zero) {  // generic: the float-only kernel path drops out for double
+      using T = decltype(zero);
+      const T a = param;
+      const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>();
+      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
+      T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>();
+      auto row = [&](int64_t t, int64_t b, int64_t j0, int64_t n) {
+        const int64_t r = t * B + b;
+        T *gr = dZp + r * H + j0, *dhr = dhp + b * H + j0;
+        const T* dor = dOp + r * H + j0;
+        if (!L.live(t, b)) {
+          for (int64_t j = 0; j < n; ++j) gr[j] = T(0);
+          return;
         }
-      });
-      recurrent_grad<T>(dhp, dZp + t * B * H, W, M, scratch, B, H, H);
-    }
+        if (MZ) {  // kept share -> old h; the rest -> through phi
+          const T* mz = MZ + r * H + j0;
+          for (int64_t j = 0; j < n; ++j) {
+            const T d = dor[j] + dhr[j];
+            gr[j] = d * (T(1) - mz[j]);
+            dhr[j] = d * mz[j];
+          }
+        } else {
+          for (int64_t j = 0; j < n; ++j) { gr[j] = dor[j] + dhr[j]; dhr[j] = T(0); }
+        }
+        act_backward(kind, a, Zp ? Zp + r * H + j0 : nullptr, Sp + r * H + j0, gr, gr, n);
+      };
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_kernel<T>()) {
+          return kernel_backward(L, H, H, W, dhp, M, [&](int64_t t) { return dZp + t * B * H; },
+                                 [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) { row(L.step(k), b, j0, n); });
+        }
+      }
+#endif
+      std::vector<T> scratch;
+      for (int64_t k = L.T - 1; k >= 0; --k) {
+        const int64_t t = L.step(k);
+        at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) row(t, b, 0, H);
+        });
+        recurrent_grad<T>(dhp, dZp + t * B * H, W, M, scratch, B, H, H);
+      }
+    }(scalar_t(0));
   });
   return {dZ, dh};
 }
@@ -880,6 +1211,7 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
                                         const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                         const c10::optional<Tensor>& zs, at::IntArrayRef kinds,
                                         at::ArrayRef<double> params, bool reverse, bool save_z, bool train) {
+  check_kinds(kinds);
   const Loop L = make_loop(xw, lengths, reverse);
   const int64_t H = s0.size(1), B = L.B, G = 4 * H;
   const Keep keep(L, train);
@@ -889,43 +1221,58 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
   Tensor HR = at::empty({keep.n_rec, B, H}, s0.options());
   Tensor s = s0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gated_state_forward", [&] {
-    using T = scalar_t;
-    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>();
-    T *HRp = HR.data_ptr<T>(), *sp = s.data_ptr<T>(), *SNp = SN.numel() ? SN.data_ptr<T>() : nullptr;
-    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zs);
-    write_rec(HRp + keep.rec(0) * B * H, sp, M, B * H);
-    for (int64_t k = 0; k < L.T; ++k) {
-      const int64_t t = L.step(k);
-      const int64_t s = keep.at(t);
-      T* hr_next = k + 1 < L.T ? HRp + keep.rec(k + 1) * B * H : nullptr;
-      times_Wt<T>(Z + t * B * G, HRp + keep.rec(k) * B * H, W, B, G, H, T(1));
-      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b, q = s * B + b;
-          T *zr = Z + r * G, *ar = Ap + q * G, *sr = sp + b * H, *Sr = Sp + q * H, *orow = Op + r * H;
-          if (L.live(t, b)) {
-            for (int64_t g = 0; g < 4; ++g) act_forward(kinds[g], T(params[g]), zr + g * H, ar + g * H, H);
-            if (MZ) {
-              const T* mz = MZ + r * H;
-              for (int64_t j = 0; j < H; ++j) {
-                const T sn = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
-                orow[j] = ar[2 * H + j] * sn;
-                Sr[j] = sr[j] = mz[j] * sr[j] + (T(1) - mz[j]) * sn;
-                if (SNp) SNp[q * H + j] = sn;
-              }
-            } else {
-              for (int64_t j = 0; j < H; ++j) {
-                Sr[j] = sr[j] = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
-                orow[j] = ar[2 * H + j] * sr[j];
-              }
+    [&](auto zero) {  // generic: the float-only kernel path drops out for double
+      using T = decltype(zero);
+      T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>();
+      T *HRp = HR.data_ptr<T>(), *sp = s.data_ptr<T>(), *SNp = SN.numel() ? SN.data_ptr<T>() : nullptr;
+      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zs);
+      auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
+      auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
+        const int64_t r = t * B + b, q = keep.at(t) * B + b;
+        T *zr = Z + r * G + j0, *ar = Ap + q * G + j0, *sr = sp + b * H + j0, *Sr = Sp + q * H + j0;
+        T* orow = Op + r * H + j0;
+        if (L.live(t, b)) {
+          for (int64_t g = 0; g < 4; ++g) act_forward(kinds[g], T(params[g]), zr + g * H, ar + g * H, n);
+          if (MZ) {
+            const T* mz = MZ + r * H + j0;
+            for (int64_t j = 0; j < n; ++j) {
+              const T sn = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
+              orow[j] = ar[2 * H + j] * sn;
+              Sr[j] = sr[j] = mz[j] * sr[j] + (T(1) - mz[j]) * sn;
+              if (SNp) SNp[q * H + j0 + j] = sn;
             }
           } else {
-            for (int64_t j = 0; j < H; ++j) { Sr[j] = sr[j]; orow[j] = T(0); }
+            for (int64_t j = 0; j < n; ++j) {
+              Sr[j] = sr[j] = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
+              orow[j] = ar[2 * H + j] * sr[j];
+            }
           }
-          if (hr_next) write_rec(hr_next + b * H, sr, M ? M + b * H : nullptr, H);
+        } else {
+          for (int64_t j = 0; j < n; ++j) { Sr[j] = sr[j]; orow[j] = T(0); }
         }
-      });
-    }
+        if (hr_next) write_rec(hr_next + b * H + j0, sr, M ? M + b * H + j0 : nullptr, n);
+      };
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_kernel<T>()) {
+          return kernel_forward<4>(
+              L, H, W, [&](int64_t t) { return Z + t * B * G; }, true, hr_of,
+              [&](int64_t j0, int64_t n) {
+                for (int64_t b = 0; b < B; ++b) write_rec(hr_of(0) + b * H + j0, sp + b * H + j0, M ? M + b * H + j0 : nullptr, n);
+              },
+              [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); });
+        }
+      }
+#endif
+      write_rec(hr_of(0), sp, M, B * H);
+      for (int64_t k = 0; k < L.T; ++k) {
+        const int64_t t = L.step(k);
+        times_Wt<T>(Z + t * B * G, hr_of(k), W, B, G, H, T(1));
+        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
+        });
+      }
+    }(scalar_t(0));
   });
   return {out, s, save_z ? xw : at::empty({0}, xw.options()), A, S, HR, SN};
 }
@@ -935,45 +1282,59 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
                                          const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& mask,
                                          const c10::optional<Tensor>& zs, at::IntArrayRef kinds,
                                          at::ArrayRef<double> params, bool reverse) {
+  check_kinds(kinds);
   const Loop L = make_loop(A, lengths, reverse);
   const int64_t H = s0.size(1), B = L.B, G = 4 * H;
   TORCH_CHECK(!zs.has_value() || SN.numel() == S.numel(), "gatelab fused: zoneout backward needs the states s'");
   Tensor dZ = at::empty_like(A), ds = dsT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gated_state_backward", [&] {
-    using T = scalar_t;
-    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>();
-    const T *dOp = dout.data_ptr<T>(), *s0p = s0.data_ptr<T>(), *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
-    const T *MZ = opt_ptr<T>(zs), *SNp = MZ ? SN.data_ptr<T>() : Sp;  // s' of each step
-    T *dZp = dZ.data_ptr<T>(), *dsp = ds.data_ptr<T>();
-    std::vector<T> scratch;
-    for (int64_t k = L.T - 1; k >= 0; --k) {
-      const int64_t t = L.step(k);
-      const T* sprev = k == 0 ? s0p : Sp + L.step(k - 1) * B * H;
-      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t r = t * B + b;
-          const T *zr = Zp ? Zp + r * G : nullptr, *ar = Ap + r * G, *Sr = SNp + r * H, *spr = sprev + b * H;
-          const T *dor = dOp + r * H, *mz = MZ ? MZ + r * H : nullptr;
-          T *gr = dZp + r * G, *dsr = dsp + b * H;
-          if (!L.live(t, b)) {
-            for (int64_t j = 0; j < G; ++j) gr[j] = T(0);
-            continue;
-          }
-          for (int64_t j = 0; j < H; ++j) {
-            const T keep_s = mz ? mz[j] : T(0);  // kept share of the handed-on state -> old s
-            const T dst = dsr[j] * (T(1) - keep_s) + dor[j] * ar[2 * H + j];
-            gr[2 * H + j] = dor[j] * Sr[j];      // dL/do
-            gr[j] = dst * spr[j];                // dL/df
-            gr[H + j] = dst * ar[3 * H + j];     // dL/di
-            gr[3 * H + j] = dst * ar[H + j];     // dL/dn
-            dsr[j] = dst * ar[j] + dsr[j] * keep_s;
-          }
-          for (int64_t g = 0; g < 4; ++g)
-            act_backward(kinds[g], T(params[g]), zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, H);
+    [&](auto zero) {  // generic: the float-only kernel path drops out for double
+      using T = decltype(zero);
+      const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>();
+      const T *dOp = dout.data_ptr<T>(), *s0p = s0.data_ptr<T>(), *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+      const T *MZ = opt_ptr<T>(zs), *SNp = MZ ? SN.data_ptr<T>() : Sp;  // s' of each step
+      T *dZp = dZ.data_ptr<T>(), *dsp = ds.data_ptr<T>();
+      auto sprev_of = [&](int64_t k) { return k == 0 ? s0p : Sp + L.step(k - 1) * B * H; };
+      auto row = [&](int64_t t, const T* sprev, int64_t b, int64_t j0, int64_t n) {
+        const int64_t r = t * B + b;
+        const T *zr = Zp ? Zp + r * G + j0 : nullptr, *ar = Ap + r * G + j0, *Sr = SNp + r * H + j0;
+        const T *spr = sprev + b * H + j0, *dor = dOp + r * H + j0, *mz = MZ ? MZ + r * H + j0 : nullptr;
+        T *gr = dZp + r * G + j0, *dsr = dsp + b * H + j0;
+        if (!L.live(t, b)) {
+          for (int64_t g = 0; g < 4; ++g) for (int64_t j = 0; j < n; ++j) gr[g * H + j] = T(0);
+          return;
         }
-      });
-      recurrent_grad<T>(dsp, dZp + t * B * G, W, M, scratch, B, G, H);
-    }
+        for (int64_t j = 0; j < n; ++j) {
+          const T keep_s = mz ? mz[j] : T(0);  // kept share of the handed-on state -> old s
+          const T dst = dsr[j] * (T(1) - keep_s) + dor[j] * ar[2 * H + j];
+          gr[2 * H + j] = dor[j] * Sr[j];      // dL/do
+          gr[j] = dst * spr[j];                // dL/df
+          gr[H + j] = dst * ar[3 * H + j];     // dL/di
+          gr[3 * H + j] = dst * ar[H + j];     // dL/dn
+          dsr[j] = dst * ar[j] + dsr[j] * keep_s;
+        }
+        for (int64_t g = 0; g < 4; ++g)
+          act_backward(kinds[g], T(params[g]), zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, n);
+      };
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_kernel<T>()) {
+          return kernel_backward(L, H, G, W, dsp, M, [&](int64_t t) { return dZp + t * B * G; },
+                                 [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) {
+                                   row(L.step(k), sprev_of(k), b, j0, n);
+                                 });
+        }
+      }
+#endif
+      std::vector<T> scratch;
+      for (int64_t k = L.T - 1; k >= 0; --k) {
+        const int64_t t = L.step(k);
+        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) row(t, sprev_of(k), b, 0, H);
+        });
+        recurrent_grad<T>(dsp, dZp + t * B * G, W, M, scratch, B, G, H);
+      }
+    }(scalar_t(0));
   });
   return {dZ, ds};
 }
@@ -1000,17 +1361,20 @@ Tensor matmul(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bia
   return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
 }
 
-// set_gemm_library(0 auto, 1 BLAS, 2 oneDNN) -> the previous choice; gemm_library(m, n, k) -> which
-// library a float32 product of that shape runs on now (dense: matmul's rule, else the per-step rule).
+// set_gemm_library(0 auto, 1 BLAS, 2 oneDNN, 3 gatelab's kernel) -> the previous choice; gemm_library(m, n, k)
+// -> what a float32 product of that shape runs on now (dense: matmul's rule; else the per-step rule of the
+// loops, named by `cell`: on the kernel where it is built in and chosen).
 int64_t set_gemm_library(int64_t choice) {
-  TORCH_CHECK(choice >= GEMM_AUTO && choice <= GEMM_ONEDNN, "gatelab fused: gemm library 0, 1 or 2, got ", choice);
+  TORCH_CHECK(choice >= GEMM_AUTO && choice <= GEMM_KERNEL, "gatelab fused: gemm library 0, 1, 2 or 3, got ", choice);
   TORCH_CHECK(choice != GEMM_ONEDNN || onednn_available(), "gatelab fused: this torch exports no oneDNN matmul");
+  TORCH_CHECK(choice != GEMM_KERNEL || kHaveKernel, "gatelab fused: the AVX-512 kernel is not built for this CPU");
   const int64_t previous = gemm_choice;
   gemm_choice = choice;
   return previous;
 }
 
-std::string gemm_library(int64_t m, int64_t n, int64_t k, bool dense) {
+std::string gemm_library(int64_t m, int64_t n, int64_t k, bool dense, const std::string& cell) {
+  if (!dense && !cell.empty() && use_kernel<float>()) return "AVX-512 kernel";
   return (dense ? dense_onednn(m, n, k) : use_onednn<float>(m, n, k)) ? "oneDNN" : "BLAS";
 }
 
@@ -1018,7 +1382,7 @@ std::string gemm_library(int64_t m, int64_t n, int64_t k, bool dense) {
 
 TORCH_LIBRARY(gatelab_fused, m) {
   m.def("set_gemm_library(int choice) -> int", &set_gemm_library);
-  m.def("gemm_library(int m, int n, int k, bool dense=False) -> str", &gemm_library);
+  m.def("gemm_library(int m, int n, int k, bool dense=False, str cell=\"\") -> str", &gemm_library);
   m.def("matmul(Tensor a, Tensor b, Tensor? bias) -> Tensor");
   m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, Tensor? peep, bool peep_current, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor CP, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, Tensor? peep, bool peep_current, int[] kinds, float[] params, bool reverse) -> Tensor[]");
