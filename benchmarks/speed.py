@@ -48,6 +48,8 @@ class Row:
     gflops: float
     peak_mb: float | None
     torch_peak_mb: float | None
+    before_ms: float | None = None  # --before: the same fused layer on the products chosen before the kernel
+    ratio_vs_before: float | None = None
 
 
 # -- the models ----------------------------------------------------------------------------------
@@ -178,7 +180,19 @@ def compare(a: Callable[[], None], b: Callable[[], None], pairs: int, warmup: in
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
-def run(sizes: list[int], cells: list[str], pairs: int, batch: int, T: int, memory: bool) -> tuple[list[Row], dict]:
+def on_library(choice: int, fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with the fused C++ loops' products forced onto one library (kernels.cpp set_gemm_library)."""
+    def run() -> None:
+        previous = torch.ops.gatelab_fused.set_gemm_library(choice)
+        try:
+            fn()
+        finally:
+            torch.ops.gatelab_fused.set_gemm_library(previous)
+    return run
+
+
+def run(sizes: list[int], cells: list[str], pairs: int, batch: int, T: int, memory: bool,
+        before: bool = False) -> tuple[list[Row], dict]:
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -201,11 +215,16 @@ def run(sizes: list[int], cells: list[str], pairs: int, batch: int, T: int, memo
                 fns = {k: make(m, x) for k, m in models.items()}
                 t_torch, t_fused, r_torch = compare(fns["torch"], fns["fused"], pairs)
                 t_naive, t_fused2, r_naive = compare(fns["naive"], fns["fused"], pairs)
+                t_before = r_before = None
+                if before:
+                    t_before, _, r_before = compare(on_library(GEMM_LIBRARIES["by-size"], fns["fused"]), fns["fused"],
+                                                    pairs)
                 fl = recurrence_flops(cell, H, batch, T, mode == "fwd+bwd")
                 mem = peak_memory_mb(fns["fused"]) if memory and mode == "fwd+bwd" else None
                 tmem = peak_memory_mb(fns["torch"]) if memory and mode == "fwd+bwd" else None
                 rows.append(Row(cell, H, mode, "fused", round(t_fused, 3), round(r_torch, 3), round(r_naive, 3),
-                                round(fl / (t_fused / 1e3) / 1e9, 1), mem and round(mem, 1), tmem and round(tmem, 1)))
+                                round(fl / (t_fused / 1e3) / 1e9, 1), mem and round(mem, 1), tmem and round(tmem, 1),
+                                t_before and round(t_before, 3), r_before and round(r_before, 3)))
                 rows.append(Row(cell, H, mode, "torch", round(t_torch, 3), 1.0, round(t_torch / t_naive, 3),
                                 round(fl / (t_torch / 1e3) / 1e9, 1), tmem and round(tmem, 1), tmem and round(tmem, 1)))
                 rows.append(Row(cell, H, mode, "naive", round(t_naive, 3), round(t_naive / t_torch, 3), 1.0,
@@ -235,7 +254,7 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in have)
 
 
-GEMM_LIBRARIES = {"auto": 0, "blas": 1, "onednn": 2, "kernel": 3}
+GEMM_LIBRARIES = {"auto": 0, "blas": 1, "onednn": 2, "kernel": 3, "by-size": 4}
 
 
 def step_gemm_library(cell: str, H: int, batch: int) -> str:
@@ -270,8 +289,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
         "Custom activations: gates hard_sigmoid, candidate relu, cell tanh (Elman: relu). torch runs its defaults.",
         "",
         "| cell | H | mode | fused ms | fused / torch | naive / fused | torch ms | naive ms | fused GFLOP/s | "
-        "fused peak MB | torch peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "fused peak MB | torch peak MB |" + (" fused before ms | fused / before |" if meta.get("before") else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if meta.get("before") else ""),
     ]
     by = {(r.cell, r.hidden, r.mode, r.engine): r for r in rows}
     for r in rows:
@@ -280,8 +299,10 @@ def markdown(rows: list[Row], meta: dict) -> str:
         t, n = by[(r.cell, r.hidden, r.mode, "torch")], by[(r.cell, r.hidden, r.mode, "naive")]
         mem = "" if r.peak_mb is None else f"{r.peak_mb:.1f}"
         tmem = "" if r.torch_peak_mb is None else f"{r.torch_peak_mb:.1f}"
+        before = f" {r.before_ms:.2f} | {r.ratio_vs_before:.2f}x |" if r.before_ms is not None else ""
         lines.append(f"| {r.cell} | {r.hidden} | {r.mode} | {r.median_ms:.2f} | {r.ratio_vs_torch:.2f}x | "
-                     f"{1 / r.ratio_vs_naive:.2f}x | {t.median_ms:.2f} | {n.median_ms:.2f} | {r.gflops:.1f} | {mem} | {tmem} |")
+                     f"{1 / r.ratio_vs_naive:.2f}x | {t.median_ms:.2f} | {n.median_ms:.2f} | {r.gflops:.1f} | {mem} | {tmem} |"
+                     + before)
     return "\n".join(lines)
 
 
@@ -305,17 +326,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", type=Path, help="write the markdown table here")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI)")
     p.add_argument("--gemm", choices=list(GEMM_LIBRARIES), default="auto",
-                   help="the fused C++ loop's products: chosen by size and CPU (auto: the LSTM's per-step product "
+                   help="the fused C++ loop's products: chosen by size and CPU (auto: the loops' per-step products "
                         "on gatelab's AVX-512 kernel where built, the rest by size), or forced (blas: MKL/the linked "
-                        "BLAS everywhere, as before oneDNN was used; onednn everywhere; kernel: the AVX-512 kernel "
-                        "for the LSTM loop)")
+                        "BLAS everywhere, as before oneDNN was used; onednn everywhere; kernel: the AVX-512 kernel; "
+                        "by-size: BLAS or oneDNN by size, as before the kernel)")
+    p.add_argument("--before", action="store_true",
+                   help="also time the fused layer on the products chosen before gatelab's kernel (BLAS/oneDNN by "
+                        "size), interleaved with the automatic choice: the before/after column")
     args = p.parse_args(argv)
     if args.tiny:
         args.sizes, args.pairs, args.batch, args.seq_len = [8], 2, 2, 5
     if args.gemm != "auto" and gatelab.engines.fused.implementation() == "C++":
         torch.ops.gatelab_fused.set_gemm_library(GEMM_LIBRARIES[args.gemm])
-    rows, meta = run(args.sizes, args.cells, args.pairs, args.batch, args.seq_len, not args.no_memory)
-    meta["gemm"] = args.gemm
+    before = args.before and gatelab.engines.fused.implementation() == "C++"
+    rows, meta = run(args.sizes, args.cells, args.pairs, args.batch, args.seq_len, not args.no_memory, before)
+    meta["gemm"], meta["before"] = args.gemm, before
     table = markdown(rows, meta)
     print(table)
     if args.json:

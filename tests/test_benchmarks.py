@@ -24,13 +24,15 @@ def _load(name: str):
 def test_speed_benchmark_runs_tiny(tmp_path, capsys):
     speed = _load("speed")
     out = tmp_path / "bench.json"
-    assert speed.main(["--tiny", "--cells", "lstm", "gru", "rnn", "--json", str(out)]) == 0
+    assert speed.main(["--tiny", "--cells", "lstm", "gru", "rnn", "--before", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert {r["cell"] for r in rows} == {"lstm", "gru", "rnn"}
     assert {r["engine"] for r in rows} == {"fused", "torch", "naive"}
     fused = [r for r in rows if r["engine"] == "fused"]
     assert all(r["median_ms"] > 0 and r["ratio_vs_torch"] > 0 for r in fused)
+    if data["meta"]["fused_impl"] == "C++":  # --before: the same layer on the earlier products, interleaved
+        assert data["meta"]["before"] and all(r["before_ms"] > 0 and r["ratio_vs_before"] > 0 for r in fused)
     assert data["meta"]["threads"] >= 1 and data["meta"]["matmul_gflops"] > 0
     assert "| lstm |" in capsys.readouterr().out
 

@@ -517,7 +517,9 @@ def test_gemm_library_is_chosen_by_size_and_cpu(gemm_library):
     assert ops.gemm_library(32, 256, 64, False, "lstm") == "oneDNN"
     gemm_library(1)
     assert ops.gemm_library(32, 2048, 512) == "BLAS"
-    with pytest.raises(RuntimeError, match="gemm library 0, 1, 2 or 3, got 7"):
+    gemm_library(4)  # the choice before gatelab's kernel
+    assert ops.gemm_library(32, 256, 64, False, "lstm") == "BLAS"
+    with pytest.raises(RuntimeError, match=r"gemm library 0 \(auto\), .* or 4 \(BLAS/oneDNN by size\), got 7"):
         ops.set_gemm_library(7)
 
 

@@ -244,7 +244,8 @@ void mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result,
 namespace {
 
 // Which library runs the per-step float32 products (set_gemm_library): by size and CPU, or one of them.
-enum GemmChoice : int64_t { GEMM_AUTO = 0, GEMM_BLAS = 1, GEMM_ONEDNN = 2, GEMM_KERNEL = 3 };
+// GEMM_BY_SIZE: the BLAS or oneDNN by size and CPU, as before gatelab's kernel (benchmarks compare the two).
+enum GemmChoice : int64_t { GEMM_AUTO = 0, GEMM_BLAS = 1, GEMM_ONEDNN = 2, GEMM_KERNEL = 3, GEMM_BY_SIZE = 4 };
 int64_t gemm_choice = GEMM_AUTO;
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 24;  // below: BLAS measured as fast or faster in the loop
 
@@ -1361,11 +1362,14 @@ Tensor matmul(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bia
   return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
 }
 
-// set_gemm_library(0 auto, 1 BLAS, 2 oneDNN, 3 gatelab's kernel) -> the previous choice; gemm_library(m, n, k)
+// set_gemm_library(0 auto, 1 BLAS, 2 oneDNN, 3 gatelab's kernel, 4 BLAS or oneDNN by size) -> the previous
+// choice; gemm_library(m, n, k)
 // -> what a float32 product of that shape runs on now (dense: matmul's rule; else the per-step rule of the
 // loops, named by `cell`: on the kernel where it is built in and chosen).
 int64_t set_gemm_library(int64_t choice) {
-  TORCH_CHECK(choice >= GEMM_AUTO && choice <= GEMM_KERNEL, "gatelab fused: gemm library 0, 1, 2 or 3, got ", choice);
+  TORCH_CHECK(choice >= GEMM_AUTO && choice <= GEMM_BY_SIZE,
+              "gatelab fused: gemm library 0 (auto), 1 (BLAS), 2 (oneDNN), 3 (kernel) or 4 (BLAS/oneDNN by size), got ",
+              choice);
   TORCH_CHECK(choice != GEMM_ONEDNN || onednn_available(), "gatelab fused: this torch exports no oneDNN matmul");
   TORCH_CHECK(choice != GEMM_KERNEL || kHaveKernel, "gatelab fused: the AVX-512 kernel is not built for this CPU");
   const int64_t previous = gemm_choice;
