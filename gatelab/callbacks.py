@@ -20,12 +20,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from .train import Run
 
-__all__ = ["Callback", "CallbackList", "ProgressBar"]
+__all__ = ["Callback", "CallbackList", "ProgressBar", "TensorBoardLogger", "MLflowLogger", "LOGGERS",
+           "logging_callbacks"]
 
 
 class Callback:
@@ -120,3 +122,100 @@ class ProgressBar(Callback):
         eta = f"{left:.0f}s" if left != float("inf") else "?"
         bar = "#" * filled + "." * (self.width - filled)
         return f"{run.config.name} [{bar}] {step}/{total}{loss}{self.metric} {rate:.1f} step/s, {eta} left"
+
+
+class TensorBoardLogger(Callback):
+    """Scalars for TensorBoard in ``run_dir/tensorboard`` (``torch.utils.tensorboard``; gatelab's
+    ``tensorboard`` extra): the training loss every ``every`` steps, the learning rate and gradient
+    norm, and every evaluation's metrics as ``SPLIT/METRIC``. ``train.log = ["tensorboard"]`` adds it."""
+
+    def __init__(self, every: int = 10):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise _missing("tensorboard", "TensorBoard logging (train.log = [\"tensorboard\"])") from err
+        self._writer_class, self.every, self.writer = SummaryWriter, every, None
+
+    def on_train_start(self, run: Run) -> None:
+        self.writer = self._writer_class(log_dir=str(Path(run.run_dir) / "tensorboard"), purge_step=run.step or None)
+
+    def on_step_end(self, run: Run, step: int, loss: float, batch: Any) -> None:
+        if step % self.every == 0:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], step)
+            self.writer.add_scalar("train/grad_norm", run.grad_norm, step)
+
+    def on_eval(self, run: Run, step: int, split: str, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"{split}/{name}", value, step)
+        self.writer.flush()
+
+    def on_train_end(self, run: Run) -> None:
+        self.writer.close()
+
+
+class MLflowLogger(Callback):
+    """An MLflow run in a file store (``run_dir/mlruns`` unless ``MLFLOW_TRACKING_URI`` says where;
+    gatelab's ``mlflow`` extra): the configuration as parameters, the training loss every ``every``
+    steps and every evaluation's metrics. ``train.log = ["mlflow"]`` adds it; the experiment is the
+    config's name."""
+
+    def __init__(self, every: int = 10, tracking_uri: str | None = None):
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as err:
+            raise _missing("mlflow", "MLflow logging (train.log = [\"mlflow\"])") from err
+        self._client_class, self.every, self.tracking_uri = MlflowClient, every, tracking_uri
+        self.client: Any = None
+        self.run_id: str | None = None
+
+    def on_train_start(self, run: Run) -> None:
+        import os
+
+        from .config import to_dict
+
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (Path(run.run_dir).resolve() / "mlruns").as_uri()
+        self.client = self._client_class(tracking_uri=uri)
+        name = run.config.name
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(experiment_id, tags={"gatelab.run_dir": str(run.run_dir)}).info.run_id
+        flat = _flatten(to_dict(run.config))
+        for key, value in flat.items():
+            self.client.log_param(self.run_id, key, str(value)[:500])
+
+    def on_step_end(self, run: Run, step: int, loss: float, batch: Any) -> None:
+        if step % self.every == 0:
+            self.client.log_metric(self.run_id, "train_loss", loss, step=step)
+
+    def on_eval(self, run: Run, step: int, split: str, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.client.log_metric(self.run_id, f"{split}_{name}", value, step=step)
+
+    def on_train_end(self, run: Run) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+LOGGERS = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
+
+
+def logging_callbacks(names: Sequence[str]) -> list[Callback]:
+    """The loggers ``train.log`` names (``"tensorboard"``, ``"mlflow"``); a missing package raises an
+    ``ImportError`` naming the extra that installs it."""
+    return [LOGGERS[name]() for name in names]
+
+
+def _missing(extra: str, what: str) -> ImportError:
+    from .tasks.base import MissingExtraError
+
+    return MissingExtraError(f"{what} needs the {extra!r} package, gatelab's {extra} extra: pip install 'gatelab[{extra}]'")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -9,6 +9,9 @@
     gatelab demo [--out runs/demo] [--quiet]
     gatelab diagnose CONFIG_OR_CHECKPOINT [--out DIR] [--quiet]
     gatelab bench [benchmarks/speed.py arguments ...]
+    gatelab sweep STUDY.toml [--out DIR] [--workers N] [--retry-failed] [--ray auto|ADDRESS] [--no-report]
+                             [--quiet] [--section.key=value ...]
+    gatelab report STUDY_DIR [--reference LABEL] [--gradient-flow LABEL ...]
 
 Overrides are dotted keys of the config (``--section.key=value`` or ``--section.key value``). A mistake
 is one line on stderr naming the file, key or flag, with exit status 2 for usage and configuration
@@ -164,7 +167,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quiet=args.quiet)
+    run_demo(args.out, quiet=args.quiet, resume=args.resume)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, overrides: list[str], imports: Sequence[str] = ()) -> int:
+    from .config import parse_override_args
+    from .study import load_study, sweep, write_report
+
+    study = load_study(existing_file(args.study, "study"), parse_override_args(overrides))
+    out = writable_folder(args.out, "--out") if args.out is not None else None
+    result = sweep(study, out, workers=args.workers, retry_failed=args.retry_failed, quiet=args.quiet,
+                   imports=imports, ray=args.ray)
+    if not args.no_report:
+        paths = write_report(result["dir"])
+        print(f"report: {paths['html']} (and {paths['markdown'].name})")
+    counts = result["counts"]
+    return 0 if counts["pending"] + counts["running"] == 0 else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .study import STORE_NAME, write_report
+
+    if not (Path(args.study_dir) / STORE_NAME).is_file():
+        raise UsageError(f"{args.study_dir}: not a study directory (no {STORE_NAME}; gatelab sweep STUDY.toml makes one)")
+    paths = write_report(args.study_dir, reference=args.reference, gradient_flow=args.gradient_flow)
+    print(f"report: {paths['html']} (and {paths['markdown'].name})")
     return 0
 
 
@@ -249,11 +277,30 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the comparison grid (LSTM/GRU/Elman x activations)")
     d.add_argument("--out", default="runs/demo", help="folder of the runs and results.md (default: runs/demo)")
     d.add_argument("--quiet", action="store_true", help="no progress lines")
+    d.add_argument("--resume", action="store_true",
+                   help="keep the trials an earlier (or killed) demo finished, resume the interrupted ones")
 
     dg = sub.add_parser("diagnose", help="gradient-flow diagnostics of a config or checkpoint")
     dg.add_argument("target", help="a built-in experiment, a diagnose or experiment TOML, or a checkpoint")
     dg.add_argument("--out", default="runs/diagnose", help="folder of the figures and summary.json (default: runs/diagnose)")
     dg.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    sw = sub.add_parser("sweep", help="run a study: cells x activations x seeds ... (overrides: --section.key=value)")
+    sw.add_argument("study", help="study TOML file (bases, axes, points, exclusions, budget)")
+    sw.add_argument("--out", help="study directory (default: runs/STUDY_NAME); running again resumes it")
+    sw.add_argument("--workers", type=int, default=0,
+                    help="worker processes (default: the study's, else as many as the cores allow; workers x threads "
+                         "never exceed the cores)")
+    sw.add_argument("--retry-failed", action="store_true", help="run failed trials again (diverged ones stay)")
+    sw.add_argument("--ray", metavar="ADDRESS", help="run the workers as Ray tasks: 'auto', 'local' or a cluster address")
+    sw.add_argument("--no-report", action="store_true", help="do not write report.html / report.md at the end")
+    sw.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    rp = sub.add_parser("report", help="report.html and report.md of a study directory")
+    rp.add_argument("study_dir", help="a study directory (holding study.sqlite)")
+    rp.add_argument("--reference", help="the group the paired comparison is against (default: the study's, else the first)")
+    rp.add_argument("--gradient-flow", nargs="+", metavar="LABEL",
+                    help="the groups whose gradient flow is drawn (default: every group, at its lowest seed)")
 
     sub.add_parser("bench", help="benchmarks/speed.py (arguments pass through)", add_help=False)
     return p
@@ -313,17 +360,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_bench(argparse.Namespace(), argv[1:])
         args, extra = parser().parse_known_args(argv)
         command = args.command
-        if extra and command != "train":
+        if extra and command not in ("train", "sweep"):
             parser().error(f"unrecognized arguments: {' '.join(extra)}")
         if command == "train":
             return cmd_train(args, extra)
+        if command == "sweep":
+            return cmd_sweep(args, extra, plugins)
         return {"evaluate": cmd_evaluate, "list": cmd_list, "generate": cmd_generate, "demo": cmd_demo,
-                "diagnose": cmd_diagnose, "export": cmd_export}[command](args)
+                "diagnose": cmd_diagnose, "export": cmd_export, "report": cmd_report}[command](args)
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"gatelab {command}: interrupted; `gatelab train CONFIG --resume` continues from the last "
-              f"checkpoint", file=sys.stderr)
+        hint = ("running the same command again resumes the study" if command == "sweep" else
+                "`gatelab train CONFIG --resume` continues from the last checkpoint")
+        print(f"gatelab {command}: interrupted; {hint}", file=sys.stderr)
         return 130
     except Exception as err:
         if debug:

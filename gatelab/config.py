@@ -195,8 +195,11 @@ class TrainConfig:
     max_steps: int = 0  # > 0: at most this many optimiser steps (caps steps and epochs alike)
     max_minutes: float = 0.0  # > 0: a wall-time budget; the step count and schedule are fitted to it
     device: str = "cpu"
+    log: tuple[str, ...] = ()  # logging callbacks: "tensorboard", "mlflow" (gatelab.callbacks.LOGGERS; optional extras)
 
     def __post_init__(self) -> None:
+        for name in self.log:
+            _choice("train.log", name, ("tensorboard", "mlflow"))
         if not 0 <= self.seed < 2**64:  # numpy's SeedSequence takes no negative seed, torch none of 2**64 or more
             raise ConfigError(f"train.seed: expected an integer in [0, 2**64), got {self.seed}")
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)

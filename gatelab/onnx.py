@@ -1,39 +1,60 @@
-"""ONNX export with ONNX's own recurrent nodes: :func:`export`, or :func:`translation_table` for
-``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``.
+"""ONNX export of gatelab layers and models: :func:`export`, or :func:`translation_table` for
+``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``; :func:`form` says beforehand
+which form a layer takes.
 
-The fused engine's operators (``torch.ops.gatelab.lstm``, ``gru``, ``elman``; a traced layer with
-torch's default activations runs them too) become one ONNX ``LSTM`` / ``GRU`` / ``RNN`` node per layer
-and direction where ONNX's operator can express the layer:
+The fused engine's operators (``torch.ops.gatelab.lstm``, ``lstm_ln``, ``gru``, ``elman``,
+``gated_state``; a traced layer with torch's default activations runs them too) become, per layer
+and direction, one of two forms; T and B stay dynamic in both, padded ``lengths`` are honoured,
+bidirectional and stacked layers are one node per direction:
 
-* ONNX's LSTM takes one activation for the i, f and o gates, one for the candidate and one for the
-  cell output; its GRU one for both gates and one for the candidate; its RNN one. Each is one of
-  ONNX's eleven RNN activations (``Relu``, ``Tanh``, ``Sigmoid``, ``Affine``, ``LeakyRelu``,
+* **ONNX's own node** (``LSTM`` / ``GRU`` / ``RNN``) where that operator can express the layer. ONNX's
+  LSTM takes one activation for the i, f and o gates, one for the candidate and one for the cell
+  output; its GRU one for both gates and one for the candidate; its RNN one. Each is one of ONNX's
+  eleven RNN activations (``Relu``, ``Tanh``, ``Sigmoid``, ``Affine``, ``LeakyRelu``,
   ``ThresholdedRelu``, ``ScaledTanh``, ``HardSigmoid``, ``Elu``, ``Softsign``, ``Softplus``), with
   ``activation_alpha`` / ``activation_beta`` always written out for the activations that take them,
-  in order (gatelab's and torch's hard_sigmoid has slope 1/6, ONNX's default is 0.2). gatelab's
-  ``identity`` is ``Affine(1, 0)``.
-* peepholes (o reading the new cell state, ``peephole_output="current"``), padded ``lengths`` as
-  ``sequence_lens``, bidirectional and stacked layers (one node per direction), the GRU in torch's
-  reset-after form (``linear_before_reset=1``); T and B stay dynamic.
+  in order (gatelab's and torch's hard_sigmoid has slope 1/6, ONNX's default is 0.2); gatelab's
+  ``identity`` is ``Affine(1, 0)``. Peepholes (o reading the new cell state), ``lengths`` as
+  ``sequence_lens``, the GRU in torch's reset-after form (``linear_before_reset=1``).
+* **A** ``Scan`` **over time** for the rest: per-gate activation mappings, the activations ONNX's RNN
+  operators lack (elliott, gelu, silu, selu, hardtanh), ``peephole_output="previous"``, the
+  layer-norm LSTM, the gated-state cell, zoneout (in eval, the expected mix of old and new state).
+  The input projection of all steps is one ``MatMul`` before the ``Scan``; its body is one step
+  (the recurrent ``MatMul`` and the cell's update, every activation from elementary ONNX operators:
+  ``Sigmoid``, ``HardSigmoid`` with explicit alpha/beta, ``Softsign``, ``Clip``, ``Erf`` ...), and the
+  graph does not grow with T. ``export(..., form="scan")`` forces this form on layers ONNX's nodes
+  could express too.
 
-What ONNX's nodes cannot express (per-gate activation mappings, elliott, gelu, silu and the other
-activations ONNX's RNN operators lack, the gated-state cell, the layer-norm LSTM, the reset-before
-GRU, projection, learnable activations) raises :class:`NotExpressibleError` naming the reason; a
-``Loop`` form for those is not built yet (``backend="reference"`` exports an unrolled graph at a fixed
-length meanwhile). Export in eval mode (dropout and zoneout masks are training-time inputs).
+Execution providers: onnxruntime's CUDA provider takes an ``LSTM`` / ``GRU`` / ``RNN`` node only with
+the default activations (LSTM sigmoid, tanh, tanh; GRU sigmoid, tanh; RNN tanh), no
+``activation_alpha`` / ``activation_beta``, clip, peepholes or ``input_forget``, and GRU with
+``linear_before_reset=1``; every other such node (hard_sigmoid gates, a relu RNN ...) runs on the CPU
+provider. The Scan form is made of standard operators only, so it runs on any provider that
+implements them, the CUDA provider included.
+
+Not expressible (:class:`NotExpressibleError`, naming the layer and the reason, before anything is
+exported): what does not run on the operators under ``torch.export`` (CIFG ``coupled=True``, removed
+gates, projection ``proj_size``, the reset-before GRU, full gate recurrence, learnable and user
+activations, cell kinds without a C++ loop: MinGRU, IndRNN, SLSTM ...). Those layers trace as the
+reference loop in Python, which the exporter unrolls at the example's fixed T; there is no operator
+call whose arguments describe the whole recurrence to translate. And training-time masks (recurrent
+dropout, sampled zoneout): export in eval mode, as :func:`export` does.
 
 Needs ``onnx`` and ``onnxscript`` (and ``onnxruntime`` to run the result): gatelab's onnx extra.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .engines.fused import cpp
-from .engines.fused.ops import save_z
+from .engines.fused.ops import forward_arguments, save_z
 from .tasks.base import MissingExtraError
 
 # ONNX's recurrent-operator activations (onnx.ai LSTM/GRU/RNN "activations")
@@ -42,7 +63,7 @@ RNN_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "Thresholde
 
 
 class NotExpressibleError(ValueError):
-    """The layer has something ONNX's own recurrent node cannot express."""
+    """The layer has something ONNX cannot express (in the form asked for)."""
 
 
 def _opset() -> Any:
@@ -125,6 +146,7 @@ def _saved(op: Any, x: Any, names: Sequence[str], H: int, G: int, train: bool, k
     keep, rec = ("T", "T") if train else (1, 2)
     dims = {"Z": ("T", "B", G) if keep_z and train else (0,), "A": (keep, "B", G), "C": (keep, "B", H),
             "K": (keep, "B", H), "HR": (rec, "B", H), "GHn": (keep, "B", H), "S": (keep, "B", H),
+            "Y": (keep, "B", H), "NH": (keep, "B", G), "NC": (keep, "B", H), "RH": (keep, "B"), "RC": (keep, "B"),
             "CP": (keep, "B", H) if zoned else (0,), "SN": (keep, "B", H) if zoned else (0,)}
     return [_zeros(op, x, dims[n]) for n in names]
 
@@ -190,69 +212,334 @@ def _elman(x, W_ih, W_hh, b_ih, b_hh, h0, lengths, rec_mask, zh, kinds, params, 
             _zeros(op, x, s_dims), _zeros(op, x, ("T", "B", hidden) if train else (2, "B", hidden)))
 
 
-def _not_expressible(name: str):
+# -- the Scan form ----------------------------------------------------------------------------------
+# One direction of a layer as an ONNX Scan over time: the input projection of every step before it,
+# one step in its body. The body is built with onnx_ir (what torch's exporter builds its graphs in)
+# and reads the weights from the enclosing graph (ONNX subgraphs see outer-scope values).
+
+
+class _Body:
+    """A Scan body under construction: ``body.Add(a, b)``, ``body.Split(t, num_outputs=4, axis=1)``
+    append onnx_ir nodes and return their outputs; every value gets a name unique in the model."""
+
+    _count = itertools.count()
+
+    def __init__(self, what: str, dtype: Any) -> None:
+        import onnx_ir as ir
+
+        self.ir, self.dtype, self.nodes, self.inputs = ir, dtype, [], []
+        self.prefix = f"gatelab_{what}_step{next(self._count)}"
+        self._names = itertools.count()
+
+    def _name(self, what: str) -> str:
+        return f"{self.prefix}_{what}{next(self._names)}"
+
+    def input(self, what: str, dims: Sequence[int | None], dtype: Any = None) -> Any:
+        ir = self.ir
+        value = ir.Value(name=self._name(what), shape=ir.Shape(list(dims)), type=ir.TensorType(dtype or self.dtype))
+        self.inputs.append(value)
+        return value
+
+    def const(self, v: float) -> Any:
+        return self.Constant(value=self.ir.tensor(np.array(v, dtype=self.dtype.numpy())))
+
+    def __getattr__(self, op_type: str) -> Any:
+        if not op_type[:1].isupper():
+            raise AttributeError(op_type)
+
+        def node(*inputs: Any, num_outputs: int | None = None, **attributes: Any) -> Any:
+            if op_type == "Split" and num_outputs is not None:
+                attributes["num_outputs"] = num_outputs
+            n = self.ir.Node("", op_type, list(inputs), attributes=self.ir.convenience.convert_attributes(attributes),
+                             num_outputs=num_outputs or 1, version=_OPSET)
+            for v in n.outputs:
+                v.name = self._name(op_type.lower())
+            self.nodes.append(n)
+            return tuple(n.outputs) if num_outputs else n.outputs[0]
+
+        return node
+
+    def graph(self, outputs: Sequence[Any]) -> Any:
+        # each graph output its own value (one value listed twice is not a valid graph)
+        outs = [self.Identity(v) for v in outputs]
+        return self.ir.Graph(self.inputs, outs, nodes=self.nodes, name=self.prefix)
+
+
+_OPSET = 18
+
+# Every C++ kernel kind (cpp.KINDS) from elementary ONNX operators, exactly as kernels.cpp computes it
+# (alpha/beta from the registry entry, never ONNX's defaults).
+_EXPRESSIONS: dict[str, Callable[[_Body, Any, Any], Any]] = {
+    "identity": lambda b, x, act: x,
+    "sigmoid": lambda b, x, act: b.Sigmoid(x),
+    "hard_sigmoid": lambda b, x, act: b.HardSigmoid(x, alpha=float(act.onnx_alpha), beta=float(act.onnx_beta)),
+    "elliott": lambda b, x, act: b.Add(b.Mul(b.Softsign(x), b.const(0.5)), b.const(0.5)),  # 0.5·x/(1+|x|) + 0.5
+    "tanh": lambda b, x, act: b.Tanh(x),
+    "hardtanh": lambda b, x, act: b.Clip(x, b.const(-1.0), b.const(1.0)),
+    "softsign": lambda b, x, act: b.Softsign(x),
+    "relu": lambda b, x, act: b.Relu(x),
+    "leaky_relu": lambda b, x, act: b.LeakyRelu(x, alpha=float(act.onnx_alpha)),
+    "elu": lambda b, x, act: b.Elu(x, alpha=float(act.onnx_alpha)),
+    "selu": lambda b, x, act: b.Selu(x, alpha=float(act.onnx_alpha), gamma=float(act.onnx_beta)),
+    "gelu": lambda b, x, act: b.Mul(b.Mul(x, b.const(0.5)),  # x·Φ(x), Φ by erf (opset 18 has no Gelu)
+                                    b.Add(b.const(1.0), b.Erf(b.Mul(x, b.const(math.sqrt(0.5)))))),
+    "silu": lambda b, x, act: b.Mul(x, b.Sigmoid(x)),
+    "softplus": lambda b, x, act: b.Softplus(x),
+}
+
+
+def scan_activation(b: _Body, kind: int, param: float, x: Any) -> Any:
+    """The activation of C++ kernel kind ``kind`` applied to ``x`` inside a Scan body."""
+    act = cpp.activation(kind, param)
+    if act.kind not in _EXPRESSIONS:
+        raise NotExpressibleError(f"activation {act.key} has no ONNX expression for the Scan form")
+    return _EXPRESSIONS[act.kind](b, x, act)
+
+
+def _lstm_step(b: _Body, pre: Any, state: Sequence[Any], a: dict[str, Any], f: Callable[[int, Any], Any]) -> Any:
+    """i, f, g, o = σ_i, σ_f, φ, σ_o of the row blocks (+ peepholes); c' = f c + i g; h' = o ψ(c')
+    (ψ of LN(c') in the layer-norm LSTM)."""
+    h, c = state
+    zi, zf, zg, zo = b.Split(pre, num_outputs=4, axis=1)
+    peep = a.get("w_ci") is not None
+    if peep:
+        zi, zf = b.Add(zi, b.Mul(a["w_ci"], c)), b.Add(zf, b.Mul(a["w_cf"], c))
+    i, f_, g = f(0, zi), f(1, zf), f(2, zg)
+    c_new = b.Add(b.Mul(f_, c), b.Mul(i, g))
+    if peep:
+        zo = b.Add(zo, b.Mul(a["w_co"], c_new if a["peep_current"] else c))
+    o = f(3, zo)
+    c_out = b.LayerNormalization(c_new, a["g_c"], a["b_c"], axis=-1, epsilon=float(a["eps"])) if "g_c" in a else c_new
+    h_new = b.Mul(o, f(4, c_out))
+    return h_new, (h_new, c_new)
+
+
+def _gru_step(b: _Body, xw: Any, state: Sequence[Any], a: dict[str, Any], f: Callable[[int, Any], Any]) -> Any:
+    """r = σ_r(x_r + h_r), z = σ_z(x_z + h_z), n = φ(x_n + r ⊙ h_n), h' = (1 − z) n + z h (reset-after)."""
+    (h,) = state
+    gh = b.MatMul(h, a["W_hh_t"])
+    if a["b_hh"] is not None:
+        gh = b.Add(gh, a["b_hh"])
+    xr, xz, xn = b.Split(xw, num_outputs=3, axis=1)
+    hr, hz, hn = b.Split(gh, num_outputs=3, axis=1)
+    r, z = f(0, b.Add(xr, hr)), f(1, b.Add(xz, hz))
+    n = f(2, b.Add(xn, b.Mul(r, hn)))
+    h_new = b.Add(b.Mul(b.Sub(b.const(1.0), z), n), b.Mul(z, h))
+    return h_new, (h_new,)
+
+
+def _elman_step(b: _Body, pre: Any, state: Sequence[Any], a: dict[str, Any], f: Callable[[int, Any], Any]) -> Any:
+    """h' = φ(W_ih x + b + W_hh h)."""
+    h_new = f(0, pre)
+    return h_new, (h_new,)
+
+
+def _gated_state_step(b: _Body, pre: Any, state: Sequence[Any], a: dict[str, Any], f: Callable[[int, Any], Any]
+                      ) -> Any:
+    """f, i, o = σ of the first three row blocks, s̃ = φ(fourth); s' = f s + i s̃; y = o s'."""
+    (s,) = state
+    zf, zi, zo, zn = b.Split(pre, num_outputs=4, axis=1)
+    s_new = b.Add(b.Mul(f(0, zf), s), b.Mul(f(1, zi), f(3, zn)))
+    return b.Mul(f(2, zo), s_new), (s_new,)
+
+
+_STEPS = {"lstm": _lstm_step, "lstm_ln": _lstm_step, "gru": _gru_step, "elman": _elman_step,
+          "gated_state": _gated_state_step}
+_OUTPUT_STATE = {"gated_state": None}  # which state is the output (0: h; None: computed, y = o s')
+
+
+def _scan_call(*inputs: Any, num_outputs: int, **attributes: Any) -> Any:
+    """An ONNX Scan node in the graph torch's exporter is building (onnxscript's op.Scan returns one
+    output only: its outputs are variadic)."""
+    from torch.onnx._internal.exporter._torchlib.ops.hop import call_op
+
+    return call_op("Scan", *inputs, _num_outputs=num_outputs, **attributes)
+
+
+def _scan(cell_op: Any, a: dict[str, Any]) -> tuple[Any, ...]:
+    """One layer direction of operator ``cell_op`` (a :class:`~gatelab.engines.fused.ops.CellOp`) as an
+    ONNX Scan; returns what the operator returns (the saved buffers as zeros)."""
+    op = _opset()
+    name, kinds, params, reverse = cell_op.name, a["kinds"], a["params"], bool(a["reverse"])
+    x = a["xw"] if cell_op.layer_norm else a["x"]
+    H = a["W_hh"].shape[1]
+    G = cell_op.width * H
+    dtype = x.dtype
+    a = {**a, "W_hh_t": op.Transpose(a["W_hh"], perm=[1, 0])}
+    if cell_op.layer_norm:  # the input side (norm and both biases) is done before the operator
+        xw = x
+    else:  # every step's input projection, one MatMul: (T, B, I) x (I, G)
+        xw = op.MatMul(x, op.Transpose(a["W_ih"], perm=[1, 0]))
+        if a["b_ih"] is not None:
+            xw = op.Add(xw, a["b_ih"] if not cell_op.fold_bias_hh else op.Add(a["b_ih"], a["b_hh"]))
+    zones = [a[f"z{s}"] for s in cell_op.states]
+    scanned = [xw]
+    if a["lengths"] is not None:  # live[t, b] = t < lengths[b]: (T, B, 1)
+        T = op.Squeeze(op.Shape(x, start=0, end=1), [0])
+        steps = op.Range(op.Constant(value_int=0), T, op.Constant(value_int=1))
+        live = op.Less(op.Unsqueeze(steps, [1]), op.Unsqueeze(op.Cast(a["lengths"], to=7), [0]))  # int64
+        scanned.append(op.Unsqueeze(live, [2]))
+    scanned += [z for z in zones if z is not None]
+
+    b = _Body(name, dtype)
+    states = [b.input(s, (None, H)) for s in cell_op.states]
+    xw_t = b.input("xw", (None, G))
+    live_t = b.input("live", (None, 1), b.ir.DataType.BOOL) if a["lengths"] is not None else None
+    zone_t = [None if z is None else b.input(f"z{s}", (None, H)) for s, z in zip(cell_op.states, zones)]
+
+    def act(slot: int, t: Any) -> Any:
+        return scan_activation(b, kinds[slot], params[slot], t)
+
+    if name == "gru":
+        pre = xw_t
+    else:
+        gh = b.MatMul(states[0], a["W_hh_t"])  # (B, G)
+        if cell_op.layer_norm:  # LN(W_hh h) ⊙ g_hh, no bias (the biases are in xw)
+            gh = b.LayerNormalization(gh, a["g_hh"], axis=-1, epsilon=float(a["eps"]))
+        pre = b.Add(xw_t, gh)
+    out, new = _STEPS[name](b, pre, states, a, act)
+    k = _OUTPUT_STATE.get(name, 0)
+    if any(z is not None for z in zone_t):  # zoneout in eval: m ⊙ old + (1 − m) ⊙ new, m the keep share
+        new = tuple(s if m is None else b.Add(b.Mul(m, old), b.Mul(b.Sub(b.const(1.0), m), s))
+                    for old, s, m in zip(states, new, zone_t))
+        out = out if k is None else new[k]
+    if live_t is not None:  # a dead step holds the state and outputs zero
+        new = tuple(b.Where(live_t, s, old) for s, old in zip(new, states))
+        out = b.Where(live_t, out, b.const(0.0))
+    body = b.graph([*new, out])
+    *finals, Y = _scan_call(*(a[f"{s}0"] for s in cell_op.states), *scanned, num_outputs=len(states) + 1, body=body,
+                            num_scan_inputs=len(scanned), scan_input_directions=[int(reverse)] * len(scanned),
+                            scan_output_directions=[int(reverse)])
+    train = bool(a["train"])
+    zoned = train and any(z is not None for z in zones)
+    if cell_op.name == "elman":  # S: see ops.py's fake kernel
+        s_dims = (1, "B", H) if not train else ("T", "B", H) if a["lengths"] is not None or zoned else (0,)
+        saved = [_zeros(op, x, ("T", "B", H) if save_z(kinds, params, 1) and train else (0,)), _zeros(op, x, s_dims),
+                 _zeros(op, x, ("T", "B", H) if train else (2, "B", H))]
+    else:
+        saved = _saved(op, x, cell_op.saved, H, G, train, save_z(kinds, params, cell_op.gates), zoned)
+    return (Y, *finals, *saved)
+
+
+# -- choosing the form ------------------------------------------------------------------------------
+
+FORMS = ("auto", "native", "scan")
+
+
+def _native_blocker(name: str, kinds: Sequence[int], params: Sequence[float], zoned: bool,
+                    peephole_previous: bool) -> str | None:
+    """Why ONNX's own node cannot express a direction of operator ``name`` (None: it can)."""
+    if zoned:
+        return "zoneout (in eval its constant keep shares still mix old and new states, which ONNX's nodes cannot)"
+    if peephole_previous:
+        return "ONNX's LSTM has the output gate's peephole read the new cell state; this layer has " \
+               "peephole_output='previous'"
+    try:
+        node_activations(name, kinds, params)
+    except NotExpressibleError as err:
+        return str(err)
+    return None
+
+
+_NATIVE = {"lstm": _lstm, "gru": _gru, "elman": _elman}
+
+
+def _translation(cell_op: Any, want: str) -> Callable[..., Any]:
+    arguments = [n for n, _ in forward_arguments(cell_op)]
+
     def translate(*args: Any) -> Any:
-        node_activations(name, (), ())  # raises, naming the cell
+        a = dict(zip(arguments, args))
+        if a["rec_mask"] is not None:
+            raise NotExpressibleError(f"{cell_op.name}: recurrent dropout masks are training-time inputs; export the "
+                                      f"model in eval mode (model.eval())")
+        zoned = any(a[f"z{s}"] is not None for s in cell_op.states)
+        why = _native_blocker(cell_op.name, a["kinds"], a["params"], zoned,
+                              a.get("w_ci") is not None and not a["peep_current"])
+        if want != "scan" and why is None:
+            return _NATIVE[cell_op.name](*args)
+        if want == "native":
+            raise NotExpressibleError(f"{cell_op.name}: {why} (form='native' forbids the Scan form)")
+        return _scan(cell_op, a)
 
     return translate
 
 
-def form(layer: Any) -> str:
-    """Which ONNX form ``layer`` exports to: ``"ONNX LSTM node"`` (``GRU``, ``RNN``), one per layer and
-    direction, or why ONNX's nodes cannot express it. Needs no ONNX package."""
+def _check_form(want: str) -> None:
+    if want not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}, got {want!r}")
+
+
+def form(layer: Any, want: str = "auto") -> str:
+    """Which ONNX form ``layer`` exports to (one per layer and direction): ``"ONNX LSTM nodes (4),
+    activations HardSigmoid, Relu, Tanh"`` (``GRU``, ``RNN``: ONNX's own node), ``"ONNX Scan over time
+    (2): <why not ONNX's node>"``, or ``"not expressible in ONNX: <why>"``. ``want`` as :func:`export`'s
+    ``form``: ``"auto"`` (the node where it can, else Scan), ``"native"`` (the node or nothing),
+    ``"scan"``. Needs no ONNX package."""
+    from .engines.fused import cell_blockers as fused_blockers
     from .engines.fused import ops
 
-    if any(layer.zoneout):
-        return ("not expressible as an ONNX node: zoneout (in eval its constant keep shares still mix old and new "
-                "states, which ONNX's nodes cannot)")
+    _check_form(want)
     cell = layer.cells[0]
-    if blockers := [b for b in cpp.cell_blockers(cell) if not b.startswith((cpp.DEVICE_BLOCKER, cpp.DTYPE_BLOCKER))]:
-        return f"not expressible as an ONNX node: {blockers[0]} (only what the C++ loops run maps to ONNX's nodes)"
+    blockers = [b for b in cpp.cell_blockers(cell) if not b.startswith((cpp.DEVICE_BLOCKER, cpp.DTYPE_BLOCKER))]
+    if blockers := blockers or fused_blockers(cell):
+        return (f"not expressible in ONNX: {blockers[0]} (only what runs on the C++ loops' operators exports as one "
+                f"node per direction; this layer traces as a Python loop the exporter unrolls at a fixed length)")
     op = ops.for_cell(cell)
     kinds, params = zip(*(cpp._kind(a) for a in cell.activation_slots().values()))
-    try:
-        if op is ops.LSTM and cell.peephole and cell.peephole_output != "current":
-            raise NotExpressibleError("ONNX's LSTM peephole on o reads the new cell state "
-                                      "(peephole_output='previous' here)")
-        acts = node_activations(op.name, kinds, params)
-    except NotExpressibleError as err:
-        return f"not expressible as an ONNX node: {err}"
-    node = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}[op.name]
+    why = _native_blocker(op.name, kinds, params, any(layer.zoneout),
+                          op is ops.LSTM and cell.peephole and cell.peephole_output != "current")
     count = layer.num_layers * layer.num_directions
-    return f"ONNX {node} node{'s' if count > 1 else ''} ({count}), activations {', '.join(a[0] for a in acts)}"
+    if why is None and want != "scan":
+        acts = node_activations(op.name, kinds, params)
+        node = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}[op.name]
+        return f"ONNX {node} node{'s' if count > 1 else ''} ({count}), activations {', '.join(a[0] for a in acts)}"
+    if want == "native":
+        return f"not expressible as an ONNX node: {why}"
+    if missing := sorted({cpp.KINDS[k] for k in kinds} - set(_EXPRESSIONS)):
+        return f"not expressible in ONNX: activation {missing[0]} has no ONNX expression for the Scan form ({why})"
+    return f"ONNX Scan over time ({count}): {why or 'form=scan asked for'}"
 
 
-def translation_table() -> dict[Any, Any]:
+def translation_table(form: str = "auto") -> dict[Any, Any]:
     """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: gatelab's operators to ONNX's
-    recurrent nodes."""
+    recurrent nodes where they can express the layer, else to a Scan over time (``form`` as
+    :func:`export`'s)."""
+    _check_form(form)
     _opset()
-    ops = torch.ops.gatelab
-    return {ops.lstm.default: _lstm, ops.gru.default: _gru, ops.elman.default: _elman,
-            ops.lstm_ln.default: _not_expressible("lstm_ln"), ops.gated_state.default: _not_expressible("gated_state")}
+    from .engines.fused import ops
+
+    return {getattr(torch.ops.gatelab, op.name).default: _translation(op, form) for op in ops.CELL_OPS}
+
+
+_layer_form = form
 
 
 def export(model: torch.nn.Module, args: tuple[Any, ...], path: Any = None, *, dynamic_shapes: Any = None,
-           **kwargs: Any) -> Any:
+           form: str = "auto", **kwargs: Any) -> Any:
     """``torch.onnx.export(model, args, path, dynamo=True, ...)`` with :func:`translation_table`, the
-    model in eval mode and without gradients; returns the ONNX program. Every gatelab layer inside is
-    checked first (:func:`form`): one ONNX's nodes cannot express raises :class:`NotExpressibleError`
-    naming the layer and the reason. ``dynamic_shapes`` as for
+    model in eval mode and without gradients; returns the ONNX program.
+
+    ``form``: ``"auto"`` gives ONNX's own LSTM/GRU/RNN node where it can express the layer and a Scan
+    over time elsewhere, ``"native"`` raises rather than use Scan, ``"scan"`` uses Scan everywhere.
+    Every gatelab layer inside is checked first (:func:`form`): one that cannot be exported raises
+    :class:`NotExpressibleError` naming the layer and the reason. ``dynamic_shapes`` as for
     ``torch.onnx.export`` (e.g. ``({0: "T", 1: "B"},)`` for a time-major input)."""
     from .layers.base import RecurrentLayer
 
-    for name, layer in model.named_modules():
-        if isinstance(layer, RecurrentLayer) and (how := form(layer)).startswith("not expressible"):
-            raise NotExpressibleError(f"{name or type(model).__name__} ({layer.kind_name}): {how}; a Loop form is not "
-                                      f"built yet (backend='reference' exports an unrolled graph at a fixed length)")
-    kwargs.setdefault("verbose", False)  # the exporter's progress lines
+    _check_form(form)
     was_training = model.training
     model.eval()
     try:
+        for name, layer in model.named_modules():
+            if isinstance(layer, RecurrentLayer) and (how := _layer_form(layer, form)).startswith("not expressible"):
+                raise NotExpressibleError(f"{name or type(model).__name__} ({layer.kind_name}): {how}")
+        kwargs.setdefault("verbose", False)  # the exporter's progress lines
         with torch.no_grad():
             return torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                     custom_translation_table=translation_table(), **kwargs)
+                                     custom_translation_table=translation_table(form), **kwargs)
     finally:
         model.train(was_training)
 
 
-__all__ = ["NotExpressibleError", "RNN_ACTIVATIONS", "export", "form", "onnx_activation", "translation_table"]
+__all__ = ["FORMS", "NotExpressibleError", "RNN_ACTIVATIONS", "export", "form", "onnx_activation", "scan_activation",
+           "translation_table"]

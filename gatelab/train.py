@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._version import __version__
-from .callbacks import Callback, CallbackList, ProgressBar
+from .callbacks import Callback, CallbackList, ProgressBar, logging_callbacks
 from .checkpoint import (
     CheckpointError,
     atomic_write,
@@ -529,7 +529,7 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     eval_every = cfg.eval_every or units.steps_per_epoch
-    hooks = ([] if quiet else [ProgressBar()]) + list(callbacks)
+    hooks = ([] if quiet else [ProgressBar()]) + logging_callbacks(cfg.log) + list(callbacks)
     run = Run(config, task, model, make_optimizer(model, cfg), run_dir, units, total, eval_every,
               cfg.checkpoint_every or eval_every, monitor, "val" if len(task.split("val")) else "train", device,
               CallbackList(hooks), own=own)

@@ -91,3 +91,29 @@ def test_compile_speed_benchmark_runs_tiny(tmp_path, capsys):
     assert {r["eager_engine"] for r in rows if r["case"] == "LSTM default activations"} == {"native"}
     assert all(r["compiled_ms"] > 0 and r["compiled_over_eager"] > 0 for r in rows)
     assert "| GRU hard_sigmoid/relu" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+def test_onnx_speed_benchmark_runs_tiny(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    bench = _load("onnx_speed")
+    out = tmp_path / "onnx.json"
+    assert bench.main(["--tiny", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["node"].startswith("ONNX LSTM node") and row["node_ms"] > 0 and row["scan_ms"] > 0
+    assert row["max_error_vs_pytorch"] < 1e-5
+    assert data["meta"]["onnxruntime"] and data["meta"]["threads"] >= 1
+    assert "| LSTM (torch's activations) | yes |" in capsys.readouterr().out
+
+
+def test_long_sequence_benchmark_runs_tiny(tmp_path, capsys):
+    bench = _load("long_sequence")
+    out = tmp_path / "long.json"
+    assert bench.main(["--tiny", "--threads", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {r["cell"] for r in rows} == set(bench.CELLS) and {r["T"] for r in rows} == {8, 16}
+    assert all(r["median_ms"] > 0 and r["speedup_vs_torch"] > 0 and "fused engine" in r["form"] for r in rows)
+    assert data["meta"]["cpu"] and "| min_gru | 16 |" in capsys.readouterr().out

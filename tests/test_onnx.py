@@ -1,6 +1,6 @@
-"""ONNX export with ONNX's own recurrent nodes (gatelab.onnx), run in onnxruntime against PyTorch at
-a length and batch other than the export's, float32 to 1e-5; and the clear error for what ONNX's
-nodes cannot express."""
+"""ONNX export (gatelab.onnx) in both forms, ONNX's own recurrent nodes and a Scan over time, run in
+onnxruntime against PyTorch at a length and batch other than the export's, float32 to 1e-5; the Scan
+form not unrolled; and the clear error for what ONNX cannot express."""
 
 from __future__ import annotations
 
@@ -36,6 +36,37 @@ GRID = [  # (layer, options); each exported once, run with and without lengths w
     (gatelab.RNN, {"nonlinearity": "relu", "num_layers": 2, "bidirectional": True}),
     (gatelab.RNN, {"activation": "elu"}),
     (gatelab.RNN, {"activation": "softplus"}),
+]
+
+
+# (layer, options, with lengths, export form); between them every C++ activation kind in some slot,
+# per-gate mappings, peepholes (both output forms), layer norm, zoneout, uni/bi, 1-2 layers
+SCAN_GRID = [
+    (gatelab.RNN, {"activation": "elliott"}, True, "auto"),
+    (gatelab.RNN, {"activation": "gelu", "num_layers": 2, "bidirectional": True}, False, "auto"),
+    (gatelab.RNN, {"activation": "silu", "bias": False}, True, "auto"),
+    (gatelab.RNN, {"activation": "hardtanh"}, False, "auto"),
+    (gatelab.LSTM, {"gate_activation": {"i": "hard_sigmoid", "f": "sigmoid", "o": "elliott"},
+                    "candidate_activation": "gelu", "cell_activation": "silu", "peephole": True,
+                    "bidirectional": True}, True, "auto"),
+    (gatelab.LSTM, {"gate_activation": "elliott", "num_layers": 2}, True, "auto"),
+    (gatelab.LSTM, {"peephole": True, "peephole_output": "previous", "bidirectional": True}, False, "auto"),
+    (gatelab.LSTM, {"gate_activation": {"f": "hard_sigmoid:0.2"}, "candidate_activation": "hardtanh",
+                    "cell_activation": "softsign", "peephole": True}, False, "auto"),
+    (gatelab.LSTM, {"layer_norm": True, "num_layers": 2, "bidirectional": True}, True, "auto"),
+    (gatelab.LSTM, {"layer_norm": True, "gate_activation": "hard_sigmoid", "candidate_activation": "relu",
+                    "bias": False}, False, "auto"),
+    (gatelab.LSTM, {"zoneout": 0.3}, True, "auto"),
+    (gatelab.LSTM, {"num_layers": 2, "bidirectional": True}, True, "scan"),  # torch's defaults, Scan forced
+    (gatelab.GRU, {"candidate_activation": "selu", "bidirectional": True}, True, "auto"),
+    (gatelab.GRU, {"gate_activation": {"r": "elliott", "z": "sigmoid"}, "candidate_activation": "softplus",
+                   "num_layers": 2}, False, "auto"),
+    (gatelab.GRU, {"gate_activation": "hardtanh", "candidate_activation": "identity", "zoneout": 0.2}, True, "auto"),
+    (gatelab.GRU, {}, False, "scan"),
+    (gatelab.GatedStateRNN, {}, True, "auto"),
+    (gatelab.GatedStateRNN, {"gate_activation": {"f": "elliott"}, "candidate_activation": "hardtanh",
+                             "num_layers": 2, "bidirectional": True}, True, "auto"),
+    (gatelab.GatedStateRNN, {"gate_activation": "leaky_relu", "candidate_activation": "elu:0.5"}, False, "auto"),
 ]
 
 
@@ -75,6 +106,64 @@ def test_native_node_export_runs_in_onnxruntime_like_pytorch(cls, options, with_
         np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
 
 
+def _recurrent_nodes(program):
+    return [n.op_type for n in program.model_proto.graph.node if n.op_type in ("LSTM", "GRU", "RNN", "Loop", "Scan")]
+
+
+@pytest.mark.parametrize(("cls", "options", "with_lengths", "form"), SCAN_GRID,
+                         ids=lambda v: v.__name__ if isinstance(v, type) else
+                         ",".join(f"{k}={w}" for k, w in v.items()) or "defaults" if isinstance(v, dict) else str(v))
+def test_scan_form_runs_in_onnxruntime_like_pytorch(cls, options, with_lengths, form, tmp_path):
+    torch.manual_seed(0)
+    model = cls(3, 5, **options).eval()
+    assert gonnx.form(model, form).startswith(f"ONNX Scan over time ({model.num_layers * model.num_directions})")
+    x = torch.randn(6, 2, 3)
+    if with_lengths:
+        args, dynamic = (x, None, torch.tensor([6, 4])), ({0: "T", 1: "B"}, None, {0: "B"})
+    else:
+        args, dynamic = (x,), ({0: "T", 1: "B"},)
+    program = gonnx.export(model, args, dynamic_shapes=dynamic, form=form)
+    assert _recurrent_nodes(program) == ["Scan"] * (model.num_layers * model.num_directions)
+    program.save(tmp_path / "m.onnx")
+    x2, lengths = torch.randn(11, 4, 3), torch.tensor([11, 3, 7, 1])
+    got = _run(tmp_path / "m.onnx", [x2.numpy(), lengths.numpy()] if with_lengths else [x2.numpy()])
+    with torch.no_grad():
+        want = _flat(model(x2, lengths=lengths if with_lengths else None))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
+
+
+def test_every_kernel_activation_has_a_scan_expression():
+    from gatelab.engines.fused import cpp
+
+    assert set(gonnx._EXPRESSIONS) == set(cpp.KINDS)
+    kinds_in_grid = set()
+    for cls, options, _, _ in SCAN_GRID:
+        cell = cls(3, 5, **options).cells[0]
+        kinds_in_grid |= {cpp.KINDS[cpp._kind(a)[0]] for a in cell.activation_slots().values()}
+    assert kinds_in_grid == set(cpp.KINDS)
+
+
+def test_the_scan_form_is_not_unrolled():
+    """The graph is the same whatever the example's length: one Scan per direction, one step in its body
+    (one recurrent MatMul), no per-step nodes outside it."""
+    def graph(T):
+        torch.manual_seed(0)
+        model = gatelab.LSTM(3, 5, gate_activation="elliott").eval()
+        program = gonnx.export(model, (torch.randn(T, 2, 3), None, torch.tensor([T, 2])),
+                               dynamic_shapes=({0: "T", 1: "B"}, None, {0: "B"}))
+        return program.model_proto.graph
+
+    short, long = graph(4), graph(24)
+    assert [n.op_type for n in short.node] == [n.op_type for n in long.node]
+    scans = [n for n in long.node if n.op_type == "Scan"]
+    assert len(scans) == 1
+    body = next(a.g for a in scans[0].attribute if a.name == "body")
+    assert [n.op_type for n in body.node].count("MatMul") == 1
+    assert sum(n.op_type == "MatMul" for n in long.node) == 1  # the input projection of all steps
+
+
 def test_alpha_and_beta_are_written_out(tmp_path):
     model = gatelab.LSTM(3, 4, gate_activation="hard_sigmoid", candidate_activation="relu").eval()
     program = gonnx.export(model, (torch.randn(5, 2, 3),), dynamic_shapes=({0: "T", 1: "B"},))
@@ -100,18 +189,40 @@ def test_a_sequence_model_exports_with_its_head(tmp_path):
     np.testing.assert_allclose(got[0], want.numpy(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("layer", "reason"), [
-    (lambda: gatelab.LSTM(3, 4, gate_activation={"i": "hard_sigmoid"}), "one activation for the i, f and o gates"),
-    (lambda: gatelab.GRU(3, 4, candidate_activation="elliott"), "activation elliott has no counterpart"),
-    (lambda: gatelab.LSTM(3, 4, peephole=True, peephole_output="previous"), "peephole_output='previous'"),
-    (lambda: gatelab.GatedStateRNN(3, 4), "the gated-state cell has no ONNX recurrent node"),
-    (lambda: gatelab.GRU(3, 4, reset_after=False), "reset_after=False runs on the pure-PyTorch loop"),
-    (lambda: gatelab.LSTM(3, 4, zoneout=0.2), "zoneout"),
+def test_a_sequence_model_exports_with_its_head_in_the_scan_form(tmp_path):
+    torch.manual_seed(0)
+    model = gatelab.SequenceModel(3, 4, cell="lstm", hidden_sizes=(6, 5), head="last", bidirectional=True,
+                                  gate_activation="elliott", candidate_activation="gelu",
+                                  layer_options={"peephole": True}).eval()
+    x, lengths = torch.randn(2, 7, 3), torch.tensor([7, 4])
+    program = gonnx.export(model, (x, lengths), dynamic_shapes=({0: "B", 1: "T"}, {0: "B"}))
+    assert _recurrent_nodes(program) == ["Scan"] * 4
+    program.save(tmp_path / "s.onnx")
+    x2, l2 = torch.randn(5, 12, 3), torch.tensor([12, 3, 9, 1, 12])
+    got = _run(tmp_path / "s.onnx", [x2.numpy(), l2.numpy()])
+    with torch.no_grad():
+        want = model(x2, l2)[0]
+    np.testing.assert_allclose(got[0], want.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("layer", "form", "reason"), [
+    (lambda: gatelab.LSTM(3, 4, gate_activation={"i": "hard_sigmoid"}), "native",
+     "one activation for the i, f and o gates"),
+    (lambda: gatelab.GRU(3, 4, candidate_activation="elliott"), "native", "activation elliott has no counterpart"),
+    (lambda: gatelab.LSTM(3, 4, peephole=True, peephole_output="previous"), "native", "peephole_output='previous'"),
+    (lambda: gatelab.GatedStateRNN(3, 4), "native", "the gated-state cell has no ONNX recurrent node"),
+    (lambda: gatelab.LSTM(3, 4, zoneout=0.2), "native", "zoneout"),
+    (lambda: gatelab.GRU(3, 4, reset_after=False), "auto", "reset_after=False runs on the pure-PyTorch loop"),
+    (lambda: gatelab.LSTM(3, 4, coupled=True), "scan", "coupled runs on the pure-PyTorch loop"),
+    (lambda: gatelab.LSTM(3, 4, proj_size=2), "auto", "proj_size runs on the pure-PyTorch loop"),
+    (lambda: gatelab.LSTM(3, 4, gates="fo"), "auto", "removed gates"),
+    (lambda: gatelab.GRU(3, 4, candidate_activation="prelu"), "auto", r"phi \(prelu\) has no C\+\+ kernel"),
+    (lambda: gatelab.LSTM(3, 4, variant="FGR"), "auto", "full_gate_recurrence"),
 ])
-def test_what_onnx_nodes_cannot_express_is_named(layer, reason):
+def test_what_onnx_cannot_express_is_named(layer, form, reason):
     with warnings.catch_warnings(), pytest.raises(gonnx.NotExpressibleError, match=reason):
         warnings.simplefilter("ignore")
-        gonnx.export(layer(), (torch.randn(5, 2, 3),), dynamic_shapes=({0: "T", 1: "B"},))
+        gonnx.export(layer(), (torch.randn(5, 2, 3),), dynamic_shapes=({0: "T", 1: "B"},), form=form)
 
 
 def test_an_exported_run_reloads_and_scores_its_metric(tmp_path, capsys):
@@ -148,6 +259,14 @@ def test_form_says_which_onnx_form_a_layer_exports_to():
     assert gonnx.form(gatelab.LSTM(3, 4, 2, bidirectional=True, gate_activation="hard_sigmoid",
                                    candidate_activation="relu")) == "ONNX LSTM nodes (4), activations HardSigmoid, Relu, Tanh"
     assert gonnx.form(gatelab.GRU(3, 4)) == "ONNX GRU node (1), activations Sigmoid, Tanh"
-    assert "one activation for the i, f and o gates" in gonnx.form(gatelab.LSTM(3, 4, gate_activation={"i": "elliott"}))
-    assert "gated-state cell has no ONNX recurrent node" in gonnx.form(gatelab.GatedStateRNN(3, 4))
-    assert "proj_size" in gonnx.form(gatelab.LSTM(3, 4, proj_size=2))
+    assert gonnx.form(gatelab.LSTM(3, 4, gate_activation={"i": "elliott"})) == (
+        "ONNX Scan over time (1): ONNX's node takes one activation for the i, f and o gates; this layer has elliott, "
+        "sigmoid")
+    assert gonnx.form(gatelab.GatedStateRNN(3, 4, num_layers=2)) == (
+        "ONNX Scan over time (2): the gated-state cell has no ONNX recurrent node")
+    assert gonnx.form(gatelab.GRU(3, 4), "scan") == "ONNX Scan over time (1): form=scan asked for"
+    assert gonnx.form(gatelab.GRU(3, 4, candidate_activation="gelu"), "native").startswith(
+        "not expressible as an ONNX node: activation gelu has no counterpart")
+    assert gonnx.form(gatelab.LSTM(3, 4, proj_size=2)).startswith("not expressible in ONNX: proj_size")
+    with pytest.raises(ValueError, match="form must be one of 'auto', 'native', 'scan'"):
+        gonnx.form(gatelab.GRU(3, 4), "loop")

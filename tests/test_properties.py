@@ -20,7 +20,8 @@ from gatelab.cells import registry
 F64 = torch.float64
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
-STATELESS = [n for n in gatelab.activations.available() if not gatelab.activations.get(n).learnable]
+# exp (sLSTM's gate) is left out: in an LSTM/GRU/Elman/gated-state slot it overflows within a few steps
+STATELESS = [n for n in gatelab.activations.available() if not gatelab.activations.get(n).learnable and n != "exp"]
 OPTIONS = {
     "lstm": st.fixed_dictionaries({}, optional={"peephole": st.booleans(), "proj_size": st.just(1),
                                                 "cell_activation": st.sampled_from(STATELESS)}),
@@ -79,7 +80,8 @@ def test_every_engine_equals_the_reference_on_valid_input(spec, T, B, use_length
         for a, b in zip(got[1], want[1]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=f"{backend} state")
         for a, b in zip(got[2], want[2]):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-8, msg=f"{backend} gradient")
+            # relative too: identity gates give gradients of 1e4 and more, rounded differently per engine
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-8, msg=f"{backend} gradient")
 
 
 BAD_INPUTS = {

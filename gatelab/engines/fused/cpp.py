@@ -43,6 +43,10 @@ DEVICE_BLOCKER = "the C++ loop runs on the CPU"
 DTYPE_BLOCKER = "the C++ loop runs float32 and float64 (bfloat16 and float16 in float32)"
 REDUCED = (torch.bfloat16, torch.float16)  # stored in the layer's dtype, computed in float32
 
+# Compiled together into one library; kernels_scan.cpp (the scan cells' loops, op namespace gatelab_scan)
+# is independent of kernels.cpp.
+SOURCES = ("kernels.cpp", "kernels_scan.cpp")
+
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": False, "error": None}
 
@@ -63,7 +67,7 @@ def _arch_flags() -> list[str]:
     return ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else []
 
 
-def _build(src: Path, out: Path) -> None:
+def _build(sources: list[Path], out: Path) -> None:
     from torch.utils import cpp_extension
 
     cxx = os.environ.get("CXX", "c++")
@@ -72,11 +76,12 @@ def _build(src: Path, out: Path) -> None:
     lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, *FLAGS, *_arch_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-           *(f"-I{p}" for p in cpp_extension.include_paths()), str(src), "-o", str(out),
+           *(f"-I{p}" for p in cpp_extension.include_paths()), *map(str, sources), "-o", str(out),
            f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib}"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"compiling {src.name} failed ({' '.join(cmd[:3])} ...):\n{result.stderr[-3000:]}")
+        names = " ".join(s.name for s in sources)
+        raise RuntimeError(f"compiling {names} failed ({' '.join(cmd[:3])} ...):\n{result.stderr[-3000:]}")
 
 
 def load(strict: bool = False) -> bool:
@@ -93,15 +98,16 @@ def load(strict: bool = False) -> bool:
             _state["error"] = "disabled by $GATELAB_NO_CPP"
         if _state["error"] is None:
             try:
-                src = Path(__file__).with_name("kernels.cpp")
-                key = hashlib.sha256(b"\0".join([src.read_bytes(), torch.__version__.encode(), sys.version.encode(),
-                                                 " ".join(FLAGS + _arch_flags()).encode(), _cpu_id().encode()]))
+                sources = [Path(__file__).with_name(name) for name in SOURCES]
+                key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in sources), torch.__version__.encode(),
+                                                 sys.version.encode(), " ".join(FLAGS + _arch_flags()).encode(),
+                                                 _cpu_id().encode()]))
                 target = cache_dir() / key.hexdigest()[:20] / "gatelab_fused.so"
                 if not target.exists():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                         built = Path(tmp) / target.name
-                        _build(src, built)
+                        _build(sources, built)
                         os.replace(built, target)  # atomic: a half-written library is never loaded
                 torch.ops.load_library(str(target))
                 _state["loaded"] = True
