@@ -3,7 +3,8 @@
 which form a layer takes.
 
 The fused engine's operators (``torch.ops.gatelab.lstm``, ``lstm_ln``, ``gru``, ``elman``,
-``gated_state``; a traced layer with torch's default activations runs them too) become, per layer
+``gated_state``; a traced layer with torch's default activations runs them too) and the export-only
+``torch.ops.gatelab.recurrence`` (below) become, per layer
 and direction, one of two forms; T and B stay dynamic in both, padded ``lengths`` are honoured,
 bidirectional and stacked layers are one node per direction:
 
@@ -32,13 +33,23 @@ the default activations (LSTM sigmoid, tanh, tanh; GRU sigmoid, tanh; RNN tanh),
 provider. The Scan form is made of standard operators only, so it runs on any provider that
 implements them, the CUDA provider included.
 
+The layers the C++ loops do not run (they run the fused engine's PyTorch loop or the reference loop
+eagerly): projection ``proj_size``, CIFG ``coupled=True``, removed gates, full gate recurrence, the
+reset-before GRU, learnable activations (``prelu``, ``adaptive_sigmoid``, ``adaptive_tanh``). Inside
+:func:`export` (:func:`gatelab.engines.export_op.routing`) each of their directions traces as one
+``torch.ops.gatelab.recurrence`` call, whose arguments describe the whole recurrence (the cell's
+tensors, a learnable activation's weight among them, and a JSON description of the cell); it becomes
+the same kind of Scan, built from the description, or ONNX's ``GRU`` with ``linear_before_reset=0``
+for a reset-before GRU whose activations it has. (CIFG stays a Scan: onnxruntime reads the LSTM's
+``input_forget`` as f = 1 − i, the opposite coupling.)
+
 Not expressible (:class:`NotExpressibleError`, naming the layer and the reason, before anything is
-exported): what does not run on the operators under ``torch.export`` (CIFG ``coupled=True``, removed
-gates, projection ``proj_size``, the reset-before GRU, full gate recurrence, learnable and user
-activations, cell kinds without a C++ loop: MinGRU, IndRNN, SLSTM ...). Those layers trace as the
-reference loop in Python, which the exporter unrolls at the example's fixed T; there is no operator
-call whose arguments describe the whole recurrence to translate. And training-time masks (recurrent
-dropout, sampled zoneout): export in eval mode, as :func:`export` does.
+exported): user activations (a plain callable or an ``nn.Module`` the registry does not know has no
+ONNX expression), the layer-norm LSTM the C++ loop cannot run (with peepholes), a layer built with
+``backend="reference"`` (that loop traces unrolled at the example's fixed T), and cell kinds the
+export operator does not describe (MinGRU, IndRNN, SLSTM ...). And training-time masks (recurrent
+dropout, sampled zoneout): export in eval mode, as :func:`export` does. With ``torch.onnx.export``
+and :func:`translation_table` directly, open ``export_op.routing()`` around the call for those layers.
 
 Needs ``onnx`` and ``onnxscript`` (and ``onnxruntime`` to run the result): gatelab's onnx extra.
 """
@@ -46,6 +57,7 @@ Needs ``onnx`` and ``onnxscript`` (and ``onnxruntime`` to run the result): gatel
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,6 +65,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import activations
+from .engines import export_op
 from .engines.fused import cpp
 from .engines.fused.ops import forward_arguments, save_z
 from .tasks.base import MissingExtraError
@@ -421,6 +435,175 @@ def _scan(cell_op: Any, a: dict[str, Any]) -> tuple[Any, ...]:
     return (Y, *finals, *saved)
 
 
+# -- the export operator (gatelab.engines.export_op) ---------------------------------------------------
+# torch.ops.gatelab.recurrence: one direction of a cell the C++ operators do not take, described by a
+# JSON string; a Scan over time built from that description (ONNX's GRU node for a reset-before GRU).
+
+
+def _learnable_expression(b: _Body, kind: str, w: Any, x: Any) -> Any:
+    """A learnable activation with its per-unit weight ``w`` (an initializer of the outer graph)."""
+    if kind == "prelu":  # where(x >= 0, x, a x), as PReLU.forward
+        return b.Where(b.GreaterOrEqual(x, b.const(0.0)), x, b.Mul(w, x))
+    return (b.Sigmoid if kind == "adaptive_sigmoid" else b.Tanh)(b.Mul(w, x))  # σ(βx), tanh(βx)
+
+
+def _recurrence_native_blocker(d: dict[str, Any]) -> str | None:
+    """Why ONNX's own node cannot express a described direction (None: it can); only the reset-before
+    GRU (``linear_before_reset=0``) is taken that way: the rest reaching this operator has no node."""
+    o, acts = d["options"], d["activations"]
+    if learnable := [k for k in acts.values() if k in export_op.LEARNABLE]:
+        return f"activation {learnable[0]} is learnable (a weight per unit), which ONNX's recurrent nodes lack"
+    if d["kind"] == "lstm":
+        if o["proj_size"]:
+            return "ONNX's LSTM node has no projection (proj_size)"
+        if o["full_gate_recurrence"]:
+            return "ONNX's LSTM node has no full gate recurrence (FGR)"
+        if o["gates"] != "ifo":
+            return f"ONNX's LSTM node has every gate (gates={o['gates']!r} removes some)"
+        if o["coupled"]:
+            return "ONNX's LSTM input_forget couples the other way in onnxruntime (f = 1 − i; CIFG is i = 1 − f)"
+    if d["kind"] != "gru" or o["reset_after"]:
+        return "the cell runs here on the export operator, which has no ONNX node form for it"
+    if any(d["zoneout"]):
+        return "zoneout (in eval its constant keep shares still mix old and new states, which ONNX's nodes cannot)"
+    try:
+        node_activations("gru", *zip(*(cpp._kind(activations.get(acts[s])) for s in ("sigma_r", "sigma_z", "phi"))))
+    except NotExpressibleError as err:
+        return str(err)
+    return None
+
+
+def _recurrence_gru_node(op: Any, d: dict[str, Any], W: dict[str, Any], x: Any, h0: Any, lengths: Any,
+                         reverse: bool) -> tuple[Any, Any]:
+    """The reset-before GRU as ONNX's GRU with ``linear_before_reset=0`` (n = φ(W_n x + R_n (r ⊙ h) + b))."""
+    acts = d["activations"]
+    kinds, params = zip(*(cpp._kind(activations.get(acts[s])) for s in ("sigma_r", "sigma_z", "phi")))
+    zrh = (1, 0, 2)  # torch's r z n -> ONNX's z r h
+    B = None if not d["bias"] else op.Unsqueeze(op.Concat(_blocks(op, W["bias_ih"], zrh, 3),
+                                                          _blocks(op, W["bias_hh"], zrh, 3), axis=0), [0])
+    seq = None if lengths is None else op.Cast(lengths, to=6)
+    Y, Y_h = op.GRU(x, op.Unsqueeze(_blocks(op, W["weight_ih"], zrh, 3), [0]),
+                    op.Unsqueeze(_blocks(op, W["weight_hh"], zrh, 3), [0]), B, seq, op.Unsqueeze(h0, [0]),
+                    hidden_size=d["hidden_size"], linear_before_reset=0,
+                    direction="reverse" if reverse else "forward",
+                    **_attributes(node_activations("gru", kinds, params)))
+    return op.Squeeze(Y, [1]), op.Squeeze(Y_h, [0])
+
+
+def _recurrence_step(b: _Body, cell: Any, d: dict[str, Any], W: dict[str, Any], Wt: dict[str, Any], xw: Any,
+                     states: Sequence[Any], act: Callable[[str, Any], Any]) -> tuple[Any, tuple[Any, ...]]:
+    """One step of the described cell in a Scan body: ``(output, new states)``, as the cell's ``step``."""
+    kind = d["kind"]
+    if kind == "gru":
+        (h,) = states
+        xr, xz, xn = b.Split(xw, num_outputs=3, axis=1)
+        if d["options"]["reset_after"]:  # n = φ(x_n + r ⊙ (W_hn h + b_hn))
+            gh = b.MatMul(h, Wt["weight_hh"])
+            if d["bias"]:
+                gh = b.Add(gh, W["bias_hh"])
+            hr, hz, hn = b.Split(gh, num_outputs=3, axis=1)
+            r, z = act("sigma_r", b.Add(xr, hr)), act("sigma_z", b.Add(xz, hz))
+            n = act("phi", b.Add(xn, b.Mul(r, hn)))
+        else:  # n = φ(x_n + W_hn (r ⊙ h) + b_hn), b_hh folded into xw
+            hr, hz = b.Split(b.MatMul(h, Wt["W_hrz"]), num_outputs=2, axis=1)
+            r, z = act("sigma_r", b.Add(xr, hr)), act("sigma_z", b.Add(xz, hz))
+            n = act("phi", b.Add(xn, b.MatMul(b.Mul(r, h), Wt["W_hn"])))
+        h_new = b.Add(b.Mul(b.Sub(b.const(1.0), z), n), b.Mul(z, h))
+        return h_new, (h_new,)
+    pre = b.Add(xw, b.MatMul(states[0], Wt["weight_hh"]))  # (B, G·H)
+    if kind == "rnn":
+        h_new = act("phi", pre)
+        return h_new, (h_new,)
+    if kind == "gated_state":
+        (s,) = states
+        zf, zi, zo, zn = b.Split(pre, num_outputs=4, axis=1)
+        s_new = b.Add(b.Mul(act("sigma_f", zf), s), b.Mul(act("sigma_i", zi), act("phi", zn)))
+        return b.Mul(act("sigma_o", zo), s_new), (s_new,)
+    # the LSTM: removed gates are the constant 1, CIFG i = 1 − f, FGR adds W_gr (i, f, o)_prev
+    h, c, *prev = states
+    o = d["options"]
+    blocks = cell.blocks
+    z = dict(zip(blocks, b.Split(pre, num_outputs=len(blocks), axis=1))) if len(blocks) > 1 else {blocks[0]: pre}
+    if o["full_gate_recurrence"]:
+        rec = dict(zip("ifo", b.Split(b.MatMul(prev[0], Wt["weight_gr"]), num_outputs=3, axis=1)))
+        z = {k: b.Add(v, rec[k]) if k in rec else v for k, v in z.items()}
+
+    def gate(g: str, read: Any) -> Any:
+        t = z[g] if f"weight_c{g}" not in W else b.Add(z[g], b.Mul(W[f"weight_c{g}"], read))
+        return act(f"sigma_{g}", t)
+
+    f = gate("f", c) if "f" in o["gates"] else None
+    i = b.Sub(b.const(1.0), f) if o["coupled"] else gate("i", c) if "i" in o["gates"] else None
+    g_ = act("phi", z["g"])
+    c_new = b.Add(c if f is None else b.Mul(f, c), g_ if i is None else b.Mul(i, g_))
+    out_gate = gate("o", c if o["peephole_output"] == "previous" else c_new) if "o" in o["gates"] else None
+    h_new = act("psi", c_new) if out_gate is None else b.Mul(out_gate, act("psi", c_new))
+    if o["proj_size"]:
+        h_new = b.MatMul(h_new, Wt["weight_hr"])
+    if not o["full_gate_recurrence"]:
+        return h_new, (h_new, c_new)
+    ones = b.Add(b.Mul(c_new, b.const(0.0)), b.const(1.0))  # (B, H) of ones
+    return h_new, (h_new, c_new, b.Concat(*(ones if v is None else v for v in (i, f, out_gate)), axis=1))
+
+
+def _recurrence_translation(want: str) -> Callable[..., Any]:
+    def translate(x: Any, state: Sequence[Any], weights: Sequence[Any], lengths: Any, cell: str, reverse: bool) -> Any:
+        op = _opset()
+        d = json.loads(cell)
+        W = dict(zip(d["weights"], weights))
+        why = _recurrence_native_blocker(d)
+        if want == "native" and why is not None:
+            raise NotExpressibleError(f"{d['kind']}: {why} (form='native' forbids the Scan form)")
+        if want != "scan" and why is None:
+            out, hn = _recurrence_gru_node(op, d, W, x, state[0], lengths, bool(reverse))
+            return out, hn
+        built = export_op.build(d)
+        H, kind = d["hidden_size"], d["kind"]
+        Wt = {n: op.Transpose(W[n], perm=[1, 0]) for n in ("weight_hh", "weight_hr", "weight_gr") if n in W}
+        reset_before = kind == "gru" and not d["options"]["reset_after"]
+        if reset_before:  # W_hh's rows r, z | n: the n block multiplies r ⊙ h
+            W_hr, W_hz, W_hn = op.Split(W["weight_hh"], axis=0, num_outputs=3)
+            Wt.update(W_hrz=op.Transpose(op.Concat(W_hr, W_hz, axis=0), perm=[1, 0]), W_hn=op.Transpose(W_hn, perm=[1, 0]))
+        xw = op.MatMul(x, op.Transpose(W["weight_ih"], perm=[1, 0]))  # every step's input projection
+        if d["bias"]:
+            fold = kind != "gru" or reset_before  # b_hh is additive (not the reset-after candidate's)
+            xw = op.Add(xw, op.Add(W["bias_ih"], W["bias_hh"]) if fold else W["bias_ih"])
+        scanned = [xw]
+        if lengths is not None:  # live[t, b] = t < lengths[b]: (T, B, 1)
+            T = op.Squeeze(op.Shape(x, start=0, end=1), [0])
+            steps = op.Range(op.Constant(value_int=0), T, op.Constant(value_int=1))
+            live = op.Less(op.Unsqueeze(steps, [1]), op.Unsqueeze(op.Cast(lengths, to=7), [0]))
+            scanned.append(op.Unsqueeze(live, [2]))
+        b = _Body(f"recurrence_{kind}", x.dtype)
+        states = [b.input(n, (None, size)) for n, size in zip(built.state_names, d["state_sizes"])]
+        xw_t = b.input("xw", (None, len(built.blocks) * H))
+        live_t = b.input("live", (None, 1), b.ir.DataType.BOOL) if lengths is not None else None
+
+        def act(slot: str, t: Any) -> Any:
+            a = activations.get(d["activations"][slot])
+            if a.kind in export_op.LEARNABLE:
+                return _learnable_expression(b, a.kind, W[f"{slot}.weight"], t)
+            if a.kind not in _EXPRESSIONS:
+                raise NotExpressibleError(f"activation {a.key} has no ONNX expression for the Scan form")
+            return _EXPRESSIONS[a.kind](b, t, a)
+
+        out, new = _recurrence_step(b, built, d, W, Wt, xw_t, states, act)
+        if any(d["zoneout"]):  # zoneout in eval: p ⊙ old + (1 − p) ⊙ new
+            new = tuple(s if p == 0 else b.Add(b.Mul(b.const(p), old), b.Mul(b.const(1.0 - p), s))
+                        for old, s, p in zip(states, new, d["zoneout"]))
+            out = out if built.output_state is None else new[built.output_state]
+        if live_t is not None:  # a dead step holds the state and outputs zero
+            new = tuple(b.Where(live_t, s, old) for s, old in zip(new, states))
+            out = b.Where(live_t, out, b.const(0.0))
+        body = b.graph([*new, out])
+        *finals, Y = _scan_call(*state, *scanned, num_outputs=len(states) + 1, body=body,
+                                num_scan_inputs=len(scanned), scan_input_directions=[int(reverse)] * len(scanned),
+                                scan_output_directions=[int(reverse)])
+        return Y, (finals[0] if len(finals) == 1 else op.Concat(*finals, axis=1))
+
+    return translate
+
+
 # -- choosing the form ------------------------------------------------------------------------------
 
 FORMS = ("auto", "native", "scan")
@@ -480,15 +663,28 @@ def form(layer: Any, want: str = "auto") -> str:
 
     _check_form(want)
     cell = layer.cells[0]
+    count = layer.num_layers * layer.num_directions
+    if layer.backend == "reference":
+        return ("not expressible in ONNX: backend='reference' was asked for, which traces as a Python loop the "
+                "exporter unrolls at a fixed length (build the layer with backend='auto')")
     blockers = [b for b in cpp.cell_blockers(cell) if not b.startswith((cpp.DEVICE_BLOCKER, cpp.DTYPE_BLOCKER))]
-    if blockers := blockers or fused_blockers(cell):
-        return (f"not expressible in ONNX: {blockers[0]} (only what runs on the C++ loops' operators exports as one "
-                f"node per direction; this layer traces as a Python loop the exporter unrolls at a fixed length)")
+    if blockers or fused_blockers(cell):  # not on the C++ loops' operators: the export operator, if it can
+        if missing := export_op.blockers(cell):
+            return (f"not expressible in ONNX: {missing[0]} (such a layer traces as a Python loop the exporter "
+                    f"unrolls at a fixed length)")
+        d = json.loads(export_op.describe(cell, layer.zoneout))
+        why = _recurrence_native_blocker(d)
+        if why is None and want != "scan":
+            acts = [cpp._kind(activations.get(d["activations"][s])) for s in ("sigma_r", "sigma_z", "phi")]
+            names = ", ".join(a[0] for a in node_activations("gru", *zip(*acts)))
+            return f"ONNX GRU node{'s' if count > 1 else ''} ({count}), activations {names}, linear_before_reset=0"
+        if want == "native":
+            return f"not expressible as an ONNX node: {why}"
+        return f"ONNX Scan over time ({count}): {why or 'form=scan asked for'}"
     op = ops.for_cell(cell)
     kinds, params = zip(*(cpp._kind(a) for a in cell.activation_slots().values()))
     why = _native_blocker(op.name, kinds, params, any(layer.zoneout),
                           op is ops.LSTM and cell.peephole and cell.peephole_output != "current")
-    count = layer.num_layers * layer.num_directions
     if why is None and want != "scan":
         acts = node_activations(op.name, kinds, params)
         node = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}[op.name]
@@ -508,7 +704,9 @@ def translation_table(form: str = "auto") -> dict[Any, Any]:
     _opset()
     from .engines.fused import ops
 
-    return {getattr(torch.ops.gatelab, op.name).default: _translation(op, form) for op in ops.CELL_OPS}
+    table = {getattr(torch.ops.gatelab, op.name).default: _translation(op, form) for op in ops.CELL_OPS}
+    table[torch.ops.gatelab.recurrence.default] = _recurrence_translation(form)
+    return table
 
 
 _layer_form = form
@@ -534,7 +732,7 @@ def export(model: torch.nn.Module, args: tuple[Any, ...], path: Any = None, *, d
             if isinstance(layer, RecurrentLayer) and (how := _layer_form(layer, form)).startswith("not expressible"):
                 raise NotExpressibleError(f"{name or type(model).__name__} ({layer.kind_name}): {how}")
         kwargs.setdefault("verbose", False)  # the exporter's progress lines
-        with torch.no_grad():
+        with torch.no_grad(), export_op.routing():
             return torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic_shapes,
                                      custom_translation_table=translation_table(form), **kwargs)
     finally:

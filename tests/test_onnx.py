@@ -134,6 +134,136 @@ def test_scan_form_runs_in_onnxruntime_like_pytorch(cls, options, with_lengths, 
         np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
 
 
+# The layers the C++ operators do not take, which export through gatelab's export operator
+# (torch.ops.gatelab.recurrence): (layer, options, with lengths, export form, the ONNX node it becomes)
+RECURRENCE_GRID = [
+    (gatelab.LSTM, {"proj_size": 3}, True, "auto", "Scan"),
+    (gatelab.LSTM, {"proj_size": 2, "num_layers": 2, "bidirectional": True, "peephole": True,
+                    "gate_activation": "hard_sigmoid"}, False, "auto", "Scan"),
+    (gatelab.LSTM, {"proj_size": 2, "zoneout": 0.2}, True, "auto", "Scan"),
+    (gatelab.LSTM, {"coupled": True, "peephole": True}, True, "auto", "Scan"),
+    (gatelab.LSTM, {"variant": "CIFG", "num_layers": 2, "bidirectional": True, "candidate_activation": "elliott"},
+     False, "auto", "Scan"),
+    (gatelab.LSTM, {"variant": "NIG"}, True, "auto", "Scan"),
+    (gatelab.LSTM, {"gates": "if", "num_layers": 2, "cell_activation": "softsign"}, False, "auto", "Scan"),
+    (gatelab.LSTM, {"variant": "FGR", "bidirectional": True}, True, "auto", "Scan"),
+    (gatelab.GRU, {"reset_after": False}, True, "auto", "GRU"),
+    (gatelab.GRU, {"reset_after": False, "num_layers": 2, "bidirectional": True, "gate_activation": "hard_sigmoid"},
+     False, "auto", "GRU"),
+    (gatelab.GRU, {"reset_after": False, "candidate_activation": "gelu"}, True, "auto", "Scan"),
+    (gatelab.GRU, {"reset_after": False}, False, "scan", "Scan"),
+    (gatelab.GRU, {"candidate_activation": "prelu", "bidirectional": True}, True, "auto", "Scan"),
+    (gatelab.LSTM, {"gate_activation": {"i": "adaptive_sigmoid", "f": "sigmoid", "o": "adaptive_sigmoid"},
+                    "cell_activation": "adaptive_tanh", "num_layers": 2}, False, "auto", "Scan"),
+    (gatelab.RNN, {"activation": "prelu"}, True, "auto", "Scan"),
+    (gatelab.GatedStateRNN, {"gate_activation": "adaptive_sigmoid", "candidate_activation": "adaptive_tanh"}, True,
+     "auto", "Scan"),
+]
+
+
+def _perturbed(model):
+    """Every parameter moved off its initial value (a learnable activation's 0.25 or 1 too)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize(("cls", "options", "with_lengths", "form", "node"), RECURRENCE_GRID,
+                         ids=lambda v: v.__name__ if isinstance(v, type) else
+                         ",".join(f"{k}={w}" for k, w in v.items()) or "defaults" if isinstance(v, dict) else str(v))
+def test_the_export_operator_runs_in_onnxruntime_like_pytorch(cls, options, with_lengths, form, node, tmp_path):
+    """Projection, CIFG, removed gates, FGR, the reset-before GRU and learnable activations run the
+    PyTorch loop eagerly; exported, each direction is one Scan (or ONNX's GRU, linear_before_reset=0)."""
+    torch.manual_seed(0)
+    model = _perturbed(cls(3, 5, **options)).eval()
+    count = model.num_layers * model.num_directions
+    assert gonnx.form(model, form).startswith(f"ONNX {node}")
+    x = torch.randn(6, 2, 3)
+    if with_lengths:
+        args, dynamic = (x, None, torch.tensor([6, 4])), ({0: "T", 1: "B"}, None, {0: "B"})
+    else:
+        args, dynamic = (x,), ({0: "T", 1: "B"},)
+    program = gonnx.export(model, args, dynamic_shapes=dynamic, form=form)
+    assert _recurrent_nodes(program) == [node] * count
+    program.save(tmp_path / "m.onnx")
+    x2, lengths = torch.randn(11, 4, 3), torch.tensor([11, 3, 7, 1])
+    got = _run(tmp_path / "m.onnx", [x2.numpy(), lengths.numpy()] if with_lengths else [x2.numpy()])
+    with torch.no_grad():
+        want = _flat(model(x2, lengths=lengths if with_lengths else None))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
+
+
+def test_learned_activation_parameters_are_initializers():
+    torch.manual_seed(0)
+    model = _perturbed(gatelab.GRU(3, 5, candidate_activation="prelu", gate_activation="adaptive_sigmoid")).eval()
+    program = gonnx.export(model, (torch.randn(4, 2, 3),), dynamic_shapes=({0: "T", 1: "B"},))
+    inits = {i.name: i for i in program.model_proto.graph.initializer}
+    import onnx.numpy_helper
+
+    for name in ("phi_weight_l0", "sigma_r_weight_l0", "sigma_z_weight_l0"):
+        key = next(k for k in inits if k.endswith(name))
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits[key]), getattr(model, name).detach().numpy())
+
+
+def test_the_export_operator_is_not_unrolled_and_only_used_when_exporting():
+    """A projection LSTM's graph is the same whatever the example's length (one Scan, one step in its body:
+    the recurrent and the projection MatMul); outside gatelab.onnx.export the layer runs as before."""
+    from gatelab.engines import export_op
+
+    def graph(T):
+        torch.manual_seed(0)
+        model = gatelab.LSTM(3, 5, proj_size=2).eval()
+        program = gonnx.export(model, (torch.randn(T, 2, 3), None, torch.tensor([T, 2])),
+                               dynamic_shapes=({0: "T", 1: "B"}, None, {0: "B"}))
+        return program.model_proto.graph
+
+    short, long = graph(4), graph(24)
+    assert [n.op_type for n in short.node] == [n.op_type for n in long.node]
+    scans = [n for n in long.node if n.op_type == "Scan"]
+    assert len(scans) == 1
+    body = next(a.g for a in scans[0].attribute if a.name == "body")
+    assert [n.op_type for n in body.node].count("MatMul") == 2
+    model = gatelab.LSTM(3, 5, proj_size=2).eval()
+    assert not export_op.active() and export_op.engine_for(model) is None
+    assert "pure-PyTorch loop" in model.explain()
+
+
+def test_the_export_operator_computes_the_layer_in_an_exported_program():
+    """Under routing() torch.export records one torch.ops.gatelab.recurrence call per direction, with T
+    dynamic; the program run eagerly (the operator's kernel, the reference loop) equals the layer."""
+    from gatelab.engines import export_op
+
+    torch.manual_seed(0)
+    model = _perturbed(gatelab.LSTM(3, 5, proj_size=2, bidirectional=True, coupled=True)).eval()
+    steps = torch.export.Dim("T", min=2, max=64)
+    with torch.no_grad(), export_op.routing():
+        program = torch.export.export(model, (torch.randn(5, 2, 3),), dynamic_shapes={"input": {0: steps}})
+    calls = [n for n in program.graph.nodes if n.op == "call_function" and "recurrence" in str(n.target)]
+    assert len(calls) == 2
+    x2 = torch.randn(9, 2, 3)
+    with torch.no_grad():
+        for a, b in zip(_flat(program.module()(x2)), _flat(model(x2))):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_sequence_model_with_a_cifg_and_a_projection_lstm_exports_with_its_head(tmp_path):
+    torch.manual_seed(0)
+    for options in ({"coupled": True, "peephole": True}, {"proj_size": 3}):
+        model = gatelab.SequenceModel(3, 4, cell="lstm", hidden_sizes=(6, 5), head="mean", layer_options=options).eval()
+        x, lengths = torch.randn(2, 7, 3), torch.tensor([7, 4])
+        program = gonnx.export(model, (x, lengths), dynamic_shapes=({0: "B", 1: "T"}, {0: "B"}))
+        assert _recurrent_nodes(program) == ["Scan"] * 2
+        program.save(tmp_path / "s.onnx")
+        x2, l2 = torch.randn(5, 12, 3), torch.tensor([12, 3, 9, 1, 12])
+        got = _run(tmp_path / "s.onnx", [x2.numpy(), l2.numpy()])
+        with torch.no_grad():
+            want = model(x2, l2)[0]
+        np.testing.assert_allclose(got[0], want.numpy(), rtol=0, atol=1e-5)
+
+
 def test_every_kernel_activation_has_a_scan_expression():
     from gatelab.engines.fused import cpp
 
@@ -212,12 +342,15 @@ def test_a_sequence_model_exports_with_its_head_in_the_scan_form(tmp_path):
     (lambda: gatelab.LSTM(3, 4, peephole=True, peephole_output="previous"), "native", "peephole_output='previous'"),
     (lambda: gatelab.GatedStateRNN(3, 4), "native", "the gated-state cell has no ONNX recurrent node"),
     (lambda: gatelab.LSTM(3, 4, zoneout=0.2), "native", "zoneout"),
-    (lambda: gatelab.GRU(3, 4, reset_after=False), "auto", "reset_after=False runs on the pure-PyTorch loop"),
-    (lambda: gatelab.LSTM(3, 4, coupled=True), "scan", "coupled runs on the pure-PyTorch loop"),
-    (lambda: gatelab.LSTM(3, 4, proj_size=2), "auto", "proj_size runs on the pure-PyTorch loop"),
-    (lambda: gatelab.LSTM(3, 4, gates="fo"), "auto", "removed gates"),
-    (lambda: gatelab.GRU(3, 4, candidate_activation="prelu"), "auto", r"phi \(prelu\) has no C\+\+ kernel"),
-    (lambda: gatelab.LSTM(3, 4, variant="FGR"), "auto", "full_gate_recurrence"),
+    (lambda: gatelab.LSTM(3, 4, proj_size=2), "native", "no projection"),
+    (lambda: gatelab.LSTM(3, 4, coupled=True), "native", r"input_forget couples the other way"),
+    (lambda: gatelab.GRU(3, 4, candidate_activation="prelu"), "native", "prelu is learnable"),
+    (lambda: gatelab.GRU(3, 4, candidate_activation=lambda x: x.clamp(-2, 2)), "auto",
+     r"user activation with no ONNX expression"),
+    (lambda: gatelab.LSTM(3, 4, candidate_activation=torch.nn.Softshrink()), "scan",
+     r"user activation with no ONNX expression"),
+    (lambda: gatelab.LSTM(3, 4, layer_norm=True, peephole=True), "auto", r"the C\+\+ layer-norm loop has no peepholes"),
+    (lambda: gatelab.LSTM(3, 4, proj_size=2, backend="reference"), "auto", "backend='reference' was asked for"),
 ])
 def test_what_onnx_cannot_express_is_named(layer, form, reason):
     with warnings.catch_warnings(), pytest.raises(gonnx.NotExpressibleError, match=reason):
@@ -267,6 +400,16 @@ def test_form_says_which_onnx_form_a_layer_exports_to():
     assert gonnx.form(gatelab.GRU(3, 4), "scan") == "ONNX Scan over time (1): form=scan asked for"
     assert gonnx.form(gatelab.GRU(3, 4, candidate_activation="gelu"), "native").startswith(
         "not expressible as an ONNX node: activation gelu has no counterpart")
-    assert gonnx.form(gatelab.LSTM(3, 4, proj_size=2)).startswith("not expressible in ONNX: proj_size")
+    assert gonnx.form(gatelab.LSTM(3, 4, proj_size=2)) == (
+        "ONNX Scan over time (1): ONNX's LSTM node has no projection (proj_size)")
+    assert gonnx.form(gatelab.GRU(3, 4, 2, reset_after=False)) == (
+        "ONNX GRU nodes (2), activations Sigmoid, Tanh, linear_before_reset=0")
+    assert gonnx.form(gatelab.GRU(3, 4, reset_after=False), "scan") == "ONNX Scan over time (1): form=scan asked for"
+    assert gonnx.form(gatelab.LSTM(3, 4, variant="FGR", bidirectional=True)) == (
+        "ONNX Scan over time (2): ONNX's LSTM node has no full gate recurrence (FGR)")
+    assert gonnx.form(gatelab.RNN(3, 4, activation="prelu")).startswith(
+        "ONNX Scan over time (1): activation prelu is learnable")
+    assert gonnx.form(gatelab.RNN(3, 4, activation=lambda x: x.clamp(-2, 2))).startswith(
+        "not expressible in ONNX: phi (<lambda>) is a user activation with no ONNX expression")
     with pytest.raises(ValueError, match="form must be one of 'auto', 'native', 'scan'"):
         gonnx.form(gatelab.GRU(3, 4), "loop")

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from .. import engines
 from ..cells import RecurrentCell
 from ..cells.base import _check_size, check_flag
-from ..engines import reference
+from ..engines import export_op, reference
 from ..engines.base import Engine, OnStep, Stack, tracing_or_transforming
 from ..engines.native import WEIGHT_NAMES
 from ..init import SCHEMES, init_cell
@@ -403,6 +403,10 @@ class RecurrentLayer(nn.Module):
         batch = to_sequence_batch(input, self.input_size, self.batch_first, lengths, owner)
         engine = reference.ENGINE if self._step_hooks else self._traced_engine if tracing_or_transforming() \
             else self.engine
+        # -- export (gatelab.onnx.export): one operator call per direction, see gatelab.engines.export_op
+        if export_op.active() and (routed := export_op.engine_for(self)) is not None:
+            engine = routed
+        # --
         with self._weights_bound() as cells:
             ref = cells[0].weight_ih  # as bound: what runs
             if (batch.data.dtype in _REDUCED and ref.dtype not in _REDUCED and batch.data.device == ref.device
