@@ -260,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="a trained run as ONNX and/or safetensors (+ its config)")
     x.add_argument("source", help="a run directory (its best.pt, else last.pt) or a checkpoint file")
-    x.add_argument("--onnx", help="write ONNX here (ONNX's own LSTM/GRU/RNN nodes)")
+    x.add_argument("--onnx", help="write ONNX here (ONNX's LSTM/GRU/RNN nodes, else a Scan over time)")
     x.add_argument("--safetensors", help="write the weights here (torch's names), the config beside it (.toml)")
     ls = sub.add_parser("list", help="cells, activations, presets, tasks, configs")
     ls.add_argument("what", nargs="?", default="all", choices=["all", "cells", "activations", "presets", "tasks", "configs"],

@@ -5,7 +5,7 @@ its Python twin :func:`export_run`; :func:`load_safetensors` reads a safetensors
   ``layers.0.weight_ih_l0`` ...), with the resolved config (TOML) and the task's shape in the file's
   metadata, and the config also written beside it (``OUT.toml``), so the weights load into a fresh
   model without gatelab's checkpoint format (and without pickle).
-* ONNX: :func:`gatelab.onnx.export` of the model (ONNX's own recurrent nodes), batch-first input
+* ONNX: :func:`gatelab.onnx.export` of the model (ONNX's recurrent nodes, else a Scan over time), batch-first input
   ``x (B, T, features)`` (or token ids) and ``lengths (B,)``, both dimensions dynamic.
 
 A run directory exports its ``best.pt`` when there is one, else ``last.pt``. Every file is written

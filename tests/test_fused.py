@@ -664,3 +664,13 @@ def test_the_fused_engine_runs_on_the_meta_device():
     layer = gatelab.GRU(4, 6, backend="fused", device="meta")
     out, h = layer(torch.randn(5, 2, 4, device="meta"))
     assert out.shape == (5, 2, 6) and out.device.type == "meta"
+
+
+def test_explain_names_the_per_step_product_and_the_onnx_form(gemm_library):
+    layer = gatelab.LSTM(3, 20, gate_activation="elliott", backend="fused")
+    gemm_library(3)
+    assert "per-step products on gatelab's AVX-512 kernel" in layer.explain()
+    gemm_library(1)
+    assert "per-step products on the BLAS" in layer.explain()
+    assert "per-step products on the BLAS (float64)" in layer.double().explain()
+    assert "ONNX export: ONNX Scan over time (1): activation elliott" in layer.explain()

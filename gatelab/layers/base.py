@@ -364,7 +364,10 @@ class RecurrentLayer(nn.Module):
         if traced is not engine:
             why += (f". Under torch.compile, torch.export and torch.func {traced.describe(self)} runs instead: "
                     f"{getattr(engine, 'untraceable', 'it does not trace')}")
-        return f"{self.kind_name}: engine {engine.name!r} ({'training' if self.training else 'eval'} mode). {why}"
+        from .. import onnx  # its form() needs no ONNX package
+
+        return (f"{self.kind_name}: engine {engine.name!r} ({'training' if self.training else 'eval'} mode). {why}. "
+                f"ONNX export: {onnx.form(self)}")
 
     def train(self, mode: bool = True) -> RecurrentLayer:
         super().train(mode)

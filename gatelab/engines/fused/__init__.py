@@ -77,7 +77,9 @@ class CppLoops:
         if (dtype := cell.weight_ih.dtype) in cpp.REDUCED:
             what += (f" in float32: the {str(dtype).removeprefix('torch.')} weights, inputs and states are cast up "
                      "for the call, its outputs and gradients rounded back")
-        return what + ("" if cpp.loaded() else " (compiled at first use)")
+        if not cpp.loaded():
+            return what + " (compiled at first use)"
+        return what + f"; its per-step products on {cpp.step_product(cell)}"
 
     def run(self, cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout):
         if x.dtype in cpp.REDUCED:

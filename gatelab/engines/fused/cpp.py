@@ -180,6 +180,17 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
     return out
 
 
+def step_product(cell: RecurrentCell) -> str:
+    """What the loaded C++ loop runs a cell's per-step product on (``explain()``): gatelab's AVX-512 kernel
+    (float32 and the reduced dtypes, which the loop computes in float32), else the BLAS or oneDNN."""
+    if cell.weight_ih.dtype == torch.float64:
+        return "the BLAS (float64)"
+    if isinstance(cell, LSTMCell) and cell.layer_norm:
+        return "the BLAS or oneDNN, by size"
+    lib = str(torch.ops.gatelab_fused.gemm_library(1, 1, 1, False, "loop"))
+    return {"AVX-512 kernel": "gatelab's AVX-512 kernel", "BLAS": "the BLAS"}.get(lib, lib)
+
+
 def _needs_input(kind: int, param: float) -> bool:
     """Whether the kernel's derivative for this kind reads the pre-activation (else the output)."""
     name = KINDS[kind]
