@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                         "by-size: BLAS or oneDNN by size, as before the kernel)")
     p.add_argument("--before", action="store_true",
                    help="also time the fused layer on the products chosen before gatelab's kernel (BLAS/oneDNN by "
-                        "size), interleaved with the automatic choice: the before/after column")
+                        "size), interleaved with the fused layer as it runs otherwise (the automatic choice, or --gemm's)")
     args = p.parse_args(argv)
     if args.tiny:
         args.sizes, args.pairs, args.batch, args.seq_len = [8], 2, 2, 5

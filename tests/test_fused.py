@@ -547,7 +547,9 @@ def test_kernel_loops_equal_the_blas_loops(gemm_library, threads, H, layer_cls, 
     """gatelab's AVX-512 loops (their own packed product, units split among the workers, one barrier per
     step) against the same C++ loops on the BLAS: outputs, states and every gradient, float32, for unit
     counts that leave short blocks (16 units forward, 32 backward), batches that leave short row tiles,
-    one and two workers, padding, peepholes, recurrent masks and zoneout."""
+    one and two workers, padding, peepholes, recurrent masks and zoneout; training and no-grad mode (which
+    reuses one per-step buffer and two recurrent-input slots). B = 29 gives full row tiles and a short one
+    for every tile height (6, 8, 12)."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -556,12 +558,14 @@ def test_kernel_loops_equal_the_blas_loops(gemm_library, threads, H, layer_cls, 
             gemm_library(library)
             torch.manual_seed(0)
             layer = layer_cls(5, H, backend="fused", strict=True, **options)
-            x = torch.randn(9, 7, 5, requires_grad=True)
-            lens = torch.tensor([9, 4, 9, 1, 6, 9, 2]) if lengths else None
+            x = torch.randn(9, 29, 5, requires_grad=True)
+            lens = torch.tensor([9, 4, 9, 1, 6, 9, 2] * 4 + [3]) if lengths else None
+            with torch.no_grad():
+                plain = layer(x, lengths=lens)[0]
             out, state = layer(x, lengths=lens)
             states = list(state) if isinstance(state, tuple) else [state]
             loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + sum(s.sin().sum() for s in states)
-            results.append([out, *states, *torch.autograd.grad(loss, [x, *layer.parameters()])])
+            results.append([plain, out, *states, *torch.autograd.grad(loss, [x, *layer.parameters()])])
         for a, b in zip(*results):
             torch.testing.assert_close(b, a, rtol=0, atol=2e-6 * max(1.0, a.abs().max().item()))
     finally:
@@ -664,6 +668,27 @@ def test_the_fused_engine_runs_on_the_meta_device():
     layer = gatelab.GRU(4, 6, backend="fused", device="meta")
     out, h = layer(torch.randn(5, 2, 4, device="meta"))
     assert out.shape == (5, 2, 6) and out.device.type == "meta"
+
+
+def test_the_kernel_loops_run_on_every_torch_thread(gemm_library):
+    """The library is compiled with OpenMP, so the loops' one parallel region per sequence (and the
+    fallback's per-step row pass) really runs on the torch threads: without it at::parallel_for calls its
+    function inline and the barrier never has a second worker."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.ops.gatelab_fused.region_threads(2) == 2
+        assert torch.ops.gatelab_fused.region_threads(1) == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_raw_loops_refuse_an_empty_sequence(gemm_library):
+    kinds, params = [1, 1, 4, 1, 4], [0.0] * 5
+    with pytest.raises(RuntimeError, match="at least one time step"):
+        torch.ops.gatelab_fused.lstm_forward(torch.zeros(0, 2, 8), torch.zeros(8, 2), torch.zeros(2, 2),
+                                             torch.zeros(2, 2), None, None, None, None, None, False, kinds, params,
+                                             False, False, False)
 
 
 def test_explain_names_the_per_step_product_and_the_onnx_form(gemm_library):

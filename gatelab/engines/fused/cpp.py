@@ -34,7 +34,9 @@ KINDS = ("identity", "sigmoid", "hard_sigmoid", "elliott", "tanh", "hardtanh", "
          "leaky_relu", "elu", "selu", "gelu", "silu", "softplus")
 _DEFAULT_PARAM = {"hard_sigmoid": 1 / 6, "leaky_relu": 0.01, "elu": 1.0}
 # Not -ffast-math: linking with it sets flush-to-zero for the whole process (crtfastmath).
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+# -fopenmp: at::parallel_for is a header template that runs in parallel only in code compiled with OpenMP
+# (else it calls its function inline); the library then uses the libgomp torch has already loaded.
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
          "-fassociative-math", "-freciprocal-math", "-ffp-contract=fast", "-w"]
 # The cell classes the kernels have loops for; they take each cell's activations in the order of
 # its ``slots`` (LSTM: sigma_i, sigma_f, phi, sigma_o, psi).

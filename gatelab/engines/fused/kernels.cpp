@@ -193,6 +193,8 @@ struct Loop {
 };
 
 Loop make_loop(const Tensor& x, const c10::optional<Tensor>& lengths, bool reverse) {
+  TORCH_CHECK(x.dim() >= 2 && x.size(0) > 0, "gatelab fused: the loops need at least one time step, got shape ",
+              x.sizes());
   return Loop{x.size(0), x.size(1), reverse, lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr};
 }
 
@@ -370,30 +372,42 @@ bool use_kernel() {
   }
 }
 
-// How many workers the loop's parallel region gets: one per torch thread, as long as every chunk of an
-// at::parallel_for then runs at once (OpenMP: a team), which the barrier needs; else one.
-int64_t kernel_workers() {
-#if AT_PARALLEL_OPENMP
-  return at::in_parallel_region() ? 1 : std::max<int64_t>(1, at::get_num_threads());
+// How many workers the loop's parallel region gets: one per torch thread (at most one per block of
+// units), provided this file is compiled with OpenMP, so that at::parallel_for runs an OpenMP team
+// whose threads all run at once and take one chunk each, which the barrier needs; else one (then
+// at::parallel_for calls its function inline).
+int64_t kernel_workers(int64_t blocks) {
+#if defined(_OPENMP)
+  return at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(blocks, at::get_num_threads()));
 #else
   return 1;
 #endif
 }
 
+// The number of threads one at::parallel_for(0, n, 1, ...) region of the kernel drivers runs on
+// (`region_threads` op; tests check that the workers really run in parallel).
+int64_t region_threads(int64_t n) {
+  std::atomic<int64_t> calls{0};
+  at::parallel_for(0, std::max<int64_t>(1, n), 1, [&](int64_t, int64_t) { calls.fetch_add(1); });
+  return calls.load();
+}
+
 // A spinning barrier for the workers of one at::parallel_for(0, n, 1, ...): a chunk [w0, w1) arrives with
 // weight w1 - w0, so any split of the n slices among the team's threads (one thread taking several
-// included) completes it. Spins briefly, then yields (a shared or oversubscribed machine).
+// included) completes it. Spins briefly, then yields (a shared or oversubscribed machine). A worker
+// that fails calls abort(): every wait() then returns false, so no worker waits for it forever.
 class Barrier {
  public:
   explicit Barrier(int64_t total) : total_(total) {}
-  void wait(int64_t weight) {
+  bool wait(int64_t weight) {
     const int64_t phase = phase_.load(std::memory_order_acquire);
     if (count_.fetch_add(weight, std::memory_order_acq_rel) + weight == total_) {
       count_.store(0, std::memory_order_relaxed);
       phase_.store(phase + 1, std::memory_order_release);
-      return;
+      return !aborted_.load(std::memory_order_acquire);
     }
     for (int64_t spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
+      if (aborted_.load(std::memory_order_acquire)) return false;
       if (spins < 2000) {
 #if defined(__x86_64__)
         __builtin_ia32_pause();
@@ -402,12 +416,30 @@ class Barrier {
         std::this_thread::yield();
       }
     }
+    return !aborted_.load(std::memory_order_acquire);
   }
+  void abort() { aborted_.store(true, std::memory_order_release); }
 
  private:
   const int64_t total_;
-  std::atomic<int64_t> count_{0}, phase_{0};
+  alignas(64) std::atomic<int64_t> count_{0};
+  alignas(64) std::atomic<int64_t> phase_{0};
+  std::atomic<bool> aborted_{false};
 };
+
+// Runs body(w0, w1) as the workers [w0, w1) of one parallel region of nw; an exception in one aborts the
+// barrier for the others and reaches the caller (at::parallel_for rethrows it).
+template <typename Body>
+void in_region(int64_t nw, Barrier& barrier, Body body) {
+  at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
+    try {
+      body(w0, w1);
+    } catch (...) {
+      barrier.abort();
+      throw;
+    }
+  });
+}
 
 // Units [lo, hi) of worker chunk [w0, w1) of nw, in blocks of `width` units (the last block may be short).
 struct Units {
@@ -437,7 +469,7 @@ __attribute__((always_inline)) inline void tile(const float* __restrict A, int64
   for (int64_t k = 0; k < K; ++k) {
     __m512 b[NG];
 #pragma GCC unroll 4
-    for (int g = 0; g < NG; ++g) b[g] = _mm512_load_ps(P + (k * NG + g) * 16);
+    for (int g = 0; g < NG; ++g) b[g] = _mm512_loadu_ps(P + (k * NG + g) * 16);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(A[r * lda + k]);
@@ -493,71 +525,89 @@ void pack_panel(float* P, int64_t K, int64_t valid, bool consecutive, Elem elem)
     }
 }
 
-#if defined(__AVX512F__)
 // The forward time loop of a cell with NG blocks of H pre-activations per row (W_hh: NG·H x H,
-// row-major). Per step every worker adds the recurrent input rec(k) (B x H) times its units' rows of W_hh
-// into out(t) (B x NG·H, onto what is there when `accumulate`), then runs row(k, b, j0, n) for each batch
-// row on its units [j0, j0 + n), which writes rec(k + 1) there; init(j0, n) writes rec(0) for its units.
-template <int NG, typename Out, typename Rec, typename Init, typename Row>
-void kernel_forward(const Loop& L, int64_t H, const float* W, Out out, bool accumulate, Rec rec, Init init, Row row) {
-  constexpr int MR = std::min(24 / NG, 12);  // MR x NG accumulators + NG loads + 1 broadcast <= 32 registers
-  const int64_t B = L.B, G = NG * H, nw = kernel_workers(), blocks = (H + 15) / 16, panel = H * NG * 16;
-  Tensor packed = at::empty({blocks * panel}, at::kFloat);
-  float* Pk = packed.data_ptr<float>();
-  Barrier barrier(nw);
-  at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
-    const Units U(w0, w1, nw, H, 16);
-    for (int64_t u = U.block_lo; u < U.block_hi; ++u)  // the NG rows of W_hh of each unit 16u ... 16u + 15
-      pack_panel<NG>(Pk + u * panel, H, std::min<int64_t>(16, H - 16 * u), false,
-                     [&](int64_t k, int g, int64_t col) { return W[(g * H + 16 * u + col) * H + k]; });
-    init(U.lo, U.hi - U.lo);
-    for (int64_t k = 0; k < L.T; ++k) {
-      barrier.wait(w1 - w0);  // every unit of this step's recurrent input is written
-      float* C = out(L.step(k));
-      for (int64_t u = U.block_lo; u < U.block_hi; ++u) {
-        __mmask16 lanes[NG];
-        block_masks<NG>(std::min<int64_t>(16, H - 16 * u), false, lanes);
-        panel_product<NG, MR>(rec(k), H, Pk + u * panel, H, C + 16 * u, G, H, lanes, B, accumulate);
+// row-major), on gatelab's kernel; false (nothing done) where it does not run (not float32, not built,
+// not chosen). Per step every worker adds the recurrent input rec(k) (B x H) times its units' rows of
+// W_hh into out(t) (B x NG·H, onto what is there when `accumulate`), then runs row(k, b, j0, n) for each
+// batch row on its units [j0, j0 + n), which writes rec(k + 1) there. rec(0) = state ⊙ M (the recurrent
+// mask, if any), written by each worker for its units.
+template <int NG, typename T, typename Out, typename Rec, typename Row>
+bool kernel_forward(const Loop& L, int64_t H, const T* W, const T* state, const T* M, Out out, bool accumulate, Rec rec,
+                    Row row) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (!use_kernel<T>()) return false;
+    constexpr int MR = std::min(24 / NG, 12);  // MR x NG accumulators + NG loads + 1 broadcast <= 32 registers
+    const int64_t B = L.B, G = NG * H, blocks = (H + 15) / 16, panel = H * NG * 16, nw = kernel_workers(blocks);
+    Tensor packed = at::empty({blocks * panel}, at::kFloat);
+    float* Pk = packed.data_ptr<float>();
+    Barrier barrier(nw);
+    in_region(nw, barrier, [&](int64_t w0, int64_t w1) {
+      const Units U(w0, w1, nw, H, 16);
+      const int64_t n = U.hi - U.lo;
+      for (int64_t u = U.block_lo; u < U.block_hi; ++u)  // the NG rows of W_hh of each unit 16u ... 16u + 15
+        pack_panel<NG>(Pk + u * panel, H, std::min<int64_t>(16, H - 16 * u), false,
+                       [&](int64_t k, int g, int64_t col) { return W[(g * H + 16 * u + col) * H + k]; });
+      for (int64_t b = 0; b < B; ++b)
+        write_rec(rec(0) + b * H + U.lo, state + b * H + U.lo, M ? M + b * H + U.lo : nullptr, n);
+      for (int64_t k = 0; k < L.T; ++k) {
+        if (!barrier.wait(w1 - w0)) return;  // every unit of this step's recurrent input is written
+        float* C = out(L.step(k));
+        for (int64_t u = U.block_lo; u < U.block_hi; ++u) {
+          __mmask16 lanes[NG];
+          block_masks<NG>(std::min<int64_t>(16, H - 16 * u), false, lanes);
+          panel_product<NG, MR>(rec(k), H, Pk + u * panel, H, C + 16 * u, G, H, lanes, B, accumulate);
+        }
+        if (n > 0)
+          for (int64_t b = 0; b < B; ++b) row(k, b, U.lo, n);
       }
-      if (U.hi > U.lo)
-        for (int64_t b = 0; b < B; ++b) row(k, b, U.lo, U.hi - U.lo);
-    }
-  });
+    });
+    return true;
+  }
+#endif
+  return false;
 }
 
-// The backward time loop: per step (k = T-1 ... 0) every worker runs row(k, b, j0, n, tmp) for each batch
-// row on its units (dL/dZ there into dz(t), B x G, from dh; tmp holds n values), then, once all of dz(t)
-// is written, adds dz(t) W_hh (W_hh: G x H) to dh (B x H) for its units, times the recurrent mask M.
-template <typename DZ, typename Row>
-void kernel_backward(const Loop& L, int64_t H, int64_t G, const float* W, float* dh, const float* M, DZ dz, Row row) {
-  const int64_t B = L.B, nw = kernel_workers(), blocks = (H + 31) / 32, panel = G * 32;
-  Tensor packed = at::empty({blocks * panel}, at::kFloat);
-  Tensor tmps = at::empty({nw, H + (M ? B * H : 0)}, at::kFloat);  // allocated here: nothing in the region may throw
-  float* Pk = packed.data_ptr<float>();
-  Barrier barrier(nw);
-  at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
-    const Units U(w0, w1, nw, H, 32);
-    float *tmp = tmps.data_ptr<float>() + w0 * tmps.size(1), *masked = tmp + H;  // masked: dz W_hh, B x H
-    for (int64_t u = U.block_lo; u < U.block_hi; ++u)  // columns 32u ... 32u + 31 of W_hh
-      pack_panel<2>(Pk + u * panel, G, std::min<int64_t>(32, H - 32 * u), true,
-                    [&](int64_t k, int, int64_t col) { return W[k * H + 32 * u + col]; });
-    for (int64_t k = L.T - 1; k >= 0; --k) {
-      if (U.hi > U.lo)
-        for (int64_t b = 0; b < B; ++b) row(k, b, U.lo, U.hi - U.lo, tmp);
-      barrier.wait(w1 - w0);  // every unit of dz at this step is written
-      const float* D = dz(L.step(k));
-      for (int64_t u = U.block_lo; u < U.block_hi; ++u) {
-        __mmask16 lanes[2];
-        block_masks<2>(std::min<int64_t>(32, H - 32 * u), true, lanes);
-        panel_product<2, 12>(D, G, Pk + u * panel, G, (M ? masked : dh) + 32 * u, H, 16, lanes, B, !M);
+// The backward time loop on gatelab's kernel (false where it does not run, as kernel_forward): per step
+// (k = T-1 ... 0) every worker runs row(k, b, j0, n, tmp) for each batch row on its units (dL/dZ there
+// into dz(t), B x G, from dh; tmp holds n values), then, once all of dz(t) is written, adds dz(t) W_hh
+// (W_hh: G x H) to dh (B x H) for its units, times the recurrent mask M.
+template <typename T, typename DZ, typename Row>
+bool kernel_backward(const Loop& L, int64_t H, int64_t G, const T* W, T* dh, const T* M, DZ dz, Row row) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (!use_kernel<T>()) return false;
+    const int64_t B = L.B, blocks = (H + 31) / 32, panel = G * 32, nw = kernel_workers(blocks);
+    Tensor packed = at::empty({blocks * panel}, at::kFloat);
+    Tensor tmps = at::empty({nw, H}, at::kFloat), masked = at::empty({M ? B : 0, H}, at::kFloat);  // dz W_hh, then ⊙ M
+    float *Pk = packed.data_ptr<float>(), *tmp0 = tmps.data_ptr<float>(), *Dm = M ? masked.data_ptr<float>() : nullptr;
+    Barrier barrier(nw);
+    in_region(nw, barrier, [&](int64_t w0, int64_t w1) {
+      const Units U(w0, w1, nw, H, 32);
+      float* tmp = tmp0 + w0 * H;
+      for (int64_t u = U.block_lo; u < U.block_hi; ++u)  // columns 32u ... 32u + 31 of W_hh
+        pack_panel<2>(Pk + u * panel, G, std::min<int64_t>(32, H - 32 * u), true,
+                      [&](int64_t k, int, int64_t col) { return W[k * H + 32 * u + col]; });
+      for (int64_t k = L.T - 1; k >= 0; --k) {
+        if (U.hi > U.lo)
+          for (int64_t b = 0; b < B; ++b) row(k, b, U.lo, U.hi - U.lo, tmp);
+        if (!barrier.wait(w1 - w0)) return;  // every unit of dz at this step is written
+        const float* D = dz(L.step(k));
+        for (int64_t u = U.block_lo; u < U.block_hi; ++u) {
+          __mmask16 lanes[2];
+          block_masks<2>(std::min<int64_t>(32, H - 32 * u), true, lanes);
+          panel_product<2, 12>(D, G, Pk + u * panel, G, (M ? Dm : dh) + 32 * u, H, 16, lanes, B, !M);
+        }
+        if (M)
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t j = U.lo; j < U.hi; ++j) dh[b * H + j] += Dm[b * H + j] * M[b * H + j];
       }
-      if (M)
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t j = U.lo; j < U.hi; ++j) dh[b * H + j] += masked[b * H + j] * M[b * H + j];
-    }
-  });
-}
+    });
+    return true;
+  }
 #endif
+  return false;
+}
 
 
 // ---------------------------------------------------------------------------------------------
@@ -660,57 +710,45 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
   Tensor HR = at::empty({keep.n_rec, B, H}, h0.options());
   Tensor h = h0.clone(), c = c0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "lstm_forward", [&] {
-    // A generic lambda, so that its body is a template in T and the float-only kernel path drops out for double.
-    [&](auto zero) {
-      using T = decltype(zero);
-      const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
-      T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>();
-      T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
-      T *CPp = CP.numel() ? CP.data_ptr<T>() : nullptr;
-      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
-      const T* P = opt_ptr<T>(peep);
-      // Batch row b of step t, units [j0, j0 + n), once Z holds the step's pre-activations there.
-      auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
-        const int64_t r = t * B + b, q = keep.at(t) * B + b;
-        T *zr = Z + r * G + j0, *ar = Ap + q * G + j0, *cr = cp + b * H + j0, *hrow = hp + b * H + j0;
-        T *Cr = Cp + q * H + j0, *Kr = Kp + q * H + j0, *orow = Op + r * H + j0;
-        const T* Pj = P ? P + j0 : nullptr;
-        if (L.live(t, b)) {
-          lstm_peep_if(Pj, cr, zr, H, n);
-          for (int64_t g = 0; g < 3; ++g) act_forward(kinds[g], a[g], zr + g * H, ar + g * H, n);
-          lstm_cell_update(ar, cr, Cr, H, n);
-          lstm_peep_o(Pj, peep_current ? Cr : cr, zr, H, n);
-          act_forward(kinds[3], a[3], zr + 3 * H, ar + 3 * H, n);
-          act_forward(kinds[4], a[4], Cr, Kr, n);
-          lstm_hand_on(ar, Kr, Cr, MH ? MH + r * H + j0 : nullptr, MC ? MC + r * H + j0 : nullptr, cr, hrow, orow, H, n);
-        } else {
-          for (int64_t j = 0; j < n; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
-        }
-        if (CPp) for (int64_t j = 0; j < n; ++j) CPp[q * H + j0 + j] = cr[j];
-        if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
-      };
-      auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_kernel<T>()) {
-          return kernel_forward<4>(
-              L, H, W, [&](int64_t t) { return Z + t * B * G; }, true, hr_of,
-              [&](int64_t j0, int64_t n) {
-                for (int64_t b = 0; b < B; ++b) write_rec(hr_of(0) + b * H + j0, hp + b * H + j0, M ? M + b * H + j0 : nullptr, n);
-              },
-              [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); });
-        }
+    using T = scalar_t;
+    const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
+    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>(), *Kp = K.data_ptr<T>();
+    T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *cp = c.data_ptr<T>(), *hp = h.data_ptr<T>();
+    T *CPp = CP.numel() ? CP.data_ptr<T>() : nullptr;
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
+    const T* P = opt_ptr<T>(peep);
+    // Batch row b of step t, units [j0, j0 + n), once Z holds the step's pre-activations there.
+    auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
+      const int64_t r = t * B + b, q = keep.at(t) * B + b;
+      T *zr = Z + r * G + j0, *ar = Ap + q * G + j0, *cr = cp + b * H + j0, *hrow = hp + b * H + j0;
+      T *Cr = Cp + q * H + j0, *Kr = Kp + q * H + j0, *orow = Op + r * H + j0;
+      const T* Pj = P ? P + j0 : nullptr;
+      if (L.live(t, b)) {
+        lstm_peep_if(Pj, cr, zr, H, n);
+        for (int64_t g = 0; g < 3; ++g) act_forward(kinds[g], a[g], zr + g * H, ar + g * H, n);
+        lstm_cell_update(ar, cr, Cr, H, n);
+        lstm_peep_o(Pj, peep_current ? Cr : cr, zr, H, n);
+        act_forward(kinds[3], a[3], zr + 3 * H, ar + 3 * H, n);
+        act_forward(kinds[4], a[4], Cr, Kr, n);
+        lstm_hand_on(ar, Kr, Cr, MH ? MH + r * H + j0 : nullptr, MC ? MC + r * H + j0 : nullptr, cr, hrow, orow, H, n);
+      } else {
+        for (int64_t j = 0; j < n; ++j) { Cr[j] = cr[j]; orow[j] = T(0); }
       }
-#endif
-      write_rec(hr_of(0), hp, M, B * H);
-      for (int64_t k = 0; k < L.T; ++k) {
-        const int64_t t = L.step(k);
-        times_Wt<T>(Z + t * B * G, hr_of(k), W, B, G, H, T(1));
-        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
-        });
-      }
-    }(scalar_t(0));
+      if (CPp) for (int64_t j = 0; j < n; ++j) CPp[q * H + j0 + j] = cr[j];
+      if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
+    };
+    auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
+    if (kernel_forward<4>(L, H, W, hp, M, [&](int64_t t) { return Z + t * B * G; }, true, hr_of,
+                          [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); }))
+      return;
+    write_rec(hr_of(0), hp, M, B * H);
+    for (int64_t k = 0; k < L.T; ++k) {
+      const int64_t t = L.step(k);
+      times_Wt<T>(Z + t * B * G, hr_of(k), W, B, G, H, T(1));
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
+      });
+    }
   });
   return {out, h, c, save_z ? xw : at::empty({0}, xw.options()), A, C, K, HR, CP};
 }
@@ -729,60 +767,52 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
   TORCH_CHECK(!zone || CP.numel() == C.numel(), "gatelab fused: zoneout backward needs the zoned-out cell states");
   Tensor dZ = at::empty_like(A), dh = dhT.clone(), dc = dcT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lstm_backward", [&] {
-    // A generic lambda, so that its body is a template in T and the float-only kernel path drops out for double.
-    [&](auto zero) {
-      using T = decltype(zero);
-      const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
-      const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>();
-      const T *Kp = K.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *c0p = c0.data_ptr<T>();
-      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
-      const T *Sp = zone ? CP.data_ptr<T>() : Cp;  // the cell state each step hands on
-      const T* P = opt_ptr<T>(peep);
-      T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
-      auto cprev_of = [&](int64_t k) { return k == 0 ? c0p : Sp + L.step(k - 1) * B * H; };
-      // dL/dZ of batch row b at step t, units [j0, j0 + n), from dh and dc there; tmp holds n values.
-      auto row = [&](int64_t t, const T* cprev, int64_t b, int64_t j0, int64_t n, T* tmp) {
-        const int64_t r = t * B + b;
-        const T *zr = Zp ? Zp + r * G + j0 : nullptr, *ar = Ap + r * G + j0, *Cr = Cp + r * H + j0;
-        const T *Kr = Kp + r * H + j0, *cpr = cprev + b * H + j0, *dor = dOp + r * H + j0;
-        T *gr = dZp + r * G + j0, *dhr = dhp + b * H + j0, *dcr = dcp + b * H + j0;
-        if (!L.live(t, b)) {  // state passed through; nothing to differentiate
-          for (int64_t g = 0; g < 4; ++g) for (int64_t j = 0; j < n; ++j) gr[g * H + j] = T(0);
-          return;
-        }
-        lstm_output_backward(dor, MH ? MH + r * H + j0 : nullptr, ar, Kr, dhr, gr, tmp, H, n);
-        act_backward(kinds[4], a[4], Cr, Kr, tmp, tmp, n);  // dL/dc' through psi
-        // dL/dz_o now: with a peephole on c' it adds to dL/dc'
-        act_backward(kinds[3], a[3], zr ? zr + 3 * H : nullptr, ar + 3 * H, gr + 3 * H, gr + 3 * H, n);
-        if (P && peep_current) for (int64_t j = 0; j < n; ++j) tmp[j] += gr[3 * H + j] * P[2 * H + j0 + j];
-        lstm_cell_backward(tmp, MC ? MC + r * H + j0 : nullptr, ar, cpr, dcr, gr, H, n);
-        for (int64_t g = 0; g < 3; ++g)
-          act_backward(kinds[g], a[g], zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, n);
-        if (P) {  // i and f (and o, reading c) read the previous cell state
-          for (int64_t j = 0; j < n; ++j) dcr[j] += gr[j] * P[j0 + j] + gr[H + j] * P[H + j0 + j];
-          if (!peep_current) for (int64_t j = 0; j < n; ++j) dcr[j] += gr[3 * H + j] * P[2 * H + j0 + j];
-        }
-      };
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_kernel<T>()) {
-          return kernel_backward(L, H, G, W, dhp, M, [&](int64_t t) { return dZp + t * B * G; },
-                                 [&](int64_t k, int64_t b, int64_t j0, int64_t n, T* tmp) {
-                                   row(L.step(k), cprev_of(k), b, j0, n, tmp);
-                                 });
-        }
+    using T = scalar_t;
+    const T a[5] = {T(params[0]), T(params[1]), T(params[2]), T(params[3]), T(params[4])};
+    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Cp = C.data_ptr<T>();
+    const T *Kp = K.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *c0p = c0.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MH = opt_ptr<T>(zh), *MC = opt_ptr<T>(zc);
+    const T *Sp = zone ? CP.data_ptr<T>() : Cp;  // the cell state each step hands on
+    const T* P = opt_ptr<T>(peep);
+    T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>(), *dcp = dc.data_ptr<T>();
+    auto cprev_of = [&](int64_t k) { return k == 0 ? c0p : Sp + L.step(k - 1) * B * H; };
+    // dL/dZ of batch row b at step t, units [j0, j0 + n), from dh and dc there; tmp holds n values.
+    auto row = [&](int64_t t, const T* cprev, int64_t b, int64_t j0, int64_t n, T* tmp) {
+      const int64_t r = t * B + b;
+      const T *zr = Zp ? Zp + r * G + j0 : nullptr, *ar = Ap + r * G + j0, *Cr = Cp + r * H + j0;
+      const T *Kr = Kp + r * H + j0, *cpr = cprev + b * H + j0, *dor = dOp + r * H + j0;
+      T *gr = dZp + r * G + j0, *dhr = dhp + b * H + j0, *dcr = dcp + b * H + j0;
+      if (!L.live(t, b)) {  // state passed through; nothing to differentiate
+        for (int64_t g = 0; g < 4; ++g) for (int64_t j = 0; j < n; ++j) gr[g * H + j] = T(0);
+        return;
       }
-#endif
-      std::vector<T> scratch;
-      for (int64_t k = L.T - 1; k >= 0; --k) {
-        const int64_t t = L.step(k);
-        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-          std::vector<T> tmp(H);
-          for (int64_t b = b0; b < b1; ++b) row(t, cprev_of(k), b, 0, H, tmp.data());
-        });
-        recurrent_grad<T>(dhp, dZp + t * B * G, W, M, scratch, B, G, H);
+      lstm_output_backward(dor, MH ? MH + r * H + j0 : nullptr, ar, Kr, dhr, gr, tmp, H, n);
+      act_backward(kinds[4], a[4], Cr, Kr, tmp, tmp, n);  // dL/dc' through psi
+      // dL/dz_o now: with a peephole on c' it adds to dL/dc'
+      act_backward(kinds[3], a[3], zr ? zr + 3 * H : nullptr, ar + 3 * H, gr + 3 * H, gr + 3 * H, n);
+      if (P && peep_current) for (int64_t j = 0; j < n; ++j) tmp[j] += gr[3 * H + j] * P[2 * H + j0 + j];
+      lstm_cell_backward(tmp, MC ? MC + r * H + j0 : nullptr, ar, cpr, dcr, gr, H, n);
+      for (int64_t g = 0; g < 3; ++g)
+        act_backward(kinds[g], a[g], zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, n);
+      if (P) {  // i and f (and o, reading c) read the previous cell state
+        for (int64_t j = 0; j < n; ++j) dcr[j] += gr[j] * P[j0 + j] + gr[H + j] * P[H + j0 + j];
+        if (!peep_current) for (int64_t j = 0; j < n; ++j) dcr[j] += gr[3 * H + j] * P[2 * H + j0 + j];
       }
-    }(scalar_t(0));
+    };
+    if (kernel_backward(L, H, G, W, dhp, M, [&](int64_t t) { return dZp + t * B * G; },
+                        [&](int64_t k, int64_t b, int64_t j0, int64_t n, T* tmp) {
+                          row(L.step(k), cprev_of(k), b, j0, n, tmp);
+                        }))
+      return;
+    std::vector<T> scratch;
+    for (int64_t k = L.T - 1; k >= 0; --k) {
+      const int64_t t = L.step(k);
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+        std::vector<T> tmp(H);
+        for (int64_t b = b0; b < b1; ++b) row(t, cprev_of(k), b, 0, H, tmp.data());
+      });
+      recurrent_grad<T>(dhp, dZp + t * B * G, W, M, scratch, B, G, H);
+    }
   });
   return {dZ, dh, dc};
 }
@@ -954,61 +984,50 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
   Tensor S = per_step(L, GHn.sizes(), GHn.options()), out = at::empty({L.T, B, H}, h0.options()), HR = per_step(L, {keep.n_rec, B, H}, h0.options());
   Tensor gh = at::empty({B, G}, h0.options()), h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gru_forward", [&] {
-    [&](auto zero) {  // generic: the float-only kernel path drops out for double
-      using T = decltype(zero);
-      const T ar_ = params[0], az_ = params[1], an_ = params[2];
-      T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>(), *Sp = S.data_ptr<T>();
-      T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *hp = h.data_ptr<T>(), *ghp = gh.data_ptr<T>();
-      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *bh = opt_ptr<T>(b_hh), *MZ = opt_ptr<T>(zh);
-      auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
-      // Batch row b of step t, units [j0, j0 + n), once gh holds W_hh h_rec there.
-      auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
-        const int64_t r = t * B + b, q = keep.at(t) * B + b;
-        T *ghr = ghp + b * G + j0, *zr = Z + r * G + j0, *arow = Ap + q * G + j0, *nr = Np + q * H + j0;
-        T *hrow = hp + b * H + j0, *Sr = Sp + q * H + j0, *orow = Op + r * H + j0;
-        if (L.live(t, b)) {
-          if (bh)
-            for (int64_t g = 0; g < 3; ++g) for (int64_t j = 0; j < n; ++j) ghr[g * H + j] += bh[g * H + j0 + j];
-          for (int64_t g = 0; g < 2; ++g) for (int64_t j = 0; j < n; ++j) zr[g * H + j] += ghr[g * H + j];
-          act_forward(kinds[0], ar_, zr, arow, n);
-          act_forward(kinds[1], az_, zr + H, arow + H, n);
-          for (int64_t j = 0; j < n; ++j) {
-            nr[j] = ghr[2 * H + j];
-            zr[2 * H + j] += arow[j] * nr[j];
-          }
-          act_forward(kinds[2], an_, zr + 2 * H, arow + 2 * H, n);
-          const T* mz = MZ ? MZ + r * H + j0 : nullptr;
-          for (int64_t j = 0; j < n; ++j) {
-            const T z = arow[H + j], nn = arow[2 * H + j];
-            const T hn = (T(1) - z) * nn + z * hrow[j];
-            orow[j] = Sr[j] = hrow[j] = mz ? mz[j] * hrow[j] + (T(1) - mz[j]) * hn : hn;
-          }
-        } else {
-          for (int64_t j = 0; j < n; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
+    using T = scalar_t;
+    const T ar_ = params[0], az_ = params[1], an_ = params[2];
+    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>(), *Sp = S.data_ptr<T>();
+    T *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>(), *hp = h.data_ptr<T>(), *ghp = gh.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *bh = opt_ptr<T>(b_hh), *MZ = opt_ptr<T>(zh);
+    auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
+    // Batch row b of step t, units [j0, j0 + n), once gh holds W_hh h_rec there.
+    auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
+      const int64_t r = t * B + b, q = keep.at(t) * B + b;
+      T *ghr = ghp + b * G + j0, *zr = Z + r * G + j0, *arow = Ap + q * G + j0, *nr = Np + q * H + j0;
+      T *hrow = hp + b * H + j0, *Sr = Sp + q * H + j0, *orow = Op + r * H + j0;
+      if (L.live(t, b)) {
+        if (bh)
+          for (int64_t g = 0; g < 3; ++g) for (int64_t j = 0; j < n; ++j) ghr[g * H + j] += bh[g * H + j0 + j];
+        for (int64_t g = 0; g < 2; ++g) for (int64_t j = 0; j < n; ++j) zr[g * H + j] += ghr[g * H + j];
+        act_forward(kinds[0], ar_, zr, arow, n);
+        act_forward(kinds[1], az_, zr + H, arow + H, n);
+        for (int64_t j = 0; j < n; ++j) {
+          nr[j] = ghr[2 * H + j];
+          zr[2 * H + j] += arow[j] * nr[j];
         }
-        if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
-      };
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_kernel<T>()) {
-          return kernel_forward<3>(
-              L, H, W, [&](int64_t) { return ghp; }, false, hr_of,
-              [&](int64_t j0, int64_t n) {
-                for (int64_t b = 0; b < B; ++b) write_rec(hr_of(0) + b * H + j0, hp + b * H + j0, M ? M + b * H + j0 : nullptr, n);
-              },
-              [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); });
+        act_forward(kinds[2], an_, zr + 2 * H, arow + 2 * H, n);
+        const T* mz = MZ ? MZ + r * H + j0 : nullptr;
+        for (int64_t j = 0; j < n; ++j) {
+          const T z = arow[H + j], nn = arow[2 * H + j];
+          const T hn = (T(1) - z) * nn + z * hrow[j];
+          orow[j] = Sr[j] = hrow[j] = mz ? mz[j] * hrow[j] + (T(1) - mz[j]) * hn : hn;
         }
+      } else {
+        for (int64_t j = 0; j < n; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
       }
-#endif
-      write_rec(hr_of(0), hp, M, B * H);
-      for (int64_t k = 0; k < L.T; ++k) {
-        const int64_t t = L.step(k);
-        times_Wt<T>(ghp, hr_of(k), W, B, G, H, T(0));
-        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
-        });
-      }
-    }(scalar_t(0));
+      if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
+    };
+    if (kernel_forward<3>(L, H, W, hp, M, [&](int64_t) { return ghp; }, false, hr_of,
+                          [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); }))
+      return;
+    write_rec(hr_of(0), hp, M, B * H);
+    for (int64_t k = 0; k < L.T; ++k) {
+      const int64_t t = L.step(k);
+      times_Wt<T>(ghp, hr_of(k), W, B, G, H, T(0));
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
+      });
+    }
   });
   return {out, h, save_z ? xw : at::empty({0}, xw.options()), A, GHn, S, HR};
 }
@@ -1023,58 +1042,51 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
   const int64_t H = h0.size(1), B = L.B, G = 3 * H;
   Tensor dXW = at::empty_like(A), dGH = at::empty_like(A), dh = dhT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gru_backward", [&] {
-    [&](auto zero) {  // generic: the float-only kernel path drops out for double
-      using T = decltype(zero);
-      const T ar_ = params[0], az_ = params[1], an_ = params[2];
-      const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>();
-      const T *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *h0p = h0.data_ptr<T>();
-      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
-      T *gxp = dXW.data_ptr<T>(), *ghp = dGH.data_ptr<T>(), *dhp = dh.data_ptr<T>();
-      auto hprev_of = [&](int64_t k) { return k == 0 ? h0p : Sp + L.step(k - 1) * B * H; };
-      auto row = [&](int64_t t, const T* hprev, int64_t b, int64_t j0, int64_t n) {
-        const int64_t r = t * B + b;
-        const T *zr = Zp ? Zp + r * G + j0 : nullptr, *arow = Ap + r * G + j0, *nr = Np + r * H + j0;
-        const T *hpr = hprev + b * H + j0, *dor = dOp + r * H + j0;
-        T *gxr = gxp + r * G + j0, *ghr = ghp + r * G + j0, *dhr = dhp + b * H + j0;
-        if (!L.live(t, b)) {
-          for (int64_t g = 0; g < 3; ++g) for (int64_t j = 0; j < n; ++j) gxr[g * H + j] = ghr[g * H + j] = T(0);
-          return;
-        }
-        const T* mz = MZ ? MZ + r * H + j0 : nullptr;
-        for (int64_t j = 0; j < n; ++j) {
-          const T z = arow[H + j], nn = arow[2 * H + j];
-          T d = dor[j] + dhr[j], kept = T(0);  // dL/dh after the step (zoned out, if any)
-          if (mz) { kept = d * mz[j]; d *= T(1) - mz[j]; }
-          gxr[2 * H + j] = d * (T(1) - z);     // dL/dn
-          gxr[H + j] = d * (hpr[j] - nn);      // dL/dz
-          dhr[j] = d * z + kept;               // direct paths; the product adds the rest
-        }
-        act_backward(kinds[2], an_, zr ? zr + 2 * H : nullptr, arow + 2 * H, gxr + 2 * H, gxr + 2 * H, n);
-        act_backward(kinds[1], az_, zr ? zr + H : nullptr, arow + H, gxr + H, gxr + H, n);
-        for (int64_t j = 0; j < n; ++j) gxr[j] = gxr[2 * H + j] * nr[j];  // dL/dr
-        act_backward(kinds[0], ar_, zr, arow, gxr, gxr, n);
-        for (int64_t g = 0; g < 2; ++g) for (int64_t j = 0; j < n; ++j) ghr[g * H + j] = gxr[g * H + j];
-        for (int64_t j = 0; j < n; ++j) ghr[2 * H + j] = gxr[2 * H + j] * arow[j];
-      };
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_kernel<T>()) {
-          return kernel_backward(L, H, G, W, dhp, M, [&](int64_t t) { return ghp + t * B * G; },
-                                 [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) {
-                                   row(L.step(k), hprev_of(k), b, j0, n);
-                                 });
-        }
+    using T = scalar_t;
+    const T ar_ = params[0], az_ = params[1], an_ = params[2];
+    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Np = GHn.data_ptr<T>();
+    const T *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>(), *h0p = h0.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
+    T *gxp = dXW.data_ptr<T>(), *ghp = dGH.data_ptr<T>(), *dhp = dh.data_ptr<T>();
+    auto hprev_of = [&](int64_t k) { return k == 0 ? h0p : Sp + L.step(k - 1) * B * H; };
+    auto row = [&](int64_t t, const T* hprev, int64_t b, int64_t j0, int64_t n) {
+      const int64_t r = t * B + b;
+      const T *zr = Zp ? Zp + r * G + j0 : nullptr, *arow = Ap + r * G + j0, *nr = Np + r * H + j0;
+      const T *hpr = hprev + b * H + j0, *dor = dOp + r * H + j0;
+      T *gxr = gxp + r * G + j0, *ghr = ghp + r * G + j0, *dhr = dhp + b * H + j0;
+      if (!L.live(t, b)) {
+        for (int64_t g = 0; g < 3; ++g) for (int64_t j = 0; j < n; ++j) gxr[g * H + j] = ghr[g * H + j] = T(0);
+        return;
       }
-#endif
-      std::vector<T> scratch;
-      for (int64_t k = L.T - 1; k >= 0; --k) {
-        const int64_t t = L.step(k);
-        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) row(t, hprev_of(k), b, 0, H);
-        });
-        recurrent_grad<T>(dhp, ghp + t * B * G, W, M, scratch, B, G, H);
+      const T* mz = MZ ? MZ + r * H + j0 : nullptr;
+      for (int64_t j = 0; j < n; ++j) {
+        const T z = arow[H + j], nn = arow[2 * H + j];
+        T d = dor[j] + dhr[j], kept = T(0);  // dL/dh after the step (zoned out, if any)
+        if (mz) { kept = d * mz[j]; d *= T(1) - mz[j]; }
+        gxr[2 * H + j] = d * (T(1) - z);     // dL/dn
+        gxr[H + j] = d * (hpr[j] - nn);      // dL/dz
+        dhr[j] = d * z + kept;               // direct paths; the product adds the rest
       }
-    }(scalar_t(0));
+      act_backward(kinds[2], an_, zr ? zr + 2 * H : nullptr, arow + 2 * H, gxr + 2 * H, gxr + 2 * H, n);
+      act_backward(kinds[1], az_, zr ? zr + H : nullptr, arow + H, gxr + H, gxr + H, n);
+      for (int64_t j = 0; j < n; ++j) gxr[j] = gxr[2 * H + j] * nr[j];  // dL/dr
+      act_backward(kinds[0], ar_, zr, arow, gxr, gxr, n);
+      for (int64_t g = 0; g < 2; ++g) for (int64_t j = 0; j < n; ++j) ghr[g * H + j] = gxr[g * H + j];
+      for (int64_t j = 0; j < n; ++j) ghr[2 * H + j] = gxr[2 * H + j] * arow[j];
+    };
+    if (kernel_backward(L, H, G, W, dhp, M, [&](int64_t t) { return ghp + t * B * G; },
+                        [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) {
+                          row(L.step(k), hprev_of(k), b, j0, n);
+                        }))
+      return;
+    std::vector<T> scratch;
+    for (int64_t k = L.T - 1; k >= 0; --k) {
+      const int64_t t = L.step(k);
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) row(t, hprev_of(k), b, 0, H);
+      });
+      recurrent_grad<T>(dhp, ghp + t * B * G, W, M, scratch, B, G, H);
+    }
   });
   return {dXW, dGH, dh};
 }
@@ -1097,51 +1109,40 @@ std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Te
   Tensor S = !train ? at::empty({1, B, H}, h0.options()) : lengths.has_value() || zone ? at::empty_like(xw) : out;
   Tensor h = h0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "elman_forward", [&] {
-    [&](auto zero) {  // generic: the float-only kernel path drops out for double
-      using T = decltype(zero);
-      const T a = param;
-      T *Z = xw.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>();
-      T* hp = h.data_ptr<T>();
-      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
-      auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
-      auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
-        const int64_t r = t * B + b;
-        T *hrow = hp + b * H + j0, *Sr = Sp + (keep.at(t) * B + b) * H + j0, *orow = Op + r * H + j0;
-        T* zr = Z + r * H + j0;
-        if (L.live(t, b) && zone) {
-          const T* mz = MZ + r * H + j0;
-          act_forward(kind, a, zr, Sr, n);
-          for (int64_t j = 0; j < n; ++j) orow[j] = hrow[j] = mz[j] * hrow[j] + (T(1) - mz[j]) * Sr[j];
-        } else if (L.live(t, b)) {
-          act_forward(kind, a, zr, hrow, n);
-          for (int64_t j = 0; j < n; ++j) orow[j] = hrow[j];
-          if (Sp != Op) for (int64_t j = 0; j < n; ++j) Sr[j] = hrow[j];
-        } else {
-          for (int64_t j = 0; j < n; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
-        }
-        if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
-      };
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_kernel<T>()) {
-          return kernel_forward<1>(
-              L, H, W, [&](int64_t t) { return Z + t * B * H; }, true, hr_of,
-              [&](int64_t j0, int64_t n) {
-                for (int64_t b = 0; b < B; ++b) write_rec(hr_of(0) + b * H + j0, hp + b * H + j0, M ? M + b * H + j0 : nullptr, n);
-              },
-              [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); });
-        }
+    using T = scalar_t;
+    const T a = param;
+    T *Z = xw.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>(), *HRp = HR.data_ptr<T>();
+    T* hp = h.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
+    auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
+    auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
+      const int64_t r = t * B + b;
+      T *hrow = hp + b * H + j0, *Sr = Sp + (keep.at(t) * B + b) * H + j0, *orow = Op + r * H + j0;
+      T* zr = Z + r * H + j0;
+      if (L.live(t, b) && zone) {
+        const T* mz = MZ + r * H + j0;
+        act_forward(kind, a, zr, Sr, n);
+        for (int64_t j = 0; j < n; ++j) orow[j] = hrow[j] = mz[j] * hrow[j] + (T(1) - mz[j]) * Sr[j];
+      } else if (L.live(t, b)) {
+        act_forward(kind, a, zr, hrow, n);
+        for (int64_t j = 0; j < n; ++j) orow[j] = hrow[j];
+        if (Sp != Op) for (int64_t j = 0; j < n; ++j) Sr[j] = hrow[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
       }
-#endif
-      write_rec(hr_of(0), hp, M, B * H);
-      for (int64_t k = 0; k < L.T; ++k) {
-        const int64_t t = L.step(k);
-        times_Wt<T>(Z + t * B * H, hr_of(k), W, B, H, H, T(1));
-        at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
-        });
-      }
-    }(scalar_t(0));
+      if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
+    };
+    if (kernel_forward<1>(L, H, W, hp, M, [&](int64_t t) { return Z + t * B * H; }, true, hr_of,
+                          [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); }))
+      return;
+    write_rec(hr_of(0), hp, M, B * H);
+    for (int64_t k = 0; k < L.T; ++k) {
+      const int64_t t = L.step(k);
+      times_Wt<T>(Z + t * B * H, hr_of(k), W, B, H, H, T(1));
+      at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
+      });
+    }
   });
   return {out, h, save_z ? xw : at::empty({0}, xw.options()), S, HR};
 }
@@ -1155,49 +1156,42 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
   const int64_t H = S.size(2), B = L.B;
   Tensor dZ = at::empty_like(S), dh = dhT.clone();
   AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "elman_backward", [&] {
-    [&](auto zero) {  // generic: the float-only kernel path drops out for double
-      using T = decltype(zero);
-      const T a = param;
-      const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>();
-      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
-      T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>();
-      auto row = [&](int64_t t, int64_t b, int64_t j0, int64_t n) {
-        const int64_t r = t * B + b;
-        T *gr = dZp + r * H + j0, *dhr = dhp + b * H + j0;
-        const T* dor = dOp + r * H + j0;
-        if (!L.live(t, b)) {
-          for (int64_t j = 0; j < n; ++j) gr[j] = T(0);
-          return;
-        }
-        if (MZ) {  // kept share -> old h; the rest -> through phi
-          const T* mz = MZ + r * H + j0;
-          for (int64_t j = 0; j < n; ++j) {
-            const T d = dor[j] + dhr[j];
-            gr[j] = d * (T(1) - mz[j]);
-            dhr[j] = d * mz[j];
-          }
-        } else {
-          for (int64_t j = 0; j < n; ++j) { gr[j] = dor[j] + dhr[j]; dhr[j] = T(0); }
-        }
-        act_backward(kind, a, Zp ? Zp + r * H + j0 : nullptr, Sp + r * H + j0, gr, gr, n);
-      };
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_kernel<T>()) {
-          return kernel_backward(L, H, H, W, dhp, M, [&](int64_t t) { return dZp + t * B * H; },
-                                 [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) { row(L.step(k), b, j0, n); });
-        }
+    using T = scalar_t;
+    const T a = param;
+    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Sp = S.data_ptr<T>(), *dOp = dout.data_ptr<T>();
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zh);
+    T *dZp = dZ.data_ptr<T>(), *dhp = dh.data_ptr<T>();
+    auto row = [&](int64_t t, int64_t b, int64_t j0, int64_t n) {
+      const int64_t r = t * B + b;
+      T *gr = dZp + r * H + j0, *dhr = dhp + b * H + j0;
+      const T* dor = dOp + r * H + j0;
+      if (!L.live(t, b)) {
+        for (int64_t j = 0; j < n; ++j) gr[j] = T(0);
+        return;
       }
-#endif
-      std::vector<T> scratch;
-      for (int64_t k = L.T - 1; k >= 0; --k) {
-        const int64_t t = L.step(k);
-        at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) row(t, b, 0, H);
-        });
-        recurrent_grad<T>(dhp, dZp + t * B * H, W, M, scratch, B, H, H);
+      if (MZ) {  // kept share -> old h; the rest -> through phi
+        const T* mz = MZ + r * H + j0;
+        for (int64_t j = 0; j < n; ++j) {
+          const T d = dor[j] + dhr[j];
+          gr[j] = d * (T(1) - mz[j]);
+          dhr[j] = d * mz[j];
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) { gr[j] = dor[j] + dhr[j]; dhr[j] = T(0); }
       }
-    }(scalar_t(0));
+      act_backward(kind, a, Zp ? Zp + r * H + j0 : nullptr, Sp + r * H + j0, gr, gr, n);
+    };
+    if (kernel_backward(L, H, H, W, dhp, M, [&](int64_t t) { return dZp + t * B * H; },
+                        [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) { row(L.step(k), b, j0, n); }))
+      return;
+    std::vector<T> scratch;
+    for (int64_t k = L.T - 1; k >= 0; --k) {
+      const int64_t t = L.step(k);
+      at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) row(t, b, 0, H);
+      });
+      recurrent_grad<T>(dhp, dZp + t * B * H, W, M, scratch, B, H, H);
+    }
   });
   return {dZ, dh};
 }
@@ -1222,58 +1216,47 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
   Tensor HR = at::empty({keep.n_rec, B, H}, s0.options());
   Tensor s = s0.clone();
   AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "gated_state_forward", [&] {
-    [&](auto zero) {  // generic: the float-only kernel path drops out for double
-      using T = decltype(zero);
-      T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>();
-      T *HRp = HR.data_ptr<T>(), *sp = s.data_ptr<T>(), *SNp = SN.numel() ? SN.data_ptr<T>() : nullptr;
-      const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zs);
-      auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
-      auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
-        const int64_t r = t * B + b, q = keep.at(t) * B + b;
-        T *zr = Z + r * G + j0, *ar = Ap + q * G + j0, *sr = sp + b * H + j0, *Sr = Sp + q * H + j0;
-        T* orow = Op + r * H + j0;
-        if (L.live(t, b)) {
-          for (int64_t g = 0; g < 4; ++g) act_forward(kinds[g], T(params[g]), zr + g * H, ar + g * H, n);
-          if (MZ) {
-            const T* mz = MZ + r * H + j0;
-            for (int64_t j = 0; j < n; ++j) {
-              const T sn = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
-              orow[j] = ar[2 * H + j] * sn;
-              Sr[j] = sr[j] = mz[j] * sr[j] + (T(1) - mz[j]) * sn;
-              if (SNp) SNp[q * H + j0 + j] = sn;
-            }
-          } else {
-            for (int64_t j = 0; j < n; ++j) {
-              Sr[j] = sr[j] = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
-              orow[j] = ar[2 * H + j] * sr[j];
-            }
+    using T = scalar_t;
+    T *Z = xw.data_ptr<T>(), *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>(), *Op = out.data_ptr<T>();
+    T *HRp = HR.data_ptr<T>(), *sp = s.data_ptr<T>(), *SNp = SN.numel() ? SN.data_ptr<T>() : nullptr;
+    const T *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask), *MZ = opt_ptr<T>(zs);
+    auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
+    auto row = [&](int64_t t, T* hr_next, int64_t b, int64_t j0, int64_t n) {
+      const int64_t r = t * B + b, q = keep.at(t) * B + b;
+      T *zr = Z + r * G + j0, *ar = Ap + q * G + j0, *sr = sp + b * H + j0, *Sr = Sp + q * H + j0;
+      T* orow = Op + r * H + j0;
+      if (L.live(t, b)) {
+        for (int64_t g = 0; g < 4; ++g) act_forward(kinds[g], T(params[g]), zr + g * H, ar + g * H, n);
+        if (MZ) {
+          const T* mz = MZ + r * H + j0;
+          for (int64_t j = 0; j < n; ++j) {
+            const T sn = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
+            orow[j] = ar[2 * H + j] * sn;
+            Sr[j] = sr[j] = mz[j] * sr[j] + (T(1) - mz[j]) * sn;
+            if (SNp) SNp[q * H + j0 + j] = sn;
           }
         } else {
-          for (int64_t j = 0; j < n; ++j) { Sr[j] = sr[j]; orow[j] = T(0); }
+          for (int64_t j = 0; j < n; ++j) {
+            Sr[j] = sr[j] = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
+            orow[j] = ar[2 * H + j] * sr[j];
+          }
         }
-        if (hr_next) write_rec(hr_next + b * H + j0, sr, M ? M + b * H + j0 : nullptr, n);
-      };
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_kernel<T>()) {
-          return kernel_forward<4>(
-              L, H, W, [&](int64_t t) { return Z + t * B * G; }, true, hr_of,
-              [&](int64_t j0, int64_t n) {
-                for (int64_t b = 0; b < B; ++b) write_rec(hr_of(0) + b * H + j0, sp + b * H + j0, M ? M + b * H + j0 : nullptr, n);
-              },
-              [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); });
-        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) { Sr[j] = sr[j]; orow[j] = T(0); }
       }
-#endif
-      write_rec(hr_of(0), sp, M, B * H);
-      for (int64_t k = 0; k < L.T; ++k) {
-        const int64_t t = L.step(k);
-        times_Wt<T>(Z + t * B * G, hr_of(k), W, B, G, H, T(1));
-        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
-        });
-      }
-    }(scalar_t(0));
+      if (hr_next) write_rec(hr_next + b * H + j0, sr, M ? M + b * H + j0 : nullptr, n);
+    };
+    if (kernel_forward<4>(L, H, W, sp, M, [&](int64_t t) { return Z + t * B * G; }, true, hr_of,
+                          [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); }))
+      return;
+    write_rec(hr_of(0), sp, M, B * H);
+    for (int64_t k = 0; k < L.T; ++k) {
+      const int64_t t = L.step(k);
+      times_Wt<T>(Z + t * B * G, hr_of(k), W, B, G, H, T(1));
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) row(t, hr_of(k + 1), b, 0, H);
+      });
+    }
   });
   return {out, s, save_z ? xw : at::empty({0}, xw.options()), A, S, HR, SN};
 }
@@ -1289,53 +1272,46 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
   TORCH_CHECK(!zs.has_value() || SN.numel() == S.numel(), "gatelab fused: zoneout backward needs the states s'");
   Tensor dZ = at::empty_like(A), ds = dsT.clone();
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "gated_state_backward", [&] {
-    [&](auto zero) {  // generic: the float-only kernel path drops out for double
-      using T = decltype(zero);
-      const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>();
-      const T *dOp = dout.data_ptr<T>(), *s0p = s0.data_ptr<T>(), *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
-      const T *MZ = opt_ptr<T>(zs), *SNp = MZ ? SN.data_ptr<T>() : Sp;  // s' of each step
-      T *dZp = dZ.data_ptr<T>(), *dsp = ds.data_ptr<T>();
-      auto sprev_of = [&](int64_t k) { return k == 0 ? s0p : Sp + L.step(k - 1) * B * H; };
-      auto row = [&](int64_t t, const T* sprev, int64_t b, int64_t j0, int64_t n) {
-        const int64_t r = t * B + b;
-        const T *zr = Zp ? Zp + r * G + j0 : nullptr, *ar = Ap + r * G + j0, *Sr = SNp + r * H + j0;
-        const T *spr = sprev + b * H + j0, *dor = dOp + r * H + j0, *mz = MZ ? MZ + r * H + j0 : nullptr;
-        T *gr = dZp + r * G + j0, *dsr = dsp + b * H + j0;
-        if (!L.live(t, b)) {
-          for (int64_t g = 0; g < 4; ++g) for (int64_t j = 0; j < n; ++j) gr[g * H + j] = T(0);
-          return;
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          const T keep_s = mz ? mz[j] : T(0);  // kept share of the handed-on state -> old s
-          const T dst = dsr[j] * (T(1) - keep_s) + dor[j] * ar[2 * H + j];
-          gr[2 * H + j] = dor[j] * Sr[j];      // dL/do
-          gr[j] = dst * spr[j];                // dL/df
-          gr[H + j] = dst * ar[3 * H + j];     // dL/di
-          gr[3 * H + j] = dst * ar[H + j];     // dL/dn
-          dsr[j] = dst * ar[j] + dsr[j] * keep_s;
-        }
-        for (int64_t g = 0; g < 4; ++g)
-          act_backward(kinds[g], T(params[g]), zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, n);
-      };
-#if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
-        if (use_kernel<T>()) {
-          return kernel_backward(L, H, G, W, dsp, M, [&](int64_t t) { return dZp + t * B * G; },
-                                 [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) {
-                                   row(L.step(k), sprev_of(k), b, j0, n);
-                                 });
-        }
+    using T = scalar_t;
+    const T *Zp = Z.numel() ? Z.data_ptr<T>() : nullptr, *Ap = A.data_ptr<T>(), *Sp = S.data_ptr<T>();
+    const T *dOp = dout.data_ptr<T>(), *s0p = s0.data_ptr<T>(), *W = W_hh.data_ptr<T>(), *M = opt_ptr<T>(mask);
+    const T *MZ = opt_ptr<T>(zs), *SNp = MZ ? SN.data_ptr<T>() : Sp;  // s' of each step
+    T *dZp = dZ.data_ptr<T>(), *dsp = ds.data_ptr<T>();
+    auto sprev_of = [&](int64_t k) { return k == 0 ? s0p : Sp + L.step(k - 1) * B * H; };
+    auto row = [&](int64_t t, const T* sprev, int64_t b, int64_t j0, int64_t n) {
+      const int64_t r = t * B + b;
+      const T *zr = Zp ? Zp + r * G + j0 : nullptr, *ar = Ap + r * G + j0, *Sr = SNp + r * H + j0;
+      const T *spr = sprev + b * H + j0, *dor = dOp + r * H + j0, *mz = MZ ? MZ + r * H + j0 : nullptr;
+      T *gr = dZp + r * G + j0, *dsr = dsp + b * H + j0;
+      if (!L.live(t, b)) {
+        for (int64_t g = 0; g < 4; ++g) for (int64_t j = 0; j < n; ++j) gr[g * H + j] = T(0);
+        return;
       }
-#endif
-      std::vector<T> scratch;
-      for (int64_t k = L.T - 1; k >= 0; --k) {
-        const int64_t t = L.step(k);
-        at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b) row(t, sprev_of(k), b, 0, H);
-        });
-        recurrent_grad<T>(dsp, dZp + t * B * G, W, M, scratch, B, G, H);
+      for (int64_t j = 0; j < n; ++j) {
+        const T keep_s = mz ? mz[j] : T(0);  // kept share of the handed-on state -> old s
+        const T dst = dsr[j] * (T(1) - keep_s) + dor[j] * ar[2 * H + j];
+        gr[2 * H + j] = dor[j] * Sr[j];      // dL/do
+        gr[j] = dst * spr[j];                // dL/df
+        gr[H + j] = dst * ar[3 * H + j];     // dL/di
+        gr[3 * H + j] = dst * ar[H + j];     // dL/dn
+        dsr[j] = dst * ar[j] + dsr[j] * keep_s;
       }
-    }(scalar_t(0));
+      for (int64_t g = 0; g < 4; ++g)
+        act_backward(kinds[g], T(params[g]), zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, n);
+    };
+    if (kernel_backward(L, H, G, W, dsp, M, [&](int64_t t) { return dZp + t * B * G; },
+                        [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) {
+                          row(L.step(k), sprev_of(k), b, j0, n);
+                        }))
+      return;
+    std::vector<T> scratch;
+    for (int64_t k = L.T - 1; k >= 0; --k) {
+      const int64_t t = L.step(k);
+      at::parallel_for(0, B, grain(G), [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) row(t, sprev_of(k), b, 0, H);
+      });
+      recurrent_grad<T>(dsp, dZp + t * B * G, W, M, scratch, B, G, H);
+    }
   });
   return {dZ, ds};
 }
@@ -1363,9 +1339,10 @@ Tensor matmul(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bia
 }
 
 // set_gemm_library(0 auto, 1 BLAS, 2 oneDNN, 3 gatelab's kernel, 4 BLAS or oneDNN by size) -> the previous
-// choice; gemm_library(m, n, k)
-// -> what a float32 product of that shape runs on now (dense: matmul's rule; else the per-step rule of the
-// loops, named by `cell`: on the kernel where it is built in and chosen).
+// choice. gemm_library(m, n, k, dense, cell) -> what a float32 product of that shape runs on now: with
+// `dense`, matmul's rule (the products before and after the loops); else a bare per-step product's
+// (`cell` empty: BLAS or oneDNN by size) or the per-step product of a loop (`cell` names it: gatelab's
+// kernel where it is built in and chosen; the layer-norm LSTM's product is a bare one).
 int64_t set_gemm_library(int64_t choice) {
   TORCH_CHECK(choice >= GEMM_AUTO && choice <= GEMM_BY_SIZE,
               "gatelab fused: gemm library 0 (auto), 1 (BLAS), 2 (oneDNN), 3 (kernel) or 4 (BLAS/oneDNN by size), got ",
@@ -1378,6 +1355,8 @@ int64_t set_gemm_library(int64_t choice) {
 }
 
 std::string gemm_library(int64_t m, int64_t n, int64_t k, bool dense, const std::string& cell) {
+  TORCH_CHECK(cell.empty() || cell == "loop" || cell == "lstm" || cell == "gru" || cell == "rnn" || cell == "gated_state",
+              "gatelab fused: gemm_library's cell is '' (a bare product), loop, lstm, gru, rnn or gated_state, got ", cell);
   if (!dense && !cell.empty() && use_kernel<float>()) return "AVX-512 kernel";
   return (dense ? dense_onednn(m, n, k) : use_onednn<float>(m, n, k)) ? "oneDNN" : "BLAS";
 }
@@ -1387,6 +1366,7 @@ std::string gemm_library(int64_t m, int64_t n, int64_t k, bool dense, const std:
 TORCH_LIBRARY(gatelab_fused, m) {
   m.def("set_gemm_library(int choice) -> int", &set_gemm_library);
   m.def("gemm_library(int m, int n, int k, bool dense=False, str cell=\"\") -> str", &gemm_library);
+  m.def("region_threads(int n) -> int", &region_threads);
   m.def("matmul(Tensor a, Tensor b, Tensor? bias) -> Tensor");
   m.def("lstm_forward(Tensor xw, Tensor W_hh, Tensor h0, Tensor c0, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, Tensor? peep, bool peep_current, int[] kinds, float[] params, bool reverse, bool save_z, bool train) -> Tensor[]");
   m.def("lstm_backward(Tensor dout, Tensor dhT, Tensor dcT, Tensor Z, Tensor A, Tensor C, Tensor K, Tensor CP, Tensor c0, Tensor W_hh, Tensor? lengths, Tensor? mask, Tensor? zh, Tensor? zc, Tensor? peep, bool peep_current, int[] kinds, float[] params, bool reverse) -> Tensor[]");
