@@ -161,6 +161,69 @@ def test_gradcheck_of_the_scans():
                 lambda x, u, h, p=phi, r=reverse: scan.IndRNNScan.apply(x, u, h, lengths, live, p, r), (b, u, h0))
 
 
+SLSTM_CPP = [{}, {"gate_activation": {"i": "sigmoid"}}, {"gate_activation": {"f": "exp", "o": "hard_sigmoid"}},
+             {"candidate_activation": "softsign", "gate_activation": {"o": "elliott"}},
+             {"candidate_activation": "leaky_relu:0.2", "gate_activation": {"i": "sigmoid", "o": "identity"}},
+             {"candidate_activation": "hardtanh"}, {"candidate_activation": "relu", "bias": False}]
+
+
+@pytest.mark.parametrize("options", SLSTM_CPP, ids=[str(o) for o in SLSTM_CPP])
+def test_slstm_cpp_equals_the_step_recurrence(options):
+    needs_cpp()
+    for seed, heads in ((0, 1), (1, 2), (2, 4)):
+        ref, fus, layer = pair("SLSTM", {"num_heads": heads, **options}, T=7, B=5, H=8, seed=seed, num_layers=2)
+        assert not isinstance(scan.slstm_kinds(layer.cells[0]), str)
+        assert "hand-written backward" in layer.explain()
+        assert_same(ref, fus)
+
+
+def test_slstm_cpp_in_float32():
+    needs_cpp()
+    torch.manual_seed(5)
+    ref = gatelab.SLSTM(3, 8, num_heads=2, bidirectional=True, backend="reference")
+    fus = gatelab.SLSTM(3, 8, num_heads=2, bidirectional=True, backend="fused", strict=True)
+    fus.load_state_dict(ref.state_dict())
+    x, lengths = torch.randn(9, 4, 3), torch.tensor([9, 5, 2, 7])
+    (a, sa), (b, sb) = ref(x, lengths=lengths), fus(x, lengths=lengths)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for s, t in zip(sb, sa):
+        torch.testing.assert_close(s, t, rtol=1e-5, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for p, q in zip(fus.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_slstm_cpp_gradcheck_and_fallback():
+    needs_cpp()
+    torch.manual_seed(4)
+    T, B, H, K = 5, 3, 4, 2
+    xw = torch.randn(T, B, 4 * H, dtype=F64, requires_grad=True)
+    R = (torch.randn(4 * H, H // K, dtype=F64) * 0.5).requires_grad_()
+    b_hh = torch.randn(4 * H, dtype=F64, requires_grad=True)
+    h0, c0 = torch.randn(B, H, dtype=F64, requires_grad=True), torch.randn(B, H, dtype=F64, requires_grad=True)
+    n0 = (torch.rand(B, H, dtype=F64) + 0.5).requires_grad_()
+    m0 = (torch.randn(B, H, dtype=F64) * 0.1).requires_grad_()
+    lengths = torch.tensor([T, 3, 1])
+    for kinds in ([9, 1, 4, 1], [1, 9, 6, 2]):  # (exp, sigmoid, tanh, sigmoid), (sigmoid, exp, softsign, hard_sigmoid)
+        params = [0.0, 0.0, 0.0, 1 / 6]
+        for reverse in (False, True):
+            for lens in (None, lengths):
+                def f(*a, r=reverse, L=lens, k=kinds, p=params):
+                    return torch.ops.gatelab_scan.slstm_forward(*a, L, K, k, p, r)[:4]
+                assert torch.autograd.gradcheck(f, (xw, R, b_hh, h0, c0, n0, m0))
+    layer = gatelab.SLSTM(3, 4, gate_activation={"i": "softplus"}, candidate_activation="gelu")
+    assert scan.slstm_kinds(layer.cells[0]) == "the C++ step has no sigma_i = softplus, phi = gelu"
+    assert "in PyTorch under autograd (the C++ step has no sigma_i = softplus, phi = gelu)" in layer.explain()
+
+
+def test_the_slstm_activation_list_matches_the_cpp_enum():
+    source = Path(cpp.__file__).with_name("kernels_scan.cpp").read_text()
+    body = re.search(r"enum SlstmAct : int64_t \{([^}]*)\}", source).group(1)
+    names = [n.strip().split("=")[0].strip().removeprefix("L_").lower() for n in body.split(",") if n.strip()]
+    assert tuple(names) == scan.SLSTM_KINDS
+
+
 # -- cells: gradcheck and golden values --------------------------------------------------------------------------
 
 CELLS = {
@@ -429,6 +492,146 @@ def test_diagnostics_run_on_the_new_cells(name):
     assert flow is not None
     norms = diagnostics.jacobian_norms(LAYERS[name](2, 4), torch.randn(6, 2, 2))
     assert norms.shape == (7,) and norms[0] == pytest.approx(1.0) and (norms >= 0).all()
+
+
+def test_recurrent_spectra_of_the_new_cells():
+    from gatelab.diagnostics import recurrent_spectra, spectral_norm, spectral_radius
+
+    torch.manual_seed(10)
+    for name in ("MinGRU", "MinLSTM"):
+        spectra = recurrent_spectra(LAYERS[name](2, 4, bidirectional=True))
+        assert set(spectra) == {"l0", "l0_reverse"}
+        assert "no recurrent weight" in spectra["l0"]["skipped"]
+    ind = gatelab.IndRNN(2, 5, recurrent_max=0.9)
+    with torch.no_grad():
+        ind.cells[0].weight_hh.copy_(torch.tensor([0.1, -0.8, 0.3, 0.5, -0.2]))
+    s = recurrent_spectra(ind)["l0"]
+    dense = torch.diag(ind.cells[0].weight_hh)
+    assert s["h.radius"] == pytest.approx(spectral_radius(dense)) == pytest.approx(0.8)
+    assert s["all.norm"] == pytest.approx(spectral_norm(dense))
+    assert (s["h.abs_min"], s["h.abs_median"], s["h.bound"]) == pytest.approx((0.1, 0.3, 0.9))
+    sl = gatelab.SLSTM(2, 6, num_heads=3)
+    cell = sl.cells[0]
+    s = recurrent_spectra(sl)["l0"]
+    K, d = 3, 2
+    R = cell.weight_hh.detach().view(4, K, d, d)
+    for g, block in enumerate("ifzo"):  # the dense block-diagonal matrix of each gate: the oracle
+        full = torch.block_diag(*R[g])
+        assert s[f"{block}.radius"] == pytest.approx(spectral_radius(full))
+        assert s[f"{block}.norm"] == pytest.approx(spectral_norm(full))
+        assert s[f"{block}.head1.norm"] == pytest.approx(spectral_norm(R[g, 1]))
+    dense_R = torch.cat([torch.block_diag(*R[g]) for g in range(4)])  # (4H, H)
+    assert s["all.norm"] == pytest.approx(spectral_norm(dense_R))
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_gatelab_diagnose_runs_on_each_new_cell(name, tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from gatelab.diagnostics import diagnose_main
+
+    cell = registry.entry_of(LAYERS[name].cell_class).name
+    extra = "num_heads = 2\n" if name == "SLSTM" else ""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        '[task]\nname = "adding"\nlength = 8\nn_train = 64\nn_val = 8\nn_test = 16\n\n'
+        '[diagnose]\ntrain_steps = 4\nbatch_size = 8\nevery = 2\n\n'
+        f'[[model]]\nlabel = "{name}"\ncell = "{cell}"\nhidden_size = 4\n{extra}'
+    )
+    out = tmp_path / "out"
+    summary = diagnose_main(str(plan), out, quiet=True)
+    written = json.loads((out / "summary.json").read_text())
+    assert [c["label"] for c in written["configurations"]] == [name] == [c["label"] for c in summary["configurations"]]
+    for name_png in ("gradient_vs_lag.png", "jacobian_vs_lag.png", "gradient_heatmap.png", "gate_saturation.png"):
+        assert (out / name_png).read_bytes()[:4] == b"\x89PNG"
+    spectra = written["configurations"][0]["trained"]["spectra"]
+    (layer_spectra,) = spectra.values()
+    if name.startswith("Min"):
+        assert "no recurrent weight" in layer_spectra["skipped"]
+    else:
+        assert math.isfinite(layer_spectra["all.norm"])
+
+
+# -- torch.compile, torch.export and opcheck of the gatelab_scan ops -------------------------------------------
+
+COMPILED = [("MinGRU", {}), ("MinLSTM", {}), ("MinGRU", {"scan": "parallel"}), ("IndRNN", {}),
+            ("IndRNN", {"activation": "softsign"}), ("SLSTM", {"num_heads": 2})]
+SCAN_OP = {"MinGRU": "linear_scan", "MinLSTM": "linear_scan", "IndRNN": "indrnn_forward", "SLSTM": "slstm_forward"}
+
+
+@pytest.mark.parametrize("name, options", COMPILED, ids=[f"{n}-{o}" for n, o in COMPILED])
+def test_compile_fullgraph_and_export_run_the_scan_ops(name, options):
+    needs_cpp()
+    torch._dynamo.reset()
+    torch.manual_seed(11)
+    layer = LAYERS[name](3, 4, bidirectional=True, num_layers=2, dtype=F64, **options).eval()
+    x = torch.randn(7, 2, 3, dtype=F64)
+    lengths = torch.tensor([7, 4])
+    want, want_state = layer(x, lengths=lengths)
+    got, got_state = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, lengths=lengths)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_state if isinstance(got_state, tuple) else (got_state,),
+                    want_state if isinstance(want_state, tuple) else (want_state,)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    program = torch.export.export(layer, (x,))
+    torch.testing.assert_close(program.module()(x)[0], layer(x)[0], rtol=1e-12, atol=1e-12)
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    cpp_pass = options.get("scan") != "parallel" and options.get("activation") != "softsign"
+    assert any(SCAN_OP[name] in o for o in ops) == cpp_pass, ops
+
+
+@pytest.mark.parametrize("name, options", COMPILED, ids=[f"{n}-{o}" for n, o in COMPILED])
+def test_compiled_gradients_equal_eager(name, options):
+    needs_cpp()
+    torch._dynamo.reset()
+    torch.manual_seed(12)
+    layer = LAYERS[name](3, 4, bidirectional=True, num_layers=2, dtype=F64, **options)
+    if name == "IndRNN":
+        layer.eval()  # training mode clips u first behind a data-dependent test: a graph break (docs/cells.md)
+    x = torch.randn(6, 3, 3, dtype=F64)
+    lengths = torch.tensor([6, 2, 5])
+
+    def grads(fn):
+        out, state = fn(x, lengths=lengths)
+        states = state if isinstance(state, tuple) else (state,)
+        loss = (out * out.detach().cos()).sum() + sum((s * (1.5 + k)).sum() for k, s in enumerate(states))
+        return torch.autograd.grad(loss, list(layer.parameters()))
+
+    for g, h in zip(grads(torch.compile(layer, fullgraph=True, backend="aot_eager")), grads(layer)):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-10)
+
+
+def test_opcheck_every_scan_op():
+    needs_cpp()
+    torch.manual_seed(13)
+    T, B, H, K = 5, 3, 4, 2
+    r = lambda *s: torch.randn(*s, dtype=F64)  # noqa: E731
+    a, b, h0 = torch.rand(T, B, H, dtype=F64), r(T, B, H), r(B, H)
+    lengths = torch.tensor([T, 3, 1])
+    ops = torch.ops.gatelab_scan
+    n0, m0 = torch.rand(B, H, dtype=F64) + 0.5, r(B, H) * 0.1
+    kinds, params = [9, 1, 4, 1], [0.0, 0.0, 0.0, 0.0]
+    xw, R, b_hh = r(T, B, 4 * H), r(4 * H, H // K) * 0.5, r(4 * H)
+    Hs, Cs, Ns, Ms, P = ops.slstm_forward(xw, R, b_hh, h0, r(B, H), n0, m0, lengths, K, kinds, params, False)
+    grad = lambda *t: tuple(v.clone().requires_grad_() for v in t)  # noqa: E731
+    cases = [
+        (ops.linear_scan, (*grad(a, b, h0), False)),
+        (ops.linear_scan, (*grad(a, b, h0), True)),
+        (ops.linear_scan_backward, (a, Hs, h0, r(T, B, H), True)),
+        (ops.indrnn_forward, (*grad(b, a[0, 0], h0), lengths, 1, 0.0, False)),
+        (ops.indrnn_forward, (*grad(b, a[0, 0], h0), None, 4, 0.2, True)),
+        (ops.slstm_forward, (*grad(xw, R, b_hh, h0, Cs[0], n0, m0), lengths, K, kinds, params, False)),
+        (ops.slstm_forward, (*grad(xw, R), None, *grad(h0, Cs[0], n0, m0), None, K, [1, 9, 6, 2], [0, 0, 0, 0.2], True)),
+        (ops.slstm_backward, (R, P, h0, Cs[0], n0, m0, Hs, Cs, Ns, Ms, r(T, B, H), r(T, B, H), r(T, B, H), r(T, B, H),
+                              lengths, K, kinds, params, False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+    for reverse in (False, True):  # the registered autograd of the ops themselves, in float64
+        assert torch.autograd.gradcheck(lambda a, b, h, r=reverse: ops.linear_scan(a, b, h, r), grad(a, b, h0))
+        assert torch.autograd.gradcheck(
+            lambda x, u, h, r=reverse: ops.indrnn_forward(x, u, h, lengths, 2, 0.0, r), grad(b, a[0, 0], h0))
 
 
 def test_onnx_says_the_new_cells_are_not_expressible():

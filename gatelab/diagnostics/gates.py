@@ -12,7 +12,9 @@ Gate values are read where the cell computes them: during one recorded forward (
 * **state norms**: the mean over the batch of ``‖s_t‖`` for every state tensor and step.
 * **spectra** of ``W_hh``: per row block (``i, f, g, o`` / ``r, z, n`` / ``h``) the spectral radius
   (largest ``|eigenvalue|``, square blocks only) and the spectral norm; for the whole matrix the
-  spectral norm, and its radius when it is square (Elman).
+  spectral norm, and its radius when it is square (Elman). IndRNN's diagonal ``u``: ``max |u|`` and
+  the spread of ``|u|``; sLSTM's block-diagonal ``R``: per gate and head; MinGRU / MinLSTM (no
+  recurrent weight): skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -74,25 +76,81 @@ def spectral_norm(matrix: Tensor) -> float:
     return float(torch.linalg.matrix_norm(m, ord=2)) if bool(torch.isfinite(m).all()) else math.nan
 
 
-def recurrent_spectra(layer: nn.Module) -> dict[str, dict[str, float]]:
+def _dense_spectra(cell: nn.Module, W: Tensor) -> dict[str, float | str]:
+    """Per row block (``cell.blocks``) and for the whole dense ``W (G·H, H)``."""
+    stats: dict[str, float | str] = {}
+    for block, w in zip(cell.blocks, W.split(cell.hidden_size, 0)):
+        if w.shape[0] == w.shape[1]:
+            stats[f"{block}.radius"] = spectral_radius(w)
+        stats[f"{block}.norm"] = spectral_norm(w)
+    stats["all.norm"] = spectral_norm(W)
+    if W.shape[0] == W.shape[1]:
+        stats["all.radius"] = spectral_radius(W)
+    return stats
+
+
+def _diagonal_spectra(cell: nn.Module, u: Tensor) -> dict[str, float | str]:
+    """``W_hh = diag(u)`` (IndRNN): its eigenvalues are ``u`` itself, so radius = norm = ``max |u|``;
+    the per-unit ``|u|`` spectrum is summarised by its minimum, median and mean, beside the bound."""
+    a = u.detach().double().abs()
+    top = float(a.max()) if bool(torch.isfinite(a).all()) else math.nan
+    stats: dict[str, float | str] = {"h.radius": top, "h.norm": top, "all.radius": top, "all.norm": top,
+                                     "h.abs_min": float(a.min()), "h.abs_median": float(a.median()),
+                                     "h.abs_mean": float(a.mean())}
+    bound = getattr(cell, "recurrent_max", None)
+    if bound is not None:
+        stats["h.bound"] = float(bound)
+    return stats
+
+
+def _block_diagonal_spectra(cell: nn.Module, W: Tensor) -> dict[str, float | str]:
+    """``R`` block-diagonal over heads (sLSTM, ``W (4H, H/K)``): per gate and head the square block's
+    radius and norm (``"i.head0.radius"``); per gate the block-diagonal matrix's, which are the
+    largest over its heads (its eigenvalues and singular values are the union of the heads'); for
+    the whole ``(4H, H)`` ``R`` the norm, the largest over heads of the head's stacked ``(4d, d)``."""
+    K, d = cell.num_heads, cell.hidden_size // cell.num_heads
+    G = len(cell.blocks)
+    R = W.detach().view(G, K, d, d)  # (gate, head, out, in)
+    stats: dict[str, float | str] = {}
+    for g, block in enumerate(cell.blocks):
+        radii = [spectral_radius(R[g, k]) for k in range(K)]
+        norms = [spectral_norm(R[g, k]) for k in range(K)]
+        if K > 1:
+            for k in range(K):
+                stats[f"{block}.head{k}.radius"] = radii[k]
+                stats[f"{block}.head{k}.norm"] = norms[k]
+        stats[f"{block}.radius"] = max(radii)
+        stats[f"{block}.norm"] = max(norms)
+    stats["all.norm"] = max(spectral_norm(R[:, k].reshape(G * d, d)) for k in range(K))
+    return stats
+
+
+def recurrent_spectra(layer: nn.Module) -> dict[str, dict[str, float | str]]:
     """Spectral radius and norm of ``W_hh`` per cell and row block: ``{"l0": {"f.radius": ..., "f.norm":
-    ..., "all.norm": ...}}``; keys carry the module path inside a model, like the gradient keys."""
-    out: dict[str, dict[str, float]] = {}
+    ..., "all.norm": ...}}``; keys carry the module path inside a model, like the gradient keys.
+
+    By the cell's ``recurrence``: a dense ``W_hh`` as above; IndRNN's per-unit ``u`` (``W_hh =
+    diag(u)``) as :func:`_diagonal_spectra`; sLSTM's block-diagonal ``R`` per gate and head
+    (:func:`_block_diagonal_spectra`); a cell with no recurrent weight (MinGRU, MinLSTM) gives
+    ``{"skipped": reason}``, since its ``∂h'/∂h = diag(a_t)`` depends on the input only (the gradient
+    and Jacobian diagnostics measure it)."""
+    out: dict[str, dict[str, float | str]] = {}
     for name, rec in recurrent_layers(layer):
         D = rec.num_directions
         for k, cell in enumerate(rec.cells):
             key = f"l{k // D}{'_reverse' if k % D else ''}"
             key = f"{name}.{key}" if name else key
-            W = cell.weight_hh
-            stats: dict[str, float] = {}
-            for block, w in zip(cell.blocks, W.split(cell.hidden_size, 0)):
-                if w.shape[0] == w.shape[1]:
-                    stats[f"{block}.radius"] = spectral_radius(w)
-                stats[f"{block}.norm"] = spectral_norm(w)
-            stats["all.norm"] = spectral_norm(W)
-            if W.shape[0] == W.shape[1]:
-                stats["all.radius"] = spectral_radius(W)
-            out[key] = stats
+            W = getattr(cell, "weight_hh", None)
+            kind = getattr(cell, "recurrence", "dense")
+            if W is None:
+                out[key] = {"skipped": f"{type(cell).__name__} has no recurrent weight (its gates read x_t only; "
+                                       "∂h'/∂h = diag(a_t) is input-dependent: see the gradient and Jacobian figures)"}
+            elif kind == "elementwise" or W.dim() == 1:
+                out[key] = _diagonal_spectra(cell, W)
+            elif kind == "block_diagonal":
+                out[key] = _block_diagonal_spectra(cell, W)
+            else:
+                out[key] = _dense_spectra(cell, W)
     return out
 
 
@@ -127,7 +185,7 @@ class GateStatistics:
     saturation: dict[str, float]
     dead: dict[str, float]
     state_norms: dict[str, np.ndarray]
-    spectra: dict[str, dict[str, float]]
+    spectra: dict[str, dict[str, float | str]]
     values: dict[str, np.ndarray]
     ranges: dict[str, tuple[float, float]]
     activations: dict[str, str]

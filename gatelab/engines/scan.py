@@ -23,10 +23,19 @@ IndRNN's ``h_t = φ(xw_t + u ⊙ h_{t−1})`` has its activation inside the recu
 activations :data:`INDRNN_KINDS` (else a PyTorch loop), and for the backward the linear recurrence
 ``g_{t−1} = ∂L/∂h_{t−1} + u ⊙ φ'(z_t) ⊙ g_t`` through the same scan.
 
-sLSTM's recurrence is a (block-diagonal) matrix product, so its loop stays step by step; this engine
-hoists its input projection out of the loop (one GEMM) and differentiates the steps with autograd.
+sLSTM's recurrence is a (block-diagonal) matrix product, so its loop stays step by step: one input
+GEMM for all steps, then the C++ ``slstm_forward`` (the stabilised step with states ``h, c, n, m``,
+each head's ``R_k h_k`` per step) and a hand-written BPTT, ``slstm_backward`` (one reverse pass per
+sequence, giving ``∂L/∂p`` of every step; ``∂L/∂R`` is then one GEMM over all steps). The C++ knows
+``exp`` and ``sigmoid`` for the ``i`` and ``f`` gates and :data:`SLSTM_KINDS` for ``z`` and ``o``;
+another activation (or a learnable one) runs the PyTorch loop of :func:`run_slstm` under autograd.
 
 Padded steps (``lengths``) hold the state and output zero, as everywhere in gatelab.
+
+Every ``gatelab_scan`` op has a fake kernel and the forward ops a registered autograd
+(:func:`_register`, at the first eager use), so under torch.compile and torch.export each layer and
+direction is one op node; the forms without an op trace as plain PyTorch, and torch.func transforms
+run the PyTorch forms (the ops have no vmap rules).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import activations
 from ..cells import RecurrentCell
 from ..cells.indrnn import IndRNNCell
 from ..cells.min_rnn import SCAN_FORMS, MinGRUCell, MinLSTMCell, _MinCell
@@ -53,18 +63,129 @@ if TYPE_CHECKING:
 FORMS = SCAN_FORMS
 # IndRNN activations the C++ pass knows, in the order of kernels_scan.cpp's enum ScanAct.
 INDRNN_KINDS = ("identity", "relu", "tanh", "sigmoid", "leaky_relu", "hardtanh")
-_DEFAULT_PARAM = {"leaky_relu": 0.01}
+_DEFAULT_PARAM = {"leaky_relu": 0.01, "hard_sigmoid": 1 / 6}
+# sLSTM activations the C++ step knows, in the order of kernels_scan.cpp's enum SlstmAct; the i and f
+# gates take exp or sigmoid only (their log is needed in closed form).
+SLSTM_KINDS = ("identity", "sigmoid", "hard_sigmoid", "elliott", "tanh", "hardtanh", "softsign", "relu", "leaky_relu",
+               "exp")
+SLSTM_LOG_GATES = ("exp", "sigmoid")
 
 
 def cpp_ready() -> bool:
     """Whether the C++ scan kernels are loaded (built with the fused engine's kernels at first use)."""
+    if _registered:  # the common case, and the only one torch.compile sees after a first eager call
+        return True
+    if torch.compiler.is_compiling():  # nothing is built or registered while tracing: the PyTorch forms trace
+        return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fused engine warns once about a failed build itself
-        return cpp.load() and hasattr(torch.ops, "gatelab_scan") and hasattr(torch.ops.gatelab_scan, "linear_scan")
+        ready = cpp.load() and hasattr(torch.ops, "gatelab_scan") and hasattr(torch.ops.gatelab_scan, "slstm_forward")
+    if ready:
+        _register()
+    return ready
 
 
 def _use_cpp(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and cpp_ready()
+
+
+def _transforming() -> bool:
+    """A torch.func transform is running: the ops have no vmap rules, so the plain PyTorch forms run."""
+    return torch._C._are_functorch_transforms_active()
+
+
+# -- torch.library: fake kernels and autograd of the gatelab_scan ops (torch.compile, torch.export) --------
+
+_registered = False
+
+
+def _fake_linear_scan(a, b, h0, reverse):
+    return torch.empty_like(b)
+
+
+def _fake_linear_scan_backward(a, H, h0, gH, reverse):
+    return [torch.empty_like(a), torch.empty_like(a), torch.empty_like(h0)]
+
+
+def _fake_indrnn_forward(xw, u, h0, lengths, kind, param, reverse):
+    return torch.empty_like(xw)
+
+
+def _fake_slstm_forward(xw, R, b_hh, h0, c0, n0, m0, lengths, num_heads, kinds, params, reverse):
+    T, B, G = xw.shape
+    return [xw.new_empty((T, B, G // 4)) for _ in range(4)] + [xw.new_empty((T, B, G))]
+
+
+def _fake_slstm_backward(R, P, h0, c0, n0, m0, Hs, Cs, Ns, Ms, gH, gC, gN, gM, lengths, num_heads, kinds, params,
+                         reverse):
+    return [torch.empty_like(P), *(torch.empty_like(s) for s in (h0, c0, n0, m0))]
+
+
+def _setup_linear_scan(ctx, inputs, output):
+    a, _, h0, reverse = inputs
+    ctx.save_for_backward(a, output, h0)
+    ctx.reverse = reverse
+
+
+def _backward_linear_scan(ctx, gH):
+    a, H, h0 = ctx.saved_tensors
+    ga, gb, gh0 = torch.ops.gatelab_scan.linear_scan_backward(a, H, h0, gH.contiguous(), ctx.reverse)
+    return ga, gb, gh0, None
+
+
+def _setup_indrnn(ctx, inputs, output):
+    xw, u, h0, lengths, kind, param, reverse = inputs
+    ctx.save_for_backward(xw, u, h0, output, lengths)
+    ctx.kind, ctx.param, ctx.reverse = kind, param, reverse
+
+
+def _backward_indrnn(ctx, gH):
+    xw, u, h0, H, lengths = ctx.saved_tensors
+    kind = INDRNN_KINDS[ctx.kind]
+    phi = activations.get(f"{kind}:{ctx.param!r}" if kind == "leaky_relu" else kind)
+    live = _live(lengths, xw.shape[0], xw)
+    dz, du, gh0 = _indrnn_grads(xw, u, h0, H, live, phi, gH, ctx.reverse)
+    return dz, du, gh0, None, None, None, None
+
+
+def _setup_slstm(ctx, inputs, output):
+    xw, R, b_hh, h0, c0, n0, m0, lengths, num_heads, kinds, params, reverse = inputs
+    Hs, Cs, Ns, Ms, P = output
+    ctx.save_for_backward(R, P, h0, c0, n0, m0, Hs, Cs, Ns, Ms, lengths)
+    ctx.config = (num_heads, kinds, params, reverse, b_hh is not None)
+
+
+def _backward_slstm(ctx, grads):
+    R, P, h0, c0, n0, m0, Hs, Cs, Ns, Ms, lengths = ctx.saved_tensors
+    num_heads, kinds, params, reverse, has_bias = ctx.config
+    g = [torch.zeros_like(Hs) if x is None else x.contiguous() for x in grads[:4]]  # P's gradient: not an output
+    dP, gh0, gc0, gn0, gm0 = torch.ops.gatelab_scan.slstm_backward(
+        R, P, h0, c0, n0, m0, Hs, Cs, Ns, Ms, *g, lengths, num_heads, kinds, params, reverse)
+    T, B, H = Hs.shape
+    K, d = num_heads, H // num_heads
+    H_prev = torch.cat([Hs[1:], h0.unsqueeze(0)]) if reverse else torch.cat([h0.unsqueeze(0), Hs[:-1]])
+    # ∂L/∂R[g, k] = Σ_{t,b} dp[t, b, g, k, :] ⊗ h_prev[t, b, k, :]: one GEMM per head over all steps
+    gR = torch.einsum("ngko,nki->gkoi", dP.reshape(T * B, 4, K, d), H_prev.reshape(T * B, K, d)).reshape(4 * H, d)
+    gb = dP.sum((0, 1)) if has_bias else None
+    return dP, gR, gb, gh0, gc0, gn0, gm0, None, None, None, None, None
+
+
+def _register() -> None:
+    """Fake (meta) kernels for every gatelab_scan op and autograd for the three forward ops, so that
+    torch.compile and torch.export see each as one differentiable node (the backward ops are once
+    differentiable: a second derivative is not defined)."""
+    global _registered
+    if _registered:
+        return
+    ns = "gatelab_scan::"
+    for name, fake in (("linear_scan", _fake_linear_scan), ("linear_scan_backward", _fake_linear_scan_backward),
+                       ("indrnn_forward", _fake_indrnn_forward), ("slstm_forward", _fake_slstm_forward),
+                       ("slstm_backward", _fake_slstm_backward)):
+        torch.library.register_fake(ns + name, fake)
+    torch.library.register_autograd(ns + "linear_scan", _backward_linear_scan, setup_context=_setup_linear_scan)
+    torch.library.register_autograd(ns + "indrnn_forward", _backward_indrnn, setup_context=_setup_indrnn)
+    torch.library.register_autograd(ns + "slstm_forward", _backward_slstm, setup_context=_setup_slstm)
+    _registered = True
 
 
 def resolve_form(form: str, x: Tensor) -> str:
@@ -149,9 +270,22 @@ class LinearScan(torch.autograd.Function):
 def linear_scan(a: Tensor, b: Tensor, h0: Tensor, reverse: bool = False, form: str = "auto") -> Tensor:
     """Every ``h_t`` of ``h_t = a_t ⊙ h_{t−1} + b_t`` (``t`` descending when ``reverse``), ``(T, ...)``."""
     form = resolve_form(form, a)
+    if _transforming() or (torch.compiler.is_compiling() and not (form == "sequential" and _use_cpp(a))):
+        return scan_parallel(a, b, h0, reverse) if form == "parallel" else scan_loop_autograd(a, b, h0, reverse)
+    if torch.compiler.is_compiling():  # the op itself: one differentiable node (registered above)
+        return torch.ops.gatelab_scan.linear_scan(a.contiguous(), b.contiguous(), h0.contiguous(), reverse)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, h0)):
         return LinearScan.apply(a, b, h0, reverse, form)
     return _scan(a, b, h0, reverse, form)
+
+
+def scan_loop_autograd(a: Tensor, b: Tensor, h0: Tensor, reverse: bool) -> Tensor:
+    """:func:`scan_loop` without writes into a preallocated tensor, for autograd and tracing."""
+    h, out = h0, []
+    for t in (range(a.shape[0] - 1, -1, -1) if reverse else range(a.shape[0])):
+        h = a[t] * h + b[t]
+        out.append(h)
+    return torch.stack(out[::-1] if reverse else out)
 
 
 # -- IndRNN ------------------------------------------------------------------------------------------------
@@ -177,6 +311,17 @@ def indrnn_loop(xw: Tensor, u: Tensor, h0: Tensor, live: Tensor | None, phi: Cal
     return out
 
 
+def indrnn_loop_autograd(xw: Tensor, u: Tensor, h0: Tensor, live: Tensor | None, phi: Callable[[Tensor], Tensor],
+                         reverse: bool) -> Tensor:
+    """:func:`indrnn_loop` without writes into a preallocated tensor, for autograd and tracing."""
+    h, out = h0, []
+    for t in (range(xw.shape[0] - 1, -1, -1) if reverse else range(xw.shape[0])):
+        new = phi(xw[t] + u * h)
+        h = new if live is None else torch.where(live[t], new, h)
+        out.append(h)
+    return torch.stack(out[::-1] if reverse else out)
+
+
 class IndRNNScan(torch.autograd.Function):
     """Every ``h_t`` of IndRNN from ``xw (T, B, H)``, ``u (H,)``, ``h0 (B, H)``; differentiable in all three."""
 
@@ -196,18 +341,22 @@ class IndRNNScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gH):
         xw, u, h0, H, live = ctx.saved_tensors
-        reverse = ctx.reverse
-        H_prev = torch.cat([H[1:], h0.unsqueeze(0)]) if reverse else torch.cat([h0.unsqueeze(0), H[:-1]])
-        z = torch.addcmul(xw, u, H_prev)
-        D = ctx.phi.derivative(z, ctx.phi(z))  # φ'(z_t), every step at once
-        if live is not None:
-            D = D * live
-        # g_{t−1} = gH_{t−1} + c_t ⊙ g_t with c_t = u φ'(z_t) on live steps, 1 on dead ones (the state is held)
-        c = u * D if live is None else torch.where(live, u * D, 1.0)
-        G_times_prev, G, gh0 = _scan_backward(c, H, h0, gH.contiguous(), reverse, "sequential")
-        dz = G * D
-        du = (G_times_prev * D).sum((0, 1))
+        dz, du, gh0 = _indrnn_grads(xw, u, h0, H, live, ctx.phi, gH, ctx.reverse)
         return dz, du, gh0, None, None, None, None
+
+
+def _indrnn_grads(xw: Tensor, u: Tensor, h0: Tensor, H: Tensor, live: Tensor | None, phi, gH: Tensor, reverse: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(∂L/∂xw, ∂L/∂u, ∂L/∂h0)`` of IndRNN's pass from ``gH = ∂L/∂h_t`` (every step as an output)."""
+    H_prev = torch.cat([H[1:], h0.unsqueeze(0)]) if reverse else torch.cat([h0.unsqueeze(0), H[:-1]])
+    z = torch.addcmul(xw, u, H_prev)
+    D = phi.derivative(z, phi(z))  # φ'(z_t), every step at once
+    if live is not None:
+        D = D * live
+    # g_{t−1} = gH_{t−1} + c_t ⊙ g_t with c_t = u φ'(z_t) on live steps, 1 on dead ones (the state is held)
+    c = u * D if live is None else torch.where(live, u * D, 1.0)
+    G_times_prev, G, gh0 = _scan_backward(c, H, h0, gH.contiguous(), reverse, "sequential")
+    return G * D, (G_times_prev * D).sum((0, 1)), gh0
 
 
 def _live(lengths: Tensor | None, T: int, like: Tensor) -> Tensor | None:
@@ -240,24 +389,71 @@ def run_indrnn(cell: IndRNNCell, x: Tensor, state: tuple[Tensor, ...], lengths: 
     xw = F.linear(x, cell.weight_ih, cell.bias_ih)  # (T, B, H)
     live = _live(lengths, x.shape[0], x)
     u = cell.weight_hh
-    if isinstance(cell.phi, torch.nn.Module):  # a learnable φ: its parameters' gradients by autograd through the loop
+    kind = _indrnn_kind(cell.phi)
+    if torch.compiler.is_compiling() and kind is not None and _use_cpp(xw):  # one node, registered autograd
+        H = torch.ops.gatelab_scan.indrnn_forward(xw.contiguous(), u, h0.contiguous(), lengths, kind[0], kind[1],
+                                                  reverse)
+    elif torch.compiler.is_compiling() or _transforming():
+        H = indrnn_loop_autograd(xw, u, h0, live, cell.phi, reverse)
+    elif isinstance(cell.phi, torch.nn.Module):  # a learnable φ: its parameters' gradients by autograd through the loop
         H = indrnn_loop(xw, u, h0, live, cell.phi, reverse)
     elif torch.is_grad_enabled() and any(t.requires_grad for t in (xw, u, h0)):
         H = IndRNNScan.apply(xw, u, h0, lengths, live, cell.phi, reverse)
     else:
-        kind = _indrnn_kind(cell.phi)
         H = (torch.ops.gatelab_scan.indrnn_forward(xw, u, h0, lengths, kind[0], kind[1], reverse)
              if kind is not None and _use_cpp(xw) else indrnn_loop(xw, u, h0, live, cell.phi, reverse))
     out = H if live is None else H * live
     return out, (H[0] if reverse else H[-1],)
 
 
+def _slstm_kind(act, allowed: tuple[str, ...]) -> tuple[int, float] | None:
+    kind = getattr(act, "kind", "")
+    if kind not in allowed or getattr(act, "learnable", False) or isinstance(act, torch.nn.Module):
+        return None
+    param = act.param if act.param is not None else _DEFAULT_PARAM.get(kind, 0.0)
+    return SLSTM_KINDS.index(kind), float(param)
+
+
+def slstm_kinds(cell: SLSTMCell) -> tuple[list[int], list[float]] | str:
+    """The C++ kinds and parameters of the slots ``i, f, z, o``, or why the C++ step does not apply."""
+    found, blockers = [], []
+    for slot, allowed in (("sigma_i", SLSTM_LOG_GATES), ("sigma_f", SLSTM_LOG_GATES), ("phi", SLSTM_KINDS),
+                          ("sigma_o", SLSTM_KINDS)):
+        act = getattr(cell, slot)
+        kind = _slstm_kind(act, allowed)
+        if kind is None:
+            blockers.append(f"{slot} = {getattr(act, 'key', type(act).__name__)}")
+        found.append(kind)
+    if blockers:
+        return "the C++ step has no " + ", ".join(blockers)
+    return [k[0] for k in found], [k[1] for k in found]
+
+
 def run_slstm(cell: SLSTMCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool,
               form: str) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """sLSTM over ``x (T, B, I)``: the input GEMM of all steps hoisted, then the step loop (autograd)."""
+    """sLSTM over ``x (T, B, I)``: the input GEMM of all steps hoisted, then the C++ step loop and its
+    hand-written backward (the op ``gatelab_scan::slstm_forward``, its autograd registered above), or,
+    for activations the C++ lacks, the step loop in PyTorch under autograd (:func:`slstm_loop`)."""
     xw = F.linear(x, cell.weight_ih, cell.bias_ih)  # (T, B, 4H)
-    T = x.shape[0]
-    outputs: list[Tensor] = [x.new_empty(0)] * T
+    kinds = slstm_kinds(cell)
+    if isinstance(kinds, str) or not _use_cpp(xw) or _transforming():
+        return slstm_loop(cell, xw, state, lengths, reverse)
+    if lengths is not None:
+        lengths = lengths.to(device=xw.device, dtype=torch.long)
+    Hs, Cs, Ns, Ms, _ = torch.ops.gatelab_scan.slstm_forward(
+        xw.contiguous(), cell.weight_hh, cell.bias_hh, *(s.contiguous() for s in state), lengths, cell.num_heads,
+        kinds[0], kinds[1], reverse)
+    live = _live(lengths, x.shape[0], x)
+    out = Hs if live is None else Hs * live
+    last = 0 if reverse else -1
+    return out, (Hs[last], Cs[last], Ns[last], Ms[last])
+
+
+def slstm_loop(cell: SLSTMCell, xw: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool
+               ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """sLSTM's step loop in PyTorch from the input projections ``xw (T, B, 4H)`` (the C++ loop's twin)."""
+    T = xw.shape[0]
+    outputs: list[Tensor] = [xw.new_empty(0)] * T
     for t in range(T - 1, -1, -1) if reverse else range(T):
         out, new = cell.combine(xw[t], cell.recurrent(state[0]), state)
         if lengths is not None:
@@ -287,8 +483,8 @@ class ScanEngine:
     name = "fused"
     title = "the fused engine"
     whole_stack = False
-    traceable = False
-    untraceable = "its scan is an autograd.Function over C++ ops without fake kernels (the reference loop traces)"
+    traceable = True  # the gatelab_scan ops have fake kernels and registered autograd; under torch.func the
+    # PyTorch forms run (the ops have no vmap rules)
 
     def unsupported(self, layer: RecurrentLayer) -> list[str]:
         cell = layer.cells[0]
@@ -310,8 +506,13 @@ class ScanEngine:
             why = "" if kind is not None else f" ({getattr(cell.phi, 'key', 'this activation')} has no C++ pass)"
             return (f"the fused engine: one input GEMM for all steps, then one elementwise pass per direction "
                     f"({loop}{why}); the backward is a linear scan")
-        return ("the fused engine: sLSTM's input GEMM hoisted out of the step loop; the block-diagonal recurrence "
-                "step by step under autograd (no hand-written BPTT yet)")
+        kinds = slstm_kinds(cell)
+        if isinstance(kinds, str) or here == "PyTorch loop":
+            why = f" ({kinds})" if isinstance(kinds, str) else ""
+            return ("the fused engine: sLSTM's input GEMM hoisted out of the step loop; the block-diagonal "
+                    f"recurrence step by step in PyTorch under autograd{why}")
+        return ("the fused engine: sLSTM's input GEMM for all steps, then the stabilised step loop with its "
+                f"block-diagonal recurrence and a hand-written backward ({here})")
 
     def run_direction(
         self, cell: RecurrentCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool, *,
@@ -353,5 +554,6 @@ def choose(layer: RecurrentLayer, backend: str, strict: bool):
     return reference.ENGINE, message + "; fell back to 'reference'"
 
 
-__all__ = ["ENGINE", "ScanEngine", "FORMS", "INDRNN_KINDS", "linear_scan", "scan_loop", "scan_parallel", "choose",
+__all__ = ["ENGINE", "ScanEngine", "FORMS", "INDRNN_KINDS", "SLSTM_KINDS", "slstm_kinds",
+            "linear_scan", "scan_loop", "scan_parallel", "choose",
            "cpp_ready", "resolve_form", "RUNNERS"]

@@ -6,7 +6,11 @@
 // the scan cells (gates read x_t only, so those are elementwise over all steps at once); these loops
 // carry the state through time. scan.py holds the PyTorch twin of each function; tests tie the two.
 //
-// Layouts: time-major, contiguous; a and b (T, N) with N = B·H for the linear scan, (T, B, H) for IndRNN.
+// sLSTM (slstm_forward, slstm_backward) carries four states through a block-diagonal recurrent
+// product, step by step; its Python caller does the input GEMM before and the GEMM of ∂L/∂R after.
+//
+// Layouts: time-major, contiguous; a and b (T, N) with N = B·H for the linear scan, (T, B, H) for IndRNN
+// and for sLSTM's states, (T, B, 4H) for sLSTM's pre-activations (gate blocks i, f, z, o).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -167,16 +171,280 @@ Tensor indrnn_forward(const Tensor& xw_, const Tensor& u_, const Tensor& h0_, co
   return H;
 }
 
+
+// -- sLSTM ----------------------------------------------------------------------------------------
+//
+// The stabilised step (gatelab/cells/slstm.py), per unit j of head k = j / d:
+//   p = xw_t + b_hh + R h            (p_g[j] = Σ_l R[g·H + j, l] h[k·d + l], gate blocks g = i, f, z, o)
+//   li = log σ_i(p_i), lf = log σ_f(p_f)           (σ_i, σ_f ∈ {exp, sigmoid}: exact closed forms)
+//   m' = max(lf + m, li);  i' = e^(li − m'),  f' = e^(lf + m − m')
+//   c' = f' c + i' φ(p_z);  n' = f' n + i';  h' = σ_o(p_o) c' / n'
+// Keep the kinds in sync with SLSTM_KINDS in gatelab/engines/scan.py.
+enum SlstmAct : int64_t {
+  L_IDENTITY = 0, L_SIGMOID, L_HARD_SIGMOID, L_ELLIOTT, L_TANH, L_HARDTANH, L_SOFTSIGN, L_RELU, L_LEAKY_RELU, L_EXP
+};
+
+template <typename T>
+inline T slstm_act(int64_t kind, T x, T a) {
+  switch (kind) {
+    case L_SIGMOID: return T(1) / (T(1) + std::exp(-x));
+    case L_HARD_SIGMOID: return std::min(std::max(a * x + T(0.5), T(0)), T(1));
+    case L_ELLIOTT: return T(0.5) * x / (T(1) + std::abs(x)) + T(0.5);
+    case L_TANH: return std::tanh(x);
+    case L_HARDTANH: return std::min(std::max(x, T(-1)), T(1));
+    case L_SOFTSIGN: return x / (T(1) + std::abs(x));
+    case L_RELU: return x > T(0) ? x : T(0);
+    case L_LEAKY_RELU: return x > T(0) ? x : a * x;
+    case L_EXP: return std::exp(x);
+    default: return x;
+  }
+}
+
+// f'(x) from x and y = f(x), as autograd differentiates the Python forms (a kink takes its
+// one-sided value as torch does: relu' (0) = 0, clamp passes the gradient on its closed interval).
+template <typename T>
+inline T slstm_act_grad(int64_t kind, T x, T y, T a) {
+  switch (kind) {
+    case L_SIGMOID: return y * (T(1) - y);
+    case L_HARD_SIGMOID: { const T v = a * x + T(0.5); return (v >= T(0) && v <= T(1)) ? a : T(0); }
+    case L_ELLIOTT: { const T q = T(1) + std::abs(x); return T(0.5) / (q * q); }
+    case L_TANH: return T(1) - y * y;
+    case L_HARDTANH: return (x >= T(-1) && x <= T(1)) ? T(1) : T(0);
+    case L_SOFTSIGN: { const T q = T(1) + std::abs(x); return T(1) / (q * q); }
+    case L_RELU: return x > T(0) ? T(1) : T(0);
+    case L_LEAKY_RELU: return x > T(0) ? T(1) : a;
+    case L_EXP: return y;
+    default: return T(1);
+  }
+}
+
+// log σ(x) and its derivative for the exponential gates: exp (x, 1) and sigmoid (logsigmoid, 1 − σ(x)).
+template <typename T>
+inline T log_gate(int64_t kind, T x) {
+  if (kind == L_EXP) return x;
+  return std::min(x, T(0)) - std::log1p(std::exp(-std::abs(x)));  // logsigmoid, stable both ways
+}
+
+template <typename T>
+inline T log_gate_grad(int64_t kind, T x) {
+  if (kind == L_EXP) return T(1);
+  return T(1) / (T(1) + std::exp(x));  // 1 − σ(x)
+}
+
+struct SlstmShape {
+  int64_t T, B, H, K, d;
+};
+
+void check_slstm_kinds(at::IntArrayRef kinds, at::ArrayRef<double> params) {
+  TORCH_CHECK(kinds.size() == 4 && params.size() == 4, "gatelab_scan.slstm: kinds and params need 4 entries (i, f, z, o)");
+  for (const int64_t k : kinds) TORCH_CHECK(k >= L_IDENTITY && k <= L_EXP, "gatelab_scan.slstm: unknown activation kind ", k);
+  for (int g = 0; g < 2; ++g)
+    TORCH_CHECK(kinds[g] == L_EXP || kinds[g] == L_SIGMOID, "gatelab_scan.slstm: the i and f gates take exp or sigmoid");
+}
+
+SlstmShape slstm_shape(const Tensor& P, const Tensor& R, int64_t num_heads) {
+  TORCH_CHECK(P.dim() == 3 && P.size(2) % 4 == 0, "gatelab_scan.slstm: the pre-activations must be (T, B, 4H)");
+  const int64_t H = P.size(2) / 4;
+  TORCH_CHECK(num_heads >= 1 && H % num_heads == 0, "gatelab_scan.slstm: H must be a multiple of num_heads");
+  const int64_t d = H / num_heads;
+  TORCH_CHECK(R.dim() == 2 && R.size(0) == 4 * H && R.size(1) == d, "gatelab_scan.slstm: R must be (4H, H/num_heads)");
+  return {P.size(0), P.size(1), H, num_heads, d};
+}
+
+Tensor slstm_lengths(const c10::optional<Tensor>& lengths_, int64_t B) {
+  if (!lengths_.has_value() || !lengths_->defined()) return Tensor();
+  Tensor lengths = lengths_->to(at::kLong).contiguous();
+  TORCH_CHECK(lengths.numel() == B, "gatelab_scan.slstm: lengths must have B entries");
+  return lengths;
+}
+
+// Every state after every step (held on a padded step) and the pre-activations p of every live step
+// (zero on padded ones): {Hs, Cs, Ns, Ms, P}, states (T, B, H), P (T, B, 4H).
+std::vector<Tensor> slstm_forward(const Tensor& xw_, const Tensor& R_, const c10::optional<Tensor>& b_hh_,
+                                  const Tensor& h0_, const Tensor& c0_, const Tensor& n0_, const Tensor& m0_,
+                                  const c10::optional<Tensor>& lengths_, int64_t num_heads, at::IntArrayRef kinds,
+                                  at::ArrayRef<double> params, bool reverse) {
+  const auto dtype = xw_.scalar_type();
+  check(xw_, "xw", dtype); check(R_, "R", dtype);
+  check(h0_, "h0", dtype); check(c0_, "c0", dtype); check(n0_, "n0", dtype); check(m0_, "m0", dtype);
+  check_slstm_kinds(kinds, params);
+  const Tensor xw = xw_.contiguous(), R = R_.contiguous();
+  const SlstmShape sh = slstm_shape(xw, R, num_heads);
+  const int64_t T = sh.T, B = sh.B, H = sh.H, d = sh.d;
+  const Tensor h0 = h0_.contiguous(), c0 = c0_.contiguous(), n0 = n0_.contiguous(), m0 = m0_.contiguous();
+  for (const Tensor* s : {&h0, &c0, &n0, &m0}) TORCH_CHECK(s->numel() == B * H, "gatelab_scan.slstm_forward: a state must be (B, H)");
+  Tensor bias;
+  if (b_hh_.has_value() && b_hh_->defined()) {
+    check(*b_hh_, "b_hh", dtype);
+    bias = b_hh_->contiguous();
+    TORCH_CHECK(bias.numel() == 4 * H, "gatelab_scan.slstm_forward: b_hh must have 4H entries");
+  }
+  const Tensor lengths = slstm_lengths(lengths_, B);
+  const int64_t* plen = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  const auto opts = xw.options();
+  Tensor Hs = at::empty({T, B, H}, opts), Cs = at::empty({T, B, H}, opts), Ns = at::empty({T, B, H}, opts),
+         Ms = at::empty({T, B, H}, opts), P = at::zeros({T, B, 4 * H}, opts);
+  const int64_t ki = kinds[0], kf = kinds[1], kz = kinds[2], ko = kinds[3];
+  AT_DISPATCH_FLOATING_TYPES(dtype, "slstm_forward", [&] {
+    using S = scalar_t;
+    const S az = static_cast<S>(params[2]), ao = static_cast<S>(params[3]);
+    const S* px = xw.data_ptr<S>();
+    const S* pR = R.data_ptr<S>();
+    const S* pb = bias.defined() ? bias.data_ptr<S>() : nullptr;
+    const S* init[4] = {h0.data_ptr<S>(), c0.data_ptr<S>(), n0.data_ptr<S>(), m0.data_ptr<S>()};
+    S* out[4] = {Hs.data_ptr<S>(), Cs.data_ptr<S>(), Ns.data_ptr<S>(), Ms.data_ptr<S>()};
+    S* pP = P.data_ptr<S>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t len = plen ? plen[b] : T;
+        const S *h = init[0] + b * H, *c = init[1] + b * H, *n = init[2] + b * H, *m = init[3] + b * H;
+        for (int64_t s = 0; s < T; ++s) {
+          const int64_t t = reverse ? T - 1 - s : s;
+          const int64_t row = t * B + b;
+          S *h2 = out[0] + row * H, *c2 = out[1] + row * H, *n2 = out[2] + row * H, *m2 = out[3] + row * H;
+          if (t < len) {
+            S* p = pP + row * 4 * H;
+            const S* xt = px + row * 4 * H;
+            for (int64_t r = 0; r < 4 * H; ++r) {  // row r = g·H + j reads head (j / d) of h
+              const S* w = pR + r * d;
+              const S* hk = h + ((r % H) / d) * d;
+              S acc = xt[r] + (pb ? pb[r] : S(0));
+              for (int64_t l = 0; l < d; ++l) acc += w[l] * hk[l];
+              p[r] = acc;
+            }
+            for (int64_t j = 0; j < H; ++j) {
+              const S li = log_gate<S>(ki, p[j]), lf = log_gate<S>(kf, p[H + j]);
+              const S mn = std::max(lf + m[j], li);
+              const S i = std::exp(li - mn), f = std::exp(lf + m[j] - mn);
+              const S z = slstm_act<S>(kz, p[2 * H + j], az), o = slstm_act<S>(ko, p[3 * H + j], ao);
+              c2[j] = f * c[j] + i * z;
+              n2[j] = f * n[j] + i;
+              m2[j] = mn;
+              h2[j] = o * c2[j] / n2[j];
+            }
+          } else {
+            std::copy(h, h + H, h2); std::copy(c, c + H, c2); std::copy(n, n + H, n2); std::copy(m, m + H, m2);
+          }
+          h = h2; c = c2; n = n2; m = m2;
+        }
+      }
+    });
+  });
+  return {Hs, Cs, Ns, Ms, P};
+}
+
+// The backward of slstm_forward (backpropagation through time, one reverse pass per sequence) from
+// the gradients of every state after every step: {dP, gh0, gc0, gn0, gm0}. dP (T, B, 4H) is ∂L/∂p,
+// which is ∂L/∂xw and, summed, ∂L/∂b_hh; the caller forms ∂L/∂R = Σ_t,b dP ⊗ h_prev as one GEMM.
+// The max of the stabiliser is differentiated as torch.maximum is: a tie sends half to each side.
+std::vector<Tensor> slstm_backward(const Tensor& R_, const Tensor& P_, const Tensor& h0_, const Tensor& c0_,
+                                   const Tensor& n0_, const Tensor& m0_, const Tensor& Hs_, const Tensor& Cs_,
+                                   const Tensor& Ns_, const Tensor& Ms_, const Tensor& gH_, const Tensor& gC_,
+                                   const Tensor& gN_, const Tensor& gM_, const c10::optional<Tensor>& lengths_,
+                                   int64_t num_heads, at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+  const auto dtype = P_.scalar_type();
+  for (const Tensor* t : {&R_, &P_, &h0_, &c0_, &n0_, &m0_, &Hs_, &Cs_, &Ns_, &Ms_, &gH_, &gC_, &gN_, &gM_})
+    check(*t, "an argument", dtype);
+  check_slstm_kinds(kinds, params);
+  const Tensor R = R_.contiguous(), P = P_.contiguous();
+  const SlstmShape sh = slstm_shape(P, R, num_heads);
+  const int64_t T = sh.T, B = sh.B, H = sh.H, d = sh.d;
+  const Tensor init[4] = {h0_.contiguous(), c0_.contiguous(), n0_.contiguous(), m0_.contiguous()};
+  const Tensor seq[4] = {Hs_.contiguous(), Cs_.contiguous(), Ns_.contiguous(), Ms_.contiguous()};
+  const Tensor grad[4] = {gH_.contiguous(), gC_.contiguous(), gN_.contiguous(), gM_.contiguous()};
+  for (int q = 0; q < 4; ++q) {
+    TORCH_CHECK(init[q].numel() == B * H, "gatelab_scan.slstm_backward: a state must be (B, H)");
+    TORCH_CHECK(seq[q].numel() == T * B * H && grad[q].numel() == T * B * H, "gatelab_scan.slstm_backward: a sequence must be (T, B, H)");
+  }
+  const Tensor lengths = slstm_lengths(lengths_, B);
+  const int64_t* plen = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  Tensor dP = at::zeros_like(P);
+  Tensor g0[4] = {at::empty_like(init[0]), at::empty_like(init[1]), at::empty_like(init[2]), at::empty_like(init[3])};
+  const int64_t ki = kinds[0], kf = kinds[1], kz = kinds[2], ko = kinds[3];
+  AT_DISPATCH_FLOATING_TYPES(dtype, "slstm_backward", [&] {
+    using S = scalar_t;
+    const S az = static_cast<S>(params[2]), ao = static_cast<S>(params[3]);
+    const S* pR = R.data_ptr<S>();
+    const S* pP = P.data_ptr<S>();
+    const S* pi[4] = {init[0].data_ptr<S>(), init[1].data_ptr<S>(), init[2].data_ptr<S>(), init[3].data_ptr<S>()};
+    const S* ps[4] = {seq[0].data_ptr<S>(), seq[1].data_ptr<S>(), seq[2].data_ptr<S>(), seq[3].data_ptr<S>()};
+    const S* pg[4] = {grad[0].data_ptr<S>(), grad[1].data_ptr<S>(), grad[2].data_ptr<S>(), grad[3].data_ptr<S>()};
+    S* pg0[4] = {g0[0].data_ptr<S>(), g0[1].data_ptr<S>(), g0[2].data_ptr<S>(), g0[3].data_ptr<S>()};
+    S* pdP = dP.data_ptr<S>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<S> carry(4 * H), dp(4 * H);  // ∂L/∂(h, c, n, m) of the state entering the step
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t len = plen ? plen[b] : T;
+        std::fill(carry.begin(), carry.end(), S(0));
+        S *gh = carry.data(), *gc = gh + H, *gn = gc + H, *gm = gn + H;
+        for (int64_t s = T - 1; s >= 0; --s) {
+          const int64_t t = reverse ? T - 1 - s : s;
+          const int64_t row = t * B + b;
+          for (int q = 0; q < 4; ++q)
+            for (int64_t j = 0; j < H; ++j) carry[q * H + j] += pg[q][row * H + j];
+          if (t >= len) continue;  // a padded step holds the state: its gradient passes through
+          const int64_t prow = s == 0 ? -1 : (reverse ? t + 1 : t - 1) * B + b;
+          const S* prev[4];
+          for (int q = 0; q < 4; ++q) prev[q] = prow < 0 ? pi[q] + b * H : ps[q] + prow * H;
+          const S* p = pP + row * 4 * H;
+          const S *c2 = ps[1] + row * H, *n2 = ps[2] + row * H, *m2 = ps[3] + row * H;
+          for (int64_t j = 0; j < H; ++j) {
+            const S xi = p[j], xf = p[H + j], xz = p[2 * H + j], xo = p[3 * H + j];
+            const S li = log_gate<S>(ki, xi), lf = log_gate<S>(kf, xf);
+            const S a = lf + prev[3][j], mn = m2[j];
+            const S i = std::exp(li - mn), f = std::exp(a - mn);
+            const S z = slstm_act<S>(kz, xz, az), o = slstm_act<S>(ko, xo, ao);
+            const S inv_n = S(1) / n2[j];
+            const S go = gh[j] * c2[j] * inv_n;
+            const S gc2 = gc[j] + gh[j] * o * inv_n;
+            const S gn2 = gn[j] - gh[j] * o * c2[j] * inv_n * inv_n;
+            const S gf = gc2 * prev[1][j] + gn2 * prev[2][j];
+            const S gi = gc2 * z + gn2;
+            const S gmn = gm[j] - gf * f - gi * i;  // m' enters f' and i' as e^(−m')
+            const S share_a = a > li ? S(1) : (a < li ? S(0) : S(0.5));
+            const S ga = gf * f + gmn * share_a;
+            const S gli = gi * i + gmn * (S(1) - share_a);
+            dp[j] = gli * log_gate_grad<S>(ki, xi);
+            dp[H + j] = ga * log_gate_grad<S>(kf, xf);
+            dp[2 * H + j] = gc2 * i * slstm_act_grad<S>(kz, xz, z, az);
+            dp[3 * H + j] = go * slstm_act_grad<S>(ko, xo, o, ao);
+            gc[j] = gc2 * f;
+            gn[j] = gn2 * f;
+            gm[j] = ga;
+          }
+          std::copy(dp.begin(), dp.end(), pdP + row * 4 * H);
+          std::fill(gh, gh + H, S(0));
+          for (int64_t r = 0; r < 4 * H; ++r) {  // ∂L/∂h_prev = Rᵀ dp, head by head
+            const S* w = pR + r * d;
+            S* gk = gh + ((r % H) / d) * d;
+            const S g = dp[r];
+            for (int64_t l = 0; l < d; ++l) gk[l] += w[l] * g;
+          }
+        }
+        for (int q = 0; q < 4; ++q) std::copy(carry.begin() + q * H, carry.begin() + (q + 1) * H, pg0[q] + b * H);
+      }
+    });
+  });
+  return {dP, g0[0], g0[1], g0[2], g0[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gatelab_scan, m) {
   m.def("linear_scan(Tensor a, Tensor b, Tensor h0, bool reverse) -> Tensor");
   m.def("linear_scan_backward(Tensor a, Tensor H, Tensor h0, Tensor gH, bool reverse) -> Tensor[]");
   m.def("indrnn_forward(Tensor xw, Tensor u, Tensor h0, Tensor? lengths, int kind, float param, bool reverse) -> Tensor");
+  m.def("slstm_forward(Tensor xw, Tensor R, Tensor? b_hh, Tensor h0, Tensor c0, Tensor n0, Tensor m0, Tensor? lengths, "
+        "int num_heads, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("slstm_backward(Tensor R, Tensor P, Tensor h0, Tensor c0, Tensor n0, Tensor m0, Tensor Hs, Tensor Cs, "
+        "Tensor Ns, Tensor Ms, Tensor gH, Tensor gC, Tensor gN, Tensor gM, Tensor? lengths, int num_heads, "
+        "int[] kinds, float[] params, bool reverse) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(gatelab_scan, CPU, m) {
   m.impl("linear_scan", &linear_scan);
   m.impl("linear_scan_backward", &linear_scan_backward);
   m.impl("indrnn_forward", &indrnn_forward);
+  m.impl("slstm_forward", &slstm_forward);
+  m.impl("slstm_backward", &slstm_backward);
 }
