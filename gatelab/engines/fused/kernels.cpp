@@ -95,7 +95,8 @@ __attribute__((always_inline)) inline T vtanh(T x) { return T(1) - T(2) / (vexp(
 
 // y = f(x) over n contiguous elements; the switch sits outside the loops so each loop vectorises.
 template <typename T>
-__attribute__((noinline)) void act_forward(int64_t kind, T a, const T* __restrict x, T* __restrict y, int64_t n) {
+__attribute__((always_inline)) inline void act_forward_n(int64_t kind, T a, const T* __restrict x, T* __restrict y,
+                                                         int64_t n) {
   switch (kind) {
     case IDENTITY: for (int64_t j = 0; j < n; ++j) y[j] = x[j]; break;
     case SIGMOID: for (int64_t j = 0; j < n; ++j) y[j] = T(1) / (T(1) + vexp(-x[j])); break;
@@ -124,12 +125,25 @@ __attribute__((noinline)) void act_forward(int64_t kind, T a, const T* __restric
   }
 }
 
+template <typename T>
+__attribute__((noinline)) void act_forward(int64_t kind, T a, const T* x, T* y, int64_t n) {
+  act_forward_n(kind, a, x, y, n);
+}
+
+// The same over `rows` rows of n elements, x and y advancing by ldx and ldy: one call for a worker's
+// rows of one gate (the kernel loops), so that the call and the switch are not paid per row.
+template <typename T>
+__attribute__((noinline)) void act_forward_rows(int64_t kind, T a, const T* x, int64_t ldx, T* y, int64_t ldy,
+                                                int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) act_forward_n(kind, a, x + r * ldx, y + r * ldy, n);
+}
+
 // g = dy ⊙ f'(x), where y = f(x); g may alias dy. The derivative is taken from the output y for
 // every kind but GELU and SiLU (and leaky ReLU / ELU with a non-positive parameter), which need
 // the input x; x may be null otherwise, so forward passes need not keep pre-activations.
 template <typename T>
-__attribute__((noinline)) void act_backward(int64_t kind, T a, const T* __restrict x, const T* __restrict y,
-                                            const T* dy, T* g, int64_t n) {
+__attribute__((always_inline)) inline void act_backward_n(int64_t kind, T a, const T* __restrict x,
+                                                          const T* __restrict y, const T* dy, T* g, int64_t n) {
   switch (kind) {
     case IDENTITY: for (int64_t j = 0; j < n; ++j) g[j] = dy[j]; break;
     case SIGMOID: for (int64_t j = 0; j < n; ++j) g[j] = dy[j] * y[j] * (T(1) - y[j]); break;
@@ -179,6 +193,20 @@ __attribute__((noinline)) void act_backward(int64_t kind, T a, const T* __restri
     case SOFTPLUS: for (int64_t j = 0; j < n; ++j) g[j] = dy[j] * (T(1) - vexp(-y[j])); break;
     default: TORCH_CHECK(false, "gatelab fused: unknown activation kind ", kind);
   }
+}
+
+template <typename T>
+__attribute__((noinline)) void act_backward(int64_t kind, T a, const T* x, const T* y, const T* dy, T* g, int64_t n) {
+  act_backward_n(kind, a, x, y, dy, g, n);
+}
+
+// The same over `rows` rows of n elements (x, y, dy and g advance by their own ld; x may be null where
+// act_backward's may), as act_forward_rows.
+template <typename T>
+__attribute__((noinline)) void act_backward_rows(int64_t kind, T a, const T* x, int64_t ldx, const T* y, int64_t ldy,
+                                                 const T* dy, int64_t lddy, T* g, int64_t ldg, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r)
+    act_backward_n(kind, a, x ? x + r * ldx : nullptr, y + r * ldy, dy + r * lddy, g + r * ldg, n);
 }
 
 // Rows per task so that small steps stay on one thread.
@@ -528,12 +556,12 @@ void pack_panel(float* P, int64_t K, int64_t valid, bool consecutive, Elem elem)
 // The forward time loop of a cell with NG blocks of H pre-activations per row (W_hh: NG·H x H,
 // row-major), on gatelab's kernel; false (nothing done) where it does not run (not float32, not built,
 // not chosen). Per step every worker adds the recurrent input rec(k) (B x H) times its units' rows of
-// W_hh into out(t) (B x NG·H, onto what is there when `accumulate`), then runs row(k, b, j0, n) for each
-// batch row on its units [j0, j0 + n), which writes rec(k + 1) there. rec(0) = state ⊙ M (the recurrent
-// mask, if any), written by each worker for its units.
-template <int NG, typename T, typename Out, typename Rec, typename Row>
+// W_hh into out(t) (B x NG·H, onto what is there when `accumulate`), then runs rows(k, j0, n): the step's
+// elementwise pass over every batch row on its units [j0, j0 + n), which writes rec(k + 1) there.
+// rec(0) = state ⊙ M (the recurrent mask, if any), written by each worker for its units.
+template <int NG, typename T, typename Out, typename Rec, typename Rows>
 bool kernel_forward(const Loop& L, int64_t H, const T* W, const T* state, const T* M, Out out, bool accumulate, Rec rec,
-                    Row row) {
+                    Rows rows) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
     if (!use_kernel<T>()) return false;
@@ -558,8 +586,7 @@ bool kernel_forward(const Loop& L, int64_t H, const T* W, const T* state, const 
           block_masks<NG>(std::min<int64_t>(16, H - 16 * u), false, lanes);
           panel_product<NG, MR>(rec(k), H, Pk + u * panel, H, C + 16 * u, G, H, lanes, B, accumulate);
         }
-        if (n > 0)
-          for (int64_t b = 0; b < B; ++b) row(k, b, U.lo, n);
+        if (n > 0) rows(k, U.lo, n);
       }
     });
     return true;
@@ -569,28 +596,27 @@ bool kernel_forward(const Loop& L, int64_t H, const T* W, const T* state, const 
 }
 
 // The backward time loop on gatelab's kernel (false where it does not run, as kernel_forward): per step
-// (k = T-1 ... 0) every worker runs row(k, b, j0, n, tmp) for each batch row on its units (dL/dZ there
-// into dz(t), B x G, from dh; tmp holds n values), then, once all of dz(t) is written, adds dz(t) W_hh
+// (k = T-1 ... 0) every worker runs rows(k, j0, n, tmp) over every batch row on its units (dL/dZ there
+// into dz(t), B x G, from dh; tmp holds B·n values), then, once all of dz(t) is written, adds dz(t) W_hh
 // (W_hh: G x H) to dh (B x H) for its units, times the recurrent mask M.
-template <typename T, typename DZ, typename Row>
-bool kernel_backward(const Loop& L, int64_t H, int64_t G, const T* W, T* dh, const T* M, DZ dz, Row row) {
+template <typename T, typename DZ, typename Rows>
+bool kernel_backward(const Loop& L, int64_t H, int64_t G, const T* W, T* dh, const T* M, DZ dz, Rows rows) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
     if (!use_kernel<T>()) return false;
     const int64_t B = L.B, blocks = (H + 31) / 32, panel = G * 32, nw = kernel_workers(blocks);
     Tensor packed = at::empty({blocks * panel}, at::kFloat);
-    Tensor tmps = at::empty({nw, H}, at::kFloat), masked = at::empty({M ? B : 0, H}, at::kFloat);  // dz W_hh, then ⊙ M
+    Tensor tmps = at::empty({nw, B * H}, at::kFloat), masked = at::empty({M ? B : 0, H}, at::kFloat);  // dz W_hh, then ⊙ M
     float *Pk = packed.data_ptr<float>(), *tmp0 = tmps.data_ptr<float>(), *Dm = M ? masked.data_ptr<float>() : nullptr;
     Barrier barrier(nw);
     in_region(nw, barrier, [&](int64_t w0, int64_t w1) {
       const Units U(w0, w1, nw, H, 32);
-      float* tmp = tmp0 + w0 * H;
+      float* tmp = tmp0 + w0 * B * H;
       for (int64_t u = U.block_lo; u < U.block_hi; ++u)  // columns 32u ... 32u + 31 of W_hh
         pack_panel<2>(Pk + u * panel, G, std::min<int64_t>(32, H - 32 * u), true,
                       [&](int64_t k, int, int64_t col) { return W[k * H + 32 * u + col]; });
       for (int64_t k = L.T - 1; k >= 0; --k) {
-        if (U.hi > U.lo)
-          for (int64_t b = 0; b < B; ++b) row(k, b, U.lo, U.hi - U.lo, tmp);
+        if (U.hi > U.lo) rows(k, U.lo, U.hi - U.lo, tmp);
         if (!barrier.wait(w1 - w0)) return;  // every unit of dz at this step is written
         const float* D = dz(L.step(k));
         for (int64_t u = U.block_lo; u < U.block_hi; ++u) {
@@ -737,9 +763,35 @@ std::vector<Tensor> lstm_forward(const Tensor& xw, const Tensor& W_hh, const Ten
       if (CPp) for (int64_t j = 0; j < n; ++j) CPp[q * H + j0 + j] = cr[j];
       if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
     };
+    // Every batch row of step t on units [j0, j0 + n) (the kernel's pass): with every row live, stage by
+    // stage over all rows, one activation call per gate instead of one per row and gate.
+    auto rows = [&](int64_t t, T* hr_next, int64_t j0, int64_t n) {
+      if (L.len) {
+        for (int64_t b = 0; b < B; ++b) row(t, hr_next, b, j0, n);
+        return;
+      }
+      const int64_t r0 = t * B, q0 = keep.at(t) * B;
+      T *Zt = Z + r0 * G + j0, *At = Ap + q0 * G + j0, *Ct = Cp + q0 * H + j0, *Kt = Kp + q0 * H + j0;
+      const T* Pj = P ? P + j0 : nullptr;
+      if (Pj) for (int64_t b = 0; b < B; ++b) lstm_peep_if(Pj, cp + b * H + j0, Zt + b * G, H, n);
+      for (int64_t g = 0; g < 3; ++g) act_forward_rows(kinds[g], a[g], Zt + g * H, G, At + g * H, G, B, n);
+      for (int64_t b = 0; b < B; ++b) lstm_cell_update(At + b * G, cp + b * H + j0, Ct + b * H, H, n);
+      if (Pj)
+        for (int64_t b = 0; b < B; ++b) lstm_peep_o(Pj, peep_current ? Ct + b * H : cp + b * H + j0, Zt + b * G, H, n);
+      act_forward_rows(kinds[3], a[3], Zt + 3 * H, G, At + 3 * H, G, B, n);
+      act_forward_rows(kinds[4], a[4], Ct, H, Kt, H, B, n);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t r = r0 + b;
+        T *cr = cp + b * H + j0, *hrow = hp + b * H + j0;
+        lstm_hand_on(At + b * G, Kt + b * H, Ct + b * H, MH ? MH + r * H + j0 : nullptr,
+                     MC ? MC + r * H + j0 : nullptr, cr, hrow, Op + r * H + j0, H, n);
+        if (CPp) for (int64_t j = 0; j < n; ++j) CPp[(q0 + b) * H + j0 + j] = cr[j];
+        if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
+      }
+    };
     auto hr_of = [&](int64_t k) { return k < L.T ? HRp + keep.rec(k) * B * H : nullptr; };
     if (kernel_forward<4>(L, H, W, hp, M, [&](int64_t t) { return Z + t * B * G; }, true, hr_of,
-                          [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); }))
+                          [&](int64_t k, int64_t j0, int64_t n) { rows(L.step(k), hr_of(k + 1), j0, n); }))
       return;
     write_rec(hr_of(0), hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
@@ -799,10 +851,41 @@ std::vector<Tensor> lstm_backward(const Tensor& dout, const Tensor& dhT, const T
         if (!peep_current) for (int64_t j = 0; j < n; ++j) dcr[j] += gr[3 * H + j] * P[2 * H + j0 + j];
       }
     };
+    // Every batch row of step t on units [j0, j0 + n) (the kernel's pass; tmp holds B·n values): with every
+    // row live, stage by stage over all rows, one activation call per gate instead of one per row and gate.
+    auto rows = [&](int64_t t, const T* cprev, int64_t j0, int64_t n, T* tmp) {
+      if (L.len) {
+        for (int64_t b = 0; b < B; ++b) row(t, cprev, b, j0, n, tmp);
+        return;
+      }
+      const int64_t r0 = t * B;
+      const T *Zt = Zp ? Zp + r0 * G + j0 : nullptr, *At = Ap + r0 * G + j0, *Ct = Cp + r0 * H + j0;
+      const T* Kt = Kp + r0 * H + j0;
+      T* gt = dZp + r0 * G + j0;
+      for (int64_t b = 0; b < B; ++b)
+        lstm_output_backward(dOp + (r0 + b) * H + j0, MH ? MH + (r0 + b) * H + j0 : nullptr, At + b * G, Kt + b * H,
+                             dhp + b * H + j0, gt + b * G, tmp + b * n, H, n);
+      act_backward_rows(kinds[4], a[4], Ct, H, Kt, H, tmp, n, tmp, n, B, n);  // dL/dc' through psi
+      act_backward_rows(kinds[3], a[3], Zt ? Zt + 3 * H : nullptr, G, At + 3 * H, G, gt + 3 * H, G, gt + 3 * H, G, B, n);
+      for (int64_t b = 0; b < B; ++b) {
+        T *tb = tmp + b * n, *gb = gt + b * G;
+        if (P && peep_current) for (int64_t j = 0; j < n; ++j) tb[j] += gb[3 * H + j] * P[2 * H + j0 + j];
+        lstm_cell_backward(tb, MC ? MC + (r0 + b) * H + j0 : nullptr, At + b * G, cprev + b * H + j0, dcp + b * H + j0,
+                           gb, H, n);
+      }
+      for (int64_t g = 0; g < 3; ++g)
+        act_backward_rows(kinds[g], a[g], Zt ? Zt + g * H : nullptr, G, At + g * H, G, gt + g * H, G, gt + g * H, G, B,
+                          n);
+      if (P)
+        for (int64_t b = 0; b < B; ++b) {
+          const T* gb = gt + b * G;
+          T* dcr = dcp + b * H + j0;
+          for (int64_t j = 0; j < n; ++j) dcr[j] += gb[j] * P[j0 + j] + gb[H + j] * P[H + j0 + j];
+          if (!peep_current) for (int64_t j = 0; j < n; ++j) dcr[j] += gb[3 * H + j] * P[2 * H + j0 + j];
+        }
+    };
     if (kernel_backward(L, H, G, W, dhp, M, [&](int64_t t) { return dZp + t * B * G; },
-                        [&](int64_t k, int64_t b, int64_t j0, int64_t n, T* tmp) {
-                          row(L.step(k), cprev_of(k), b, j0, n, tmp);
-                        }))
+                        [&](int64_t k, int64_t j0, int64_t n, T* tmp) { rows(L.step(k), cprev_of(k), j0, n, tmp); }))
       return;
     std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
@@ -1018,7 +1101,9 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
       if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
     };
     if (kernel_forward<3>(L, H, W, hp, M, [&](int64_t) { return ghp; }, false, hr_of,
-                          [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); }))
+                          [&](int64_t k, int64_t j0, int64_t n) {
+                            for (int64_t b = 0; b < B; ++b) row(L.step(k), hr_of(k + 1), b, j0, n);
+                          }))
       return;
     write_rec(hr_of(0), hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
@@ -1075,8 +1160,8 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
       for (int64_t j = 0; j < n; ++j) ghr[2 * H + j] = gxr[2 * H + j] * arow[j];
     };
     if (kernel_backward(L, H, G, W, dhp, M, [&](int64_t t) { return ghp + t * B * G; },
-                        [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) {
-                          row(L.step(k), hprev_of(k), b, j0, n);
+                        [&](int64_t k, int64_t j0, int64_t n, T*) {
+                          for (int64_t b = 0; b < B; ++b) row(L.step(k), hprev_of(k), b, j0, n);
                         }))
       return;
     std::vector<T> scratch;
@@ -1133,7 +1218,9 @@ std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Te
       if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
     };
     if (kernel_forward<1>(L, H, W, hp, M, [&](int64_t t) { return Z + t * B * H; }, true, hr_of,
-                          [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); }))
+                          [&](int64_t k, int64_t j0, int64_t n) {
+                            for (int64_t b = 0; b < B; ++b) row(L.step(k), hr_of(k + 1), b, j0, n);
+                          }))
       return;
     write_rec(hr_of(0), hp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
@@ -1182,7 +1269,9 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
       act_backward(kind, a, Zp ? Zp + r * H + j0 : nullptr, Sp + r * H + j0, gr, gr, n);
     };
     if (kernel_backward(L, H, H, W, dhp, M, [&](int64_t t) { return dZp + t * B * H; },
-                        [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) { row(L.step(k), b, j0, n); }))
+                        [&](int64_t k, int64_t j0, int64_t n, T*) {
+                          for (int64_t b = 0; b < B; ++b) row(L.step(k), b, j0, n);
+                        }))
       return;
     std::vector<T> scratch;
     for (int64_t k = L.T - 1; k >= 0; --k) {
@@ -1247,7 +1336,9 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
       if (hr_next) write_rec(hr_next + b * H + j0, sr, M ? M + b * H + j0 : nullptr, n);
     };
     if (kernel_forward<4>(L, H, W, sp, M, [&](int64_t t) { return Z + t * B * G; }, true, hr_of,
-                          [&](int64_t k, int64_t b, int64_t j0, int64_t n) { row(L.step(k), hr_of(k + 1), b, j0, n); }))
+                          [&](int64_t k, int64_t j0, int64_t n) {
+                            for (int64_t b = 0; b < B; ++b) row(L.step(k), hr_of(k + 1), b, j0, n);
+                          }))
       return;
     write_rec(hr_of(0), sp, M, B * H);
     for (int64_t k = 0; k < L.T; ++k) {
@@ -1300,8 +1391,8 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
         act_backward(kinds[g], T(params[g]), zr ? zr + g * H : nullptr, ar + g * H, gr + g * H, gr + g * H, n);
     };
     if (kernel_backward(L, H, G, W, dsp, M, [&](int64_t t) { return dZp + t * B * G; },
-                        [&](int64_t k, int64_t b, int64_t j0, int64_t n, T*) {
-                          row(L.step(k), sprev_of(k), b, j0, n);
+                        [&](int64_t k, int64_t j0, int64_t n, T*) {
+                          for (int64_t b = 0; b < B; ++b) row(L.step(k), sprev_of(k), b, j0, n);
                         }))
       return;
     std::vector<T> scratch;
