@@ -1,6 +1,7 @@
 """ONNX export of gatelab layers and models: :func:`export`, or :func:`translation_table` for
-``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``; :func:`form` says beforehand
-which form a layer takes.
+``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``, or a plain
+``torch.onnx.export(..., dynamo=True)`` after :func:`register_with_torch_onnx`; :func:`form` says
+beforehand which form a layer takes.
 
 The fused engine's operators (``torch.ops.gatelab.lstm``, ``lstm_ln``, ``gru``, ``elman``,
 ``gated_state``; a traced layer with torch's default activations runs them too) and the export-only
@@ -59,6 +60,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -707,6 +709,49 @@ def translation_table(form: str = "auto") -> dict[Any, Any]:
     table = {getattr(torch.ops.gatelab, op.name).default: _translation(op, form) for op in ops.CELL_OPS}
     table[torch.ops.gatelab.recurrence.default] = _recurrence_translation(form)
     return table
+
+
+_registered: list[bool] = []
+
+
+def register_with_torch_onnx() -> bool:
+    """Let a plain ``torch.onnx.export(model, args, dynamo=True)`` translate gatelab's operators (form
+    ``"auto"``) without a ``custom_translation_table``; True once done. The layers call it when they see
+    ``torch.onnx.is_in_onnx_export()`` while being traced: torch 2.13's exporter builds its table of
+    translations after tracing, from a module-level list of its own, to which this appends gatelab's as
+    non-custom entries (a ``custom_translation_table`` given to the exporter still wins). That list is
+    internal to torch; where it is missing (another torch) this returns False and :func:`export` (or the
+    translation table) remains the way."""
+    if _registered:
+        return True
+    try:
+        from torch.onnx._internal.exporter import _registration
+        from torch.onnx._internal.exporter._torchlib import _torchlib_registry as torchlib
+
+        torchlib.get_torchlib_ops()  # the exporter's own entries first
+        table = translation_table()
+        for target, function in table.items():
+            torchlib._registry.append(_registration.OnnxDecompMeta(onnx_function=function, fx_target=target,
+                                                                   signature=None, is_custom=False, is_complex=False))
+    except (ImportError, AttributeError, TypeError, MissingExtraError):
+        return False
+    _registered.append(True)
+    return True
+
+
+def traced_by_torch_onnx() -> bool:
+    """What a layer calls when it sees ``torch.onnx.is_in_onnx_export()``: registers gatelab's translations
+    (:func:`register_with_torch_onnx`) and, when that happens only now, warns that this export began
+    without them (torch built its table first) and the next one will have them."""
+    if _registered:
+        return True
+    if not register_with_torch_onnx():
+        return False
+    warnings.warn("gatelab: torch.onnx.export began before gatelab's ONNX translations were registered, so this "
+                  "export cannot translate gatelab's operators; they are registered now and the next "
+                  "torch.onnx.export in this process has them. Call gatelab.onnx.register_with_torch_onnx() once "
+                  "before torch.onnx.export, or use gatelab.onnx.export", RuntimeWarning, stacklevel=2)
+    return True
 
 
 _layer_form = form

@@ -413,3 +413,58 @@ def test_form_says_which_onnx_form_a_layer_exports_to():
         "not expressible in ONNX: phi (<lambda>) is a user activation with no ONNX expression")
     with pytest.raises(ValueError, match="form must be one of 'auto', 'native', 'scan'"):
         gonnx.form(gatelab.GRU(3, 4), "loop")
+
+
+PLAIN_EXPORT = [  # one layer per route: ONNX's own node, a Scan on the C++ operator, the export operator's Scan
+    (gatelab.LSTM, {"gate_activation": "hard_sigmoid", "candidate_activation": "relu"}, "LSTM"),
+    (gatelab.GRU, {"gate_activation": "elliott", "bidirectional": True}, "Scan"),
+    (gatelab.LSTM, {"proj_size": 3, "num_layers": 2}, "Scan"),
+]
+
+
+@pytest.mark.parametrize(("cls", "options", "node"), PLAIN_EXPORT)
+def test_plain_torch_onnx_export_works_once_registered(cls, options, node, tmp_path):
+    """After gatelab.onnx.register_with_torch_onnx(), torch's own exporter translates gatelab's operators
+    without a custom table: ONNX's node or a Scan, T and B dynamic, onnxruntime equal to PyTorch."""
+    import onnx
+
+    assert gonnx.register_with_torch_onnx()
+    torch.manual_seed(0)
+    layer = cls(4, 6, **options).eval()
+    path = tmp_path / "plain.onnx"
+    torch.onnx.export(layer, (torch.randn(5, 2, 4),), str(path), dynamo=True, dynamic_shapes=({0: "T", 1: "B"},))
+    graph = onnx.load(str(path)).graph
+    assert node in {n.op_type for n in graph.node}
+    x = torch.randn(11, 3, 4)
+    with torch.no_grad():
+        want = _flat(layer(x))
+    got = _run(path, [x.numpy()])
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
+
+
+def test_a_first_plain_export_without_registration_says_what_to_do(tmp_path):
+    """torch builds its translation table before tracing: in a fresh process the first plain export
+    cannot translate gatelab's operators; the layer registers them while traced and warns how to avoid
+    that, and the second export works."""
+    import subprocess
+    import sys
+
+    script = f"""
+import warnings, torch, gatelab
+layer = gatelab.LSTM(4, 6, gate_activation="hard_sigmoid").eval()
+x = torch.randn(5, 2, 4)
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    try:
+        torch.onnx.export(layer, (x,), r"{tmp_path / 'a.onnx'}", dynamo=True)
+        print("FIRST OK")
+    except Exception as err:
+        print("FIRST FAILED", type(err).__name__)
+print("WARNED", any("register_with_torch_onnx" in str(w.message) for w in seen))
+torch.onnx.export(layer, (x,), r"{tmp_path / 'b.onnx'}", dynamo=True)
+print("SECOND OK")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "FIRST FAILED" in done.stdout and "WARNED True" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "SECOND OK" in done.stdout, done.stdout + done.stderr[-2000:]

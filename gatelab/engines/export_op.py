@@ -60,7 +60,15 @@ def routing() -> Iterator[None]:
 
 
 def active() -> bool:
-    return _routing[0] > 0
+    """Inside :func:`routing`, or while ``torch.onnx.export`` traces the model (with gatelab's translations
+    registered with torch's exporter: :func:`gatelab.onnx.traced_by_torch_onnx`)."""
+    if _routing[0] > 0:
+        return True
+    if torch.onnx.is_in_onnx_export():
+        from .. import onnx
+
+        return onnx.traced_by_torch_onnx()
+    return False
 
 
 def blockers(cell: RecurrentCell) -> list[str]:
