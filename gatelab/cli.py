@@ -57,7 +57,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         print(cv_line(cv, run_dir))
         return 0
     run = fit(config, run_dir=run_dir, quiet=args.quiet, resume=args.resume, overwrite=args.overwrite)
-    print(result_line(run.summary, run_dir))
+    if run.rank == 0:  # under torchrun, one line for the run, not one per process
+        print(result_line(run.summary, run_dir))
     return 0
 
 

@@ -7,6 +7,9 @@
 Reproducible: the same config and seed give the same numbers (``train.deterministic`` turns on
 ``torch.use_deterministic_algorithms``; the data of step ``k`` is a pure function of ``(seed, k)``);
 a run resumed from its last checkpoint ends with exactly the numbers of an uninterrupted one.
+Under torchrun (``torchrun --nproc_per_node=N -m gatelab train CONFIG``) the same loop runs on every
+rank with DistributedDataParallel (:mod:`gatelab.distributed`): ``train.batch_size`` stays the global
+batch, each rank trains on its rows of it, rank 0 evaluates and writes the run's files.
 A NaN or Inf in the loss or a gradient stops the run with :class:`NonFiniteError`, which names the
 step and the tensor and is also written to ``failure.json``. One process at a time trains in a run
 directory (:func:`fit` holds its lock, :func:`gatelab.checkpoint.exclusive`), and a run named by its
@@ -16,6 +19,7 @@ config lands in ``runs/<name>`` only if the name is one plain folder name.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -23,6 +27,7 @@ import random
 import shutil
 import statistics
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,6 +47,7 @@ from .checkpoint import (
     exclusive,
     load_checkpoint,
     remove_stale_temporaries,
+    rng_state,
     safe_child,
     save_checkpoint,
     set_rng_state,
@@ -49,6 +55,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, ExperimentConfig, TrainConfig, from_dict, to_dict, to_toml
 from .data import Minibatches, StreamWindows, Unit, in_order
+from .distributed import Group, rank_seed, replicate, session, threads_per_rank
 from .models import SequenceModel, State, UserModel, build_model, detach_state
 from .tasks import Task
 from .tasks import metrics as M
@@ -116,14 +123,27 @@ class Run:
     budget_fitted: int | None = None  # the step count fitted to the budget, once measured
     summary: dict[str, Any] = field(default_factory=dict)
     own: dict[str, str | None] = field(default_factory=lambda: {"model": None, "task": None})  # fit(model=, task=)
+    group: Group = field(default_factory=Group)  # the ranks of a torchrun launch (Group(): one process)
+    net: torch.nn.Module | None = None  # what the training forward runs: the model, or its DDP wrapper
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
 
     @property
     def steps_per_epoch(self) -> int:
         return self.units.steps_per_epoch
 
     def batch(self, step: int) -> Unit:
-        unit = self.units(step)
+        """This rank's rows of the global unit of ``step``, on the run's device."""
+        unit = self.group.shard(self.units(step))
         return unit._replace(x=unit.x.to(self.device), y=unit.y.to(self.device))
+
+    def targets(self, step: int) -> int:
+        """How many loss terms the global unit of ``step`` has (what each rank's loss sum is divided by)."""
+        unit = self.units(step)
+        plain = unit.targets is None and not unit.prefix  # the other forms score y without lengths
+        return self.model.n_targets(unit.y, unit.lengths if plain else None)
 
     def better(self, value: float) -> bool:
         best = self.best["value"]
@@ -147,7 +167,11 @@ def train_loop(run: Run) -> None:
         model.train()
         t0 = time.perf_counter()
         state = None if unit.fresh else run.carry  # truncated BPTT continues from the previous window
-        loss, carry = unit_loss(model, unit, state)
+        if run.group.active:  # this rank's share of the global batch's mean; DDP averages the gradients
+            loss, carry = unit_loss(run.net, unit, state, reduction="sum")
+            loss = loss * (run.group.world / max(run.targets(run.step), 1))
+        else:
+            loss, carry = unit_loss(model, unit, state)
         run.carry = detach_state(carry)  # ... but gradients never flow back past the window
         objective = loss + cfg.l1 * l1_norm(model) if cfg.l1 else loss
         check_loss(run, objective)
@@ -157,10 +181,12 @@ def train_loop(run: Run) -> None:
         opt.step()
         run.step += 1
         run.train_seconds += time.perf_counter() - t0
-        run.loss_sum, run.loss_count = run.loss_sum + loss.item(), run.loss_count + 1
-        run.callbacks.on_step_end(run, run.step, loss.item(), unit)
+        value = loss.item() if not run.group.active else run.group.sum(loss).item() / run.group.world
+        run.loss_sum, run.loss_count = run.loss_sum + value, run.loss_count + 1
+        run.callbacks.on_step_end(run, run.step, value, unit)
         if cfg.max_minutes:
             fit_to_budget(run, cfg.max_minutes * 60.0)
+            run.total_steps, run.budget_fitted = run.group.broadcast((run.total_steps, run.budget_fitted))
         if run.step % run.eval_every == 0 or run.step == run.total_steps:
             validate(run)  # metrics.jsonl, best.pt, early stopping (may set run.stop)
         if run.step % run.checkpoint_every == 0 or run.step == run.total_steps or run.stop:
@@ -190,8 +216,8 @@ def fit_to_budget(run: Run, budget_seconds: float) -> None:
         run.total_steps = run.step  # over budget: this step is the last; the loop evaluates and saves it
 
 
-def unit_loss(model: SequenceModel, unit: Unit, state: State | None) -> tuple[Tensor, State]:
-    """The mean loss of one unit and the state to carry into the next one.
+def unit_loss(model: SequenceModel, unit: Unit, state: State | None, reduction: str = "mean") -> tuple[Tensor, State]:
+    """The mean (``reduction="sum"``: summed) loss of one unit and the state to carry into the next one.
 
     A plain batch is one forward pass. A truncated-BPTT window runs in two pieces, split where the
     next window starts (``unit.keep``), and scores only its last ``unit.targets`` steps.
@@ -200,10 +226,10 @@ def unit_loss(model: SequenceModel, unit: Unit, state: State | None) -> tuple[Te
         with torch.no_grad():
             _, state = model(unit.x[:, :unit.prefix], None, state)
         output, end = model(unit.x[:, unit.prefix:], None, detach_state(state))
-        return model.criterion(output, unit.y), end
+        return model.criterion(output, unit.y, reduction=reduction), end
     if unit.targets is None:
         output, end = model(unit.x, unit.lengths, state)
-        return model.criterion(output, unit.y, unit.lengths), end
+        return model.criterion(output, unit.y, unit.lengths, reduction=reduction), end
     T, keep = unit.x.shape[1], unit.keep if unit.keep is not None else unit.x.shape[1]
     pieces, carry = [], state
     if keep > 0:
@@ -213,7 +239,7 @@ def unit_loss(model: SequenceModel, unit: Unit, state: State | None) -> tuple[Te
         out, _ = model(unit.x[:, keep:], None, carry)
         pieces.append(out)
     output = torch.cat(pieces, 1)[:, T - unit.targets :]  # (B, targets, O)
-    return model.criterion(output, unit.y), carry
+    return model.criterion(output, unit.y, reduction=reduction), carry
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -280,7 +306,8 @@ def _fail(run: Run, tensor: str, what: str) -> None:
     last = run.run_dir / "last.pt"
     report = {"step": step, "tensor": tensor, "error": what, "config": run.config.name,
               "last_checkpoint": str(last) if last.exists() else None}
-    write_json(run.run_dir / "failure.json", report)
+    if run.group.main:  # every rank sees the same all-reduced loss and gradients, so all of them stop here
+        write_json(run.run_dir / "failure.json", report)
     raise NonFiniteError(f"{run.config.name}: stopped at step {step}: {what}. Report: {run.run_dir / 'failure.json'}",
                          step, tensor)
 
@@ -354,15 +381,16 @@ def evaluate_stream(model: SequenceModel, task: Task, split: str, *, chunk: int 
 def validate(run: Run) -> dict[str, float]:
     """Evaluate on the monitored split, log a line to metrics.jsonl, track the best, stop early."""
     cfg = run.config.train
-    metrics = evaluate(run.model, run.task, run.monitor_split, batch_size=cfg.eval_batch_size,
-                       limit=cfg.eval_items, device=run.device, lm_eval=cfg.lm_eval)
+    metrics = run.group.first(lambda: evaluate(run.model, run.task, run.monitor_split, batch_size=cfg.eval_batch_size,
+                                               limit=cfg.eval_items, device=run.device, lm_eval=cfg.lm_eval))
     line = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4), "split": run.monitor_split,
             "lr": run.optimizer.param_groups[0]["lr"], "train_loss": run.loss_sum / max(run.loss_count, 1),
             "grad_norm": run.grad_norm, **metrics, "train_seconds": round(run.train_seconds, 3)}
     run.loss_sum, run.loss_count = 0.0, 0
     run.history.append(line)
-    with (run.run_dir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(line) + "\n")
+    if run.group.main:
+        with (run.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
     value = metrics[run.monitor]
     if run.better(value):
         run.best = {"value": value, "step": run.step, "bad_evals": 0}
@@ -386,14 +414,15 @@ def _seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def _determinism(cfg: TrainConfig) -> Iterator[None]:
-    """Deterministic algorithms and the thread count for the duration of a run, restored afterwards."""
+def _determinism(cfg: TrainConfig, threads_now: int | None = None) -> Iterator[None]:
+    """Deterministic algorithms and the thread count (``threads_now``, else ``cfg.threads``) for the duration
+    of a run, restored afterwards."""
     was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS asks for
     torch.use_deterministic_algorithms(cfg.deterministic)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if threads_now or cfg.threads:
+        torch.set_num_threads(threads_now or cfg.threads)
     try:
         yield
     finally:
@@ -409,21 +438,45 @@ def _task_shape(task: Task) -> dict[str, Any]:
 
 
 def save(run: Run, path: Path) -> None:
-    """Write the run's state to ``path`` (atomically)."""
+    """Write the run's state to ``path`` (atomically). Under torchrun every rank calls it: rank 0 writes,
+    with every rank's RNG state and the carried state of all rows of the global batch."""
+    carry = run.carry
+    if run.group.active:
+        rngs = run.group.gather(rng_state())
+        if run.config.train.tbptt:  # each rank carries its rows: (dirs, B / world, H) -> (dirs, B, H)
+            parts = run.group.gather(None if carry is None else [
+                tuple(t.cpu() for t in s) if isinstance(s, tuple) else s.cpu() for s in carry])
+            carry = None if parts[0] is None else [_join(layer) for layer in zip(*parts)]
+        if not run.group.main:
+            return
     trainer = {
         "best": dict(run.best), "stop": run.stop, "loss_sum": run.loss_sum, "loss_count": run.loss_count,
         "grad_norm": run.grad_norm, "train_seconds": run.train_seconds, "task": _task_shape(run.task),
         "wall_seconds": run.wall_seconds + time.perf_counter() - run.started,
-        "carry": run.carry if run.config.train.tbptt else None,
+        "carry": carry if run.config.train.tbptt else None,
         "user_model": run.own["model"], "user_task": run.own["task"],
     }
+    if run.group.active:
+        trainer["ranks"] = {"world_size": run.group.world, "rng": rngs}
     save_checkpoint(path, step=run.step, config=to_dict(run.config), model=run.model, optimizer=run.optimizer,
                     scheduler={"kind": run.config.train.schedule, "last_lr": run.optimizer.param_groups[0]["lr"]},
                     trainer=trainer)
 
 
+def _join(states: Sequence[Any]) -> Any:
+    """One layer's state from every rank's rows, joined along the batch dimension (dim 1)."""
+    if isinstance(states[0], tuple):
+        return tuple(torch.cat(parts, 1) for parts in zip(*states))
+    return torch.cat(list(states), 1)
+
+
+def _rows(state: Any, rows: slice) -> Any:
+    return tuple(t[:, rows] for t in state) if isinstance(state, tuple) else state[:, rows]
+
+
 def _restore(run: Run, path: Path) -> None:
-    payload = load_checkpoint(path)
+    """Continue from ``path``; under torchrun rank 0 reads it and every rank continues from its content."""
+    payload, lines = run.group.first(lambda: (load_checkpoint(path), _logged(run.run_dir / "metrics.jsonl")))
     try:  # a run saved before a config key existed resumes with that key at its default
         saved = to_dict(from_dict(payload["config"]))
     except ConfigError:
@@ -440,18 +493,34 @@ def _restore(run: Run, path: Path) -> None:
             raise ConfigError(f"{path} was trained with {was} and is resumed with {now}: resume with the same {what}")
     run.model.load_state_dict(payload["model"])
     run.optimizer.load_state_dict(payload["optimizer"])
-    set_rng_state(payload["rng"])
     t = payload["trainer"]
+    ranks = t.get("ranks")
+    if run.group.rank == 0:
+        set_rng_state(payload["rng"])
+    elif ranks is not None and ranks["world_size"] == run.group.world:
+        set_rng_state(ranks["rng"][run.group.rank])
+    else:  # another number of ranks wrote it: this rank's randomness (dropout) starts afresh
+        _seed_everything(rank_seed(run.config.train.seed + payload["step"], run.group.rank))
     run.step, run.stop, run.best = payload["step"], t["stop"], dict(t["best"])
     run.loss_sum, run.loss_count, run.grad_norm = t["loss_sum"], t["loss_count"], t["grad_norm"]
     run.train_seconds, run.wall_seconds = t["train_seconds"], t["wall_seconds"]
-    run.carry = t["carry"] if t["carry"] is None else [
+    carry = t["carry"] if t["carry"] is None else [
         tuple(x.to(run.device) for x in s) if isinstance(s, (tuple, list)) else s.to(run.device) for s in t["carry"]]
+    if carry is not None and run.group.active:  # the checkpoint holds every row; this rank carries its own
+        carry = [_rows(s, run.group.shard_rows(_batch_of(s))) for s in carry]
+    run.carry = carry
     # keep the evaluations up to the checkpoint; later ones will be redone
-    log = run.run_dir / "metrics.jsonl"
-    lines = [json.loads(s) for s in log.read_text().splitlines() if s.strip()] if log.exists() else []
     run.history = [line for line in lines if line["step"] <= run.step]
-    atomic_write(log, "".join(json.dumps(line) + "\n" for line in run.history))
+    if run.group.main:
+        atomic_write(run.run_dir / "metrics.jsonl", "".join(json.dumps(line) + "\n" for line in run.history))
+
+
+def _batch_of(state: Any) -> int:
+    return (state[0] if isinstance(state, tuple) else state).shape[1]
+
+
+def _logged(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(s) for s in log.read_text().splitlines() if s.strip()] if log.exists() else []
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
@@ -488,19 +557,27 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (),
             quiet: bool = False, resume: bool = False, overwrite: bool = False, model: torch.nn.Module | None = None,
-            task: Task | None = None) -> Run:
+            task: Task | None = None, group: Group | None = None) -> Run:
     """Build the task, model, optimiser and data of a run, and its directory (resuming if asked).
 
-    It deletes and rewrites the run's files: the caller holds the directory's lock (:func:`fit` does)."""
-    cfg = config.train
+    It deletes and rewrites the run's files: the caller holds the directory's lock (:func:`fit` does).
+    ``group``: the ranks of a torchrun launch (:func:`gatelab.distributed.session`); rank 0 alone
+    touches the directory, every rank builds the same model (DDP) and trains on its rows of each batch."""
+    cfg, group = config.train, group or Group()
     run_dir = run_directory(config, run_dir)
-    if not resume and (run_dir / "last.pt").exists() and not overwrite:
-        raise FileExistsError(f"{run_dir} already holds a run; resume it (--resume), overwrite it (--overwrite) "
-                              f"or choose another name (--name)")
-    if resume and not (run_dir / "last.pt").exists():
-        raise CheckpointError(f"{run_dir / 'last.pt'}: nothing to resume (no checkpoint)")
-    _seed_everything(cfg.seed)
+
+    def check() -> None:
+        if not resume and (run_dir / "last.pt").exists() and not overwrite:
+            raise FileExistsError(f"{run_dir} already holds a run; resume it (--resume), overwrite it (--overwrite) "
+                                  f"or choose another name (--name)")
+        if resume and not (run_dir / "last.pt").exists():
+            raise CheckpointError(f"{run_dir / 'last.pt'}: nothing to resume (no checkpoint)")
+
+    group.first(check)
+    _seed_everything(cfg.seed)  # the same on every rank: the same data order and initial weights
     device = resolve_device(cfg)
+    if group.active and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)
     own = {"model": None if model is None else type(model).__qualname__, "task": None if task is None else task.name}
     task = task if task is not None else config.task.build()
     if model is None:
@@ -518,6 +595,8 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
         units: Minibatches | StreamWindows = StreamWindows(task.stream("train"), cfg.batch_size, *cfg.tbptt)
     else:  # one target per sequence: the last tbptt_k2 (default k1) steps are backpropagated
         units = Minibatches(task.split("train"), cfg.batch_size, cfg.seed, cfg.tbptt, one_target=not task.per_step)
+    if group.active:
+        _check_shards(cfg.batch_size, len(task.split("train")) if isinstance(units, Minibatches) else 0, group.world)
     if cfg.eval_items and task.kind != "lm":
         raise ConfigError(f"train.eval_items: applies to language-model tasks only; task {task.name!r} is "
                           f"{task.kind}")
@@ -529,20 +608,41 @@ def prepare(config: ExperimentConfig, *, run_dir: str | Path | None = None, call
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     eval_every = cfg.eval_every or units.steps_per_epoch
-    hooks = ([] if quiet else [ProgressBar()]) + logging_callbacks(cfg.log) + list(callbacks)
+    # the progress bar and the loggers are rank 0's; callbacks of your own run on every rank (run.rank)
+    hooks = (([] if quiet else [ProgressBar()]) + logging_callbacks(cfg.log) if group.main else []) + list(callbacks)
     run = Run(config, task, model, make_optimizer(model, cfg), run_dir, units, total, eval_every,
               cfg.checkpoint_every or eval_every, monitor, "val" if len(task.split("val")) else "train", device,
-              CallbackList(hooks), own=own)
-    run_dir.mkdir(parents=True, exist_ok=True)
+              CallbackList(hooks), own=own, group=group, net=replicate(model, group, device))
+    if group.rank:  # a rank's own randomness (dropout) must not repeat rank 0's
+        _seed_everything(rank_seed(cfg.seed, group.rank))
+
+    def start() -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for name in ("metrics.jsonl", "summary.json", "failure.json", "last.pt", "best.pt"):
+                (run_dir / name).unlink(missing_ok=True)
+
+    group.first(start)
     if resume:
         _restore(run, run_dir / "last.pt")
-    else:
-        for name in ("metrics.jsonl", "summary.json", "failure.json", "last.pt", "best.pt"):
-            (run_dir / name).unlink(missing_ok=True)
     note = "".join(f"# trained with a {what} of your own ({name}) through gatelab.fit({what}=...): this file alone "
                    f"does not rebuild the run\n" for what, name in own.items() if name)
-    atomic_write(run_dir / "config.toml", note + to_toml(config))
+    if group.main:
+        atomic_write(run_dir / "config.toml", note + to_toml(config))
     return run
+
+
+def _check_shards(batch_size: int, n_train: int, world: int) -> None:
+    """A global batch must split into equal shards, and an epoch's last, shorter batch must leave every
+    rank a row (``n_train = 0``: the batches are all full)."""
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size: {batch_size} is the global batch, split over {world} processes, so it "
+                          f"must be a multiple of {world} (each process trains on batch_size / {world} rows)")
+    tail = n_train % batch_size
+    if tail and tail < world:
+        raise ConfigError(f"train.batch_size: {batch_size} leaves a last batch of {tail} of the {n_train} training "
+                          f"sequences in each epoch, fewer than the {world} processes; choose a batch size that "
+                          f"leaves at least {world} (or none)")
 
 
 def fit(config: ExperimentConfig | torch.nn.Module | None = None, *, model: torch.nn.Module | None = None,
@@ -578,13 +678,27 @@ def fit(config: ExperimentConfig | torch.nn.Module | None = None, *, model: torc
             raise TypeError(f"fit: task must be a gatelab Task (gatelab.tasks.from_datasets(train, val, test) wraps "
                             f"datasets), got {type(task).__name__}")
     run_dir = run_directory(config, run_dir)
-    resolve_device(config.train)  # a device that is not there fails before the run directory is made
-    with exclusive(run_dir), _determinism(config.train):
-        remove_stale_temporaries(run_dir, RUN_FILES)
+    device = resolve_device(config.train)  # a device that is not there fails before the run directory is made
+    with session(device) as group, contextlib.ExitStack() as stack:
+        threads, capped = threads_per_rank(config.train.threads, group)
+        if capped and group.main:
+            warnings.warn(capped, RuntimeWarning, stacklevel=2)
+
+        def hold() -> None:  # rank 0 holds the directory for all ranks
+            stack.enter_context(exclusive(run_dir))
+            remove_stale_temporaries(run_dir, RUN_FILES)
+
+        group.first(hold)
+        stack.enter_context(_determinism(config.train, threads))
         run = prepare(config, run_dir=run_dir, callbacks=callbacks, quiet=quiet, resume=resume, overwrite=overwrite,
-                      model=model, task=task)
-        train_loop(run)
-        finish(run)
+                      model=model, task=task, group=group)
+        try:
+            train_loop(run)
+            finish(run)
+        finally:  # a DDP wrapper outliving its process group hangs when it is freed
+            run.net = run.model
+            if group.active:
+                gc.collect()
     return run
 
 
@@ -630,7 +744,19 @@ def cross_validate(config: ExperimentConfig, *, run_dir: str | Path | None = Non
 
 
 def finish(run: Run) -> dict[str, Any]:
-    """Final evaluation on val and test (with the best weights when ``restore_best``) and summary.json."""
+    """Final evaluation on val and test (with the best weights when ``restore_best``) and summary.json.
+    Under torchrun rank 0 evaluates and writes; every rank gets the summary and the final weights."""
+    if not run.group.active:
+        return _summarise(run)
+    run.summary = run.group.first(lambda: _summarise(run))
+    weights = run.group.broadcast(run.model.state_dict() if run.group.main and run.summary["weights"] != "last"
+                                  else None)
+    if weights is not None and not run.group.main:
+        run.model.load_state_dict(weights)
+    return run.summary
+
+
+def _summarise(run: Run) -> dict[str, Any]:
     cfg, task = run.config.train, run.task
     best = run.run_dir / "best.pt"
     weights = "last"
@@ -657,7 +783,7 @@ def finish(run: Run) -> dict[str, Any]:
         "seconds_per_epoch": run.train_seconds / epochs if epochs else None,
         "train_seconds": round(run.train_seconds, 3), "wall_seconds": round(wall, 3),
         "evaluated_items": "all", "device": str(run.device),
-        "threads": torch.get_num_threads(), "deterministic": cfg.deterministic,
+        "threads": torch.get_num_threads(), "processes": run.group.world, "deterministic": cfg.deterministic,
         "torch": torch.__version__, "gatelab": __version__,
     }
     if task.kind == "lm":  # say how the figure was scored, and give the chunked form beside the carried one
