@@ -54,14 +54,14 @@ def run(layer, x, lengths=None, hx=None):
     return out.detach(), tuple(s.detach() for s in states), [torch.zeros(()) if g is None else g for g in grads]
 
 
-def pair(name, options, *, T=6, B=4, I=3, H=4, seed=0, forms=None, bidirectional=True, num_layers=1):
+def pair(name, options, *, T=6, B=4, I=3, H=4, seed=0, forms=None, bidirectional=True, num_layers=1, x_scale=1.0):
     """The same layer on the reference loop and the fused engine; inputs with random lengths."""
     torch.manual_seed(seed)
     kw = dict(bidirectional=bidirectional, num_layers=num_layers, dtype=F64, **options)
     ref = LAYERS[name](I, H, backend="reference", **kw)
     fus = LAYERS[name](I, H, backend="fused", strict=True, **kw)
     fus.load_state_dict(ref.state_dict())
-    x = torch.randn(T, B, I, dtype=F64)
+    x = torch.randn(T, B, I, dtype=F64) * x_scale
     lengths = torch.randint(1, T + 1, (B,))
     lengths[0] = T
     D = 2 if bidirectional else 1
@@ -72,14 +72,19 @@ def pair(name, options, *, T=6, B=4, I=3, H=4, seed=0, forms=None, bidirectional
     return run(ref, x, lengths, hx), run(fus, x, lengths, hx), fus
 
 
-def assert_same(a, b, tol=1e-10):
+def assert_same(a, b, tol=1e-10, scaled=False):
+    """``scaled``: the absolute tolerance grows with each tensor's largest value (gates past 1 let h grow)."""
+    def close(got, want, **kw):
+        atol = tol * max(1.0, want.abs().max().item()) if scaled and want.numel() else tol
+        torch.testing.assert_close(got, want, rtol=tol, atol=atol, **kw)
+
     (out_a, st_a, g_a), (out_b, st_b, g_b) = a, b
-    torch.testing.assert_close(out_b, out_a, rtol=tol, atol=tol)
+    close(out_b, out_a)
     for s, t in zip(st_b, st_a):
-        torch.testing.assert_close(s, t, rtol=tol, atol=tol)
+        close(s, t)
     assert len(g_a) == len(g_b)
     for k, (g, h) in enumerate(zip(g_b, g_a)):
-        torch.testing.assert_close(g, h, rtol=tol, atol=tol, msg=f"gradient {k}")
+        close(g, h, msg=f"gradient {k}")
 
 
 # -- every form == the step-by-step recurrence -----------------------------------------------------------------
@@ -159,6 +164,65 @@ def test_gradcheck_of_the_scans():
         for reverse in (False, True):
             assert torch.autograd.gradcheck(
                 lambda x, u, h, p=phi, r=reverse: scan.IndRNNScan.apply(x, u, h, lengths, live, p, r), (b, u, h0))
+
+
+# the activations of the fused minGRU / minLSTM pass, every one in each slot (minLSTM's gates: f + i > 0)
+MIN_FUSED = [("MinGRU", {"gate_activation": a}) for a in (*scan.SLSTM_KINDS, "hard_sigmoid:0.25", "leaky_relu:0.2")]
+MIN_FUSED += [("MinGRU", {"candidate_activation": a}) for a in (*scan.SLSTM_KINDS, "leaky_relu:0.2")]
+MIN_FUSED += [("MinLSTM", {"gate_activation": {g: a}}) for g in "fi"
+              for a in ("sigmoid", "hard_sigmoid", "hard_sigmoid:0.25", "elliott", "exp")]
+MIN_FUSED += [("MinLSTM", {"gate_activation": "exp", "candidate_activation": a})
+              for a in (*scan.SLSTM_KINDS, "leaky_relu:0.2")]
+
+
+@pytest.mark.parametrize("name, options", MIN_FUSED, ids=[f"{n}-{o}" for n, o in MIN_FUSED])
+def test_min_fused_pass_equals_the_step_recurrence(name, options):
+    needs_cpp()
+    for seed in range(2):
+        ref, fus, layer = pair(name, options, T=7, B=4, H=5, seed=seed, num_layers=2, x_scale=0.5)
+        assert not isinstance(scan.min_kinds(layer.cells[0]), str)
+        assert "one fused elementwise pass" in layer.explain()
+        assert_same(ref, fus, scaled=True)  # minGRU's 1 − z exceeds 1 for an unbounded σ_z: h grows to ~1e5
+
+
+def test_min_fused_pass_in_float32_and_its_fallback():
+    needs_cpp()
+    torch.manual_seed(5)
+    for cls in (gatelab.MinGRU, gatelab.MinLSTM):
+        ref = cls(3, 8, bidirectional=True, backend="reference")
+        fus = cls(3, 8, bidirectional=True, backend="fused", strict=True)
+        fus.load_state_dict(ref.state_dict())
+        x, lengths = torch.randn(9, 4, 3), torch.tensor([9, 5, 2, 7])
+        (a, sa), (b, sb) = ref(x, lengths=lengths), fus(x, lengths=lengths)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sb, sa, rtol=1e-5, atol=1e-5)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        for p, q in zip(fus.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    layer = gatelab.MinGRU(3, 4, gate_activation="prelu", candidate_activation="min_g")
+    assert scan.min_kinds(layer.cells[0]) == "the fused C++ pass has no sigma_z = prelu, phi = min_g"
+    assert "the activations over all steps (the fused C++ pass has no sigma_z = prelu, phi = min_g)" in layer.explain()
+    assert "one fused elementwise pass" not in gatelab.MinGRU(3, 4, scan="parallel").explain()
+
+
+def min_fused_args(G, T=5, B=3, H=4, seed=14):
+    torch.manual_seed(seed)
+    xw = torch.randn(T, B, G * H, dtype=F64, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=F64, requires_grad=True)
+    kinds = {2: ([1, 4], [0.0, 0.0]), 3: ([3, 9, 8], [0.0, 0.0, 0.2])}[G]  # (sigmoid, tanh); (elliott, exp, leaky)
+    return xw, h0, *kinds
+
+
+def test_min_fused_ops_gradcheck():
+    needs_cpp()
+    for G in (2, 3):
+        xw, h0, kinds, params = min_fused_args(G)
+        for reverse in (False, True):
+            for lengths in (None, torch.tensor([5, 2, 0])):
+                def f(xw, h0, L=lengths, r=reverse, k=kinds, p=params):
+                    return tuple(torch.ops.gatelab_scan.min_rnn_forward(xw, h0, L, k, p, r))
+                assert torch.autograd.gradcheck(f, (xw, h0))
 
 
 SLSTM_CPP = [{}, {"gate_activation": {"i": "sigmoid"}}, {"gate_activation": {"f": "exp", "o": "hard_sigmoid"}},
@@ -557,7 +621,7 @@ def test_gatelab_diagnose_runs_on_each_new_cell(name, tmp_path):
 
 COMPILED = [("MinGRU", {}), ("MinLSTM", {}), ("MinGRU", {"scan": "parallel"}), ("IndRNN", {}),
             ("IndRNN", {"activation": "softsign"}), ("SLSTM", {"num_heads": 2})]
-SCAN_OP = {"MinGRU": "linear_scan", "MinLSTM": "linear_scan", "IndRNN": "indrnn_forward", "SLSTM": "slstm_forward"}
+SCAN_OP = {"MinGRU": "min_rnn_forward", "MinLSTM": "min_rnn_forward", "IndRNN": "indrnn_forward", "SLSTM": "slstm_forward"}
 
 
 @pytest.mark.parametrize("name, options", COMPILED, ids=[f"{n}-{o}" for n, o in COMPILED])
@@ -626,6 +690,15 @@ def test_opcheck_every_scan_op():
         (ops.slstm_backward, (R, P, h0, Cs[0], n0, m0, Hs, Cs, Ns, Ms, r(T, B, H), r(T, B, H), r(T, B, H), r(T, B, H),
                               lengths, K, kinds, params, False)),
     ]
+    for G in (2, 3):  # the fused minGRU / minLSTM pass and its backward
+        xw, h, kinds, params = (v.detach() if isinstance(v, torch.Tensor) else v for v in min_fused_args(G))
+        out, last = ops.min_rnn_forward(xw, h, lengths, kinds, params, False)
+        cases += [
+            (ops.min_rnn_forward, (*grad(xw, h), lengths, kinds, params, False)),
+            (ops.min_rnn_forward, (*grad(xw, h), None, kinds, params, True)),
+            (ops.min_rnn_backward, (xw, h, out, r(*out.shape), r(*last.shape), lengths, kinds, params, True)),
+            (ops.min_rnn_backward, (xw, h, out, None, r(*last.shape), None, kinds, params, False)),
+        ]
     for op, args in cases:
         torch.library.opcheck(op, args)
     for reverse in (False, True):  # the registered autograd of the ops themselves, in float64

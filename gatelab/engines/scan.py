@@ -3,9 +3,15 @@
 minGRU and minLSTM read ``x_t`` only in their gates, so a direction is
 
 1. one GEMM: the input projections of all steps, ``xw = x W_ihᵀ + b_ih`` (T, B, G·H);
-2. every activation over all steps at once, giving ``h_t = a_t ⊙ h_{t−1} + b_t`` (the cell's
-   :meth:`~gatelab.cells.min_rnn._MinCell.coefficients`);
-3. that linear recurrence, in one of two forms (:func:`linear_scan`):
+2. on the CPU, for the activations :data:`SLSTM_KINDS` in every slot (:func:`min_kinds`), one fused C++
+   pass, ``min_rnn_forward``: it reads ``xw`` once, applies the gate and candidate activations and
+   runs ``h_t = a_t ⊙ h_{t−1} + b_t`` step by step, writing the outputs and the final state; its
+   backward, ``min_rnn_backward``, is one reverse pass that recomputes the activations and their
+   derivatives from ``xw`` and gives ``∂L/∂xw`` directly. Both run over batch × units in parallel.
+   Otherwise (another activation, a learnable one, ``scan="parallel"``, another device):
+3. every activation over all steps at once, giving ``a_t, b_t`` (the cell's
+   :meth:`~gatelab.cells.min_rnn._MinCell.coefficients`), then the linear recurrence in one of two
+   forms (:func:`linear_scan`):
 
    * ``"sequential"``: one elementwise pass over time (the C++ loop of ``kernels_scan.cpp``, or its
      PyTorch twin), and one reverse pass for the backward. The CPU's form: measured here, a parallel
@@ -64,8 +70,9 @@ FORMS = SCAN_FORMS
 # IndRNN activations the C++ pass knows, in the order of kernels_scan.cpp's enum ScanAct.
 INDRNN_KINDS = ("identity", "relu", "tanh", "sigmoid", "leaky_relu", "hardtanh")
 _DEFAULT_PARAM = {"leaky_relu": 0.01, "hard_sigmoid": 1 / 6}
-# sLSTM activations the C++ step knows, in the order of kernels_scan.cpp's enum SlstmAct; the i and f
-# gates take exp or sigmoid only (their log is needed in closed form).
+# sLSTM activations the C++ step knows (and minGRU / minLSTM's fused pass, in every slot), in the order of
+# kernels_scan.cpp's enum SlstmAct; sLSTM's i and f gates take exp or sigmoid only (their log is needed
+# in closed form).
 SLSTM_KINDS = ("identity", "sigmoid", "hard_sigmoid", "elliott", "tanh", "hardtanh", "softsign", "relu", "leaky_relu",
                "exp")
 SLSTM_LOG_GATES = ("exp", "sigmoid")
@@ -79,7 +86,7 @@ def cpp_ready() -> bool:
         return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fused engine warns once about a failed build itself
-        ready = cpp.load() and hasattr(torch.ops, "gatelab_scan") and hasattr(torch.ops.gatelab_scan, "slstm_forward")
+        ready = cpp.load() and hasattr(torch.ops, "gatelab_scan") and hasattr(torch.ops.gatelab_scan, "min_rnn_forward")
     if ready:
         _register()
     return ready
@@ -114,6 +121,15 @@ def _fake_indrnn_forward(xw, u, h0, lengths, kind, param, reverse):
 def _fake_slstm_forward(xw, R, b_hh, h0, c0, n0, m0, lengths, num_heads, kinds, params, reverse):
     T, B, G = xw.shape
     return [xw.new_empty((T, B, G // 4)) for _ in range(4)] + [xw.new_empty((T, B, G))]
+
+
+def _fake_min_rnn_forward(xw, h0, lengths, kinds, params, reverse):
+    T, B, G = xw.shape
+    return [xw.new_empty((T, B, G // len(kinds))), xw.new_empty((B, G // len(kinds)))]
+
+
+def _fake_min_rnn_backward(xw, h0, out, g_out, g_last, lengths, kinds, params, reverse):
+    return [torch.empty_like(xw), xw.new_empty(out.shape[1:])]
 
 
 def _fake_slstm_backward(R, P, h0, c0, n0, m0, Hs, Cs, Ns, Ms, gH, gC, gN, gM, lengths, num_heads, kinds, params,
@@ -170,8 +186,21 @@ def _backward_slstm(ctx, grads):
     return dP, gR, gb, gh0, gc0, gn0, gm0, None, None, None, None, None
 
 
+def _setup_min_rnn(ctx, inputs, output):
+    xw, h0, lengths, kinds, params, reverse = inputs
+    ctx.save_for_backward(xw, h0, output[0], lengths)
+    ctx.config = (kinds, params, reverse)
+
+
+def _backward_min_rnn(ctx, grads):
+    xw, h0, out, lengths = ctx.saved_tensors
+    g_out, g_last = grads
+    dxw, gh0 = torch.ops.gatelab_scan.min_rnn_backward(xw, h0, out, g_out, g_last, lengths, *ctx.config)
+    return dxw, gh0.view_as(h0), None, None, None, None
+
+
 def _register() -> None:
-    """Fake (meta) kernels for every gatelab_scan op and autograd for the three forward ops, so that
+    """Fake (meta) kernels for every gatelab_scan op and autograd for the four forward ops, so that
     torch.compile and torch.export see each as one differentiable node (the backward ops are once
     differentiable: a second derivative is not defined)."""
     global _registered
@@ -180,11 +209,13 @@ def _register() -> None:
     ns = "gatelab_scan::"
     for name, fake in (("linear_scan", _fake_linear_scan), ("linear_scan_backward", _fake_linear_scan_backward),
                        ("indrnn_forward", _fake_indrnn_forward), ("slstm_forward", _fake_slstm_forward),
-                       ("slstm_backward", _fake_slstm_backward)):
+                       ("slstm_backward", _fake_slstm_backward), ("min_rnn_forward", _fake_min_rnn_forward),
+                       ("min_rnn_backward", _fake_min_rnn_backward)):
         torch.library.register_fake(ns + name, fake)
     torch.library.register_autograd(ns + "linear_scan", _backward_linear_scan, setup_context=_setup_linear_scan)
     torch.library.register_autograd(ns + "indrnn_forward", _backward_indrnn, setup_context=_setup_indrnn)
     torch.library.register_autograd(ns + "slstm_forward", _backward_slstm, setup_context=_setup_slstm)
+    torch.library.register_autograd(ns + "min_rnn_forward", _backward_min_rnn, setup_context=_setup_min_rnn)
     _registered = True
 
 
@@ -368,11 +399,35 @@ def _live(lengths: Tensor | None, T: int, like: Tensor) -> Tensor | None:
 # -- the runners, one per cell kind ---------------------------------------------------------------------------
 
 
+def min_kinds(cell: _MinCell) -> tuple[list[int], list[float]] | str:
+    """The C++ kinds and parameters of the cell's slots in the order of ``xw``'s blocks (``z, h`` or
+    ``f, i, h``), or why the fused C++ pass does not apply."""
+    found, blockers = [], []
+    for slot in cell.slots:
+        act = getattr(cell, slot.attr)
+        kind = _slstm_kind(act, SLSTM_KINDS)
+        if kind is None:
+            blockers.append(f"{slot.attr} = {getattr(act, 'key', type(act).__name__)}")
+        found.append(kind)
+    if blockers:
+        return "the fused C++ pass has no " + ", ".join(blockers)
+    return [k[0] for k in found], [k[1] for k in found]
+
+
 def run_min(cell: _MinCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool,
             form: str) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """minGRU / minLSTM over ``x (T, B, I)``: one GEMM, the activations over all steps, one scan."""
+    """minGRU / minLSTM over ``x (T, B, I)``: one GEMM, then the fused C++ pass (``min_rnn_forward``,
+    its autograd registered above), or the activations over all steps and one scan."""
     (h0,) = state
     xw = F.linear(x, cell.weight_ih, cell.bias_ih)  # (T, B, G·H)
+    kinds = min_kinds(cell)
+    if (resolve_form(form, x) == "sequential" and not isinstance(kinds, str) and _use_cpp(xw)
+            and not _transforming()):
+        if lengths is not None:
+            lengths = lengths.to(device=xw.device, dtype=torch.long)
+        out, last = torch.ops.gatelab_scan.min_rnn_forward(xw.contiguous(), h0.contiguous(), lengths, kinds[0],
+                                                           kinds[1], reverse)  # (T, B, H), (B, H)
+        return out, (last,)
     a, b = cell.coefficients(xw)  # (T, B, H) each
     live = _live(lengths, x.shape[0], x)
     if live is not None:  # a dead step is h' = 1 ⊙ h + 0
@@ -497,9 +552,15 @@ class ScanEngine:
                 if device.type == "cpu" and not cpp.failed() else "PyTorch loop")
         if isinstance(cell, _MinCell):
             form = resolve_form(cell.scan, cell.weight_ih)
+            kinds = min_kinds(cell)
+            if form == "sequential" and not isinstance(kinds, str) and here != "PyTorch loop":
+                return ("the fused engine: one input GEMM for all steps, then one fused elementwise pass per "
+                        f"direction (activations and recurrence together, {here}); the backward one fused "
+                        "reverse pass")
+            why = f" ({kinds})" if form == "sequential" and isinstance(kinds, str) else ""
             what = ("one elementwise pass per direction" + f" ({here})" if form == "sequential"
                     else "a parallel (associative, Hillis–Steele) scan in PyTorch")
-            return f"the fused engine: one input GEMM for all steps, the activations over all steps, then {what}"
+            return f"the fused engine: one input GEMM for all steps, the activations over all steps{why}, then {what}"
         if isinstance(cell, IndRNNCell):
             kind = _indrnn_kind(cell.phi)
             loop = here if kind is not None else "PyTorch loop"
@@ -554,6 +615,6 @@ def choose(layer: RecurrentLayer, backend: str, strict: bool):
     return reference.ENGINE, message + "; fell back to 'reference'"
 
 
-__all__ = ["ENGINE", "ScanEngine", "FORMS", "INDRNN_KINDS", "SLSTM_KINDS", "slstm_kinds",
+__all__ = ["ENGINE", "ScanEngine", "FORMS", "INDRNN_KINDS", "SLSTM_KINDS", "slstm_kinds", "min_kinds",
             "linear_scan", "scan_loop", "scan_parallel", "choose",
            "cpp_ready", "resolve_form", "RUNNERS"]

@@ -2,15 +2,17 @@
 // forward and backward, on the CPU. Compiled into the same library as kernels.cpp (cpp.py builds both)
 // but independent of it: its own op namespace, gatelab_scan, and nothing shared.
 //
-// The Python callers (gatelab/engines/scan.py) do the input GEMM of all steps and every activation of
-// the scan cells (gates read x_t only, so those are elementwise over all steps at once); these loops
-// carry the state through time. scan.py holds the PyTorch twin of each function; tests tie the two.
+// The Python callers (gatelab/engines/scan.py) do the input GEMM of all steps; these loops carry the
+// state through time. minGRU / minLSTM run min_rnn_forward / min_rnn_backward (the activations and the
+// recurrence in one pass); for other activations scan.py applies them over all steps (gates read x_t
+// only) and runs linear_scan. The step-by-step reference loop is the twin of each; tests tie them.
 //
 // sLSTM (slstm_forward, slstm_backward) carries four states through a block-diagonal recurrent
 // product, step by step; its Python caller does the input GEMM before and the GEMM of ∂L/∂R after.
 //
 // Layouts: time-major, contiguous; a and b (T, N) with N = B·H for the linear scan, (T, B, H) for IndRNN
-// and for sLSTM's states, (T, B, 4H) for sLSTM's pre-activations (gate blocks i, f, z, o).
+// and for sLSTM's states, (T, B, 4H) for sLSTM's pre-activations (gate blocks i, f, z, o), (T, B, G·H)
+// for minGRU's (G = 2: z, h) and minLSTM's (G = 3: f, i, h) projections.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -179,7 +181,7 @@ Tensor indrnn_forward(const Tensor& xw_, const Tensor& u_, const Tensor& h0_, co
 //   li = log σ_i(p_i), lf = log σ_f(p_f)           (σ_i, σ_f ∈ {exp, sigmoid}: exact closed forms)
 //   m' = max(lf + m, li);  i' = e^(li − m'),  f' = e^(lf + m − m')
 //   c' = f' c + i' φ(p_z);  n' = f' n + i';  h' = σ_o(p_o) c' / n'
-// Keep the kinds in sync with SLSTM_KINDS in gatelab/engines/scan.py.
+// Keep the kinds in sync with SLSTM_KINDS in gatelab/engines/scan.py (minGRU / minLSTM use them too).
 enum SlstmAct : int64_t {
   L_IDENTITY = 0, L_SIGMOID, L_HARD_SIGMOID, L_ELLIOTT, L_TANH, L_HARDTANH, L_SOFTSIGN, L_RELU, L_LEAKY_RELU, L_EXP
 };
@@ -428,6 +430,216 @@ std::vector<Tensor> slstm_backward(const Tensor& R_, const Tensor& P_, const Ten
   return {dP, g0[0], g0[1], g0[2], g0[3]};
 }
 
+// -- minGRU and minLSTM: the activations and the linear recurrence in one pass ------------------------
+//
+// xw (T, B, G·H) holds the input projections of all steps (the caller's GEMM), gate blocks
+//   minGRU  (G = 2): z, h      z = σ_z(xw_z), h̃ = g(xw_h);               h' = (1 − z) ⊙ h + z ⊙ h̃
+//   minLSTM (G = 3): f, i, h   f = σ_f(xw_f), i = σ_i(xw_i), h̃ = g(xw_h); h' = f/(f+i) ⊙ h + i/(f+i) ⊙ h̃
+// with kinds (one per block) from enum SlstmAct. One pass reads xw once and writes every output (zero
+// on a padded step, t ≥ lengths[b], where the state is held) and the final state; the backward
+// recomputes the activations from xw and runs the reverse recurrence in the same pass, giving ∂L/∂xw.
+// Both are parallel over the B·H units: a chunk of units is a few contiguous spans of rows.
+
+template <int64_t K, bool Grad, typename S>
+inline void act_span_k(const S* x, S* y, S* d, int64_t n, S a) {
+  for (int64_t j = 0; j < n; ++j) {
+    const S v = slstm_act<S>(K, x[j], a);
+    y[j] = v;
+    if (Grad) d[j] = slstm_act_grad<S>(K, x[j], v, a);
+  }
+}
+
+// y = f(x) (and d = f'(x) when Grad) over n contiguous values, the kind's switch outside the loop.
+template <bool Grad, typename S>
+void act_span(int64_t kind, const S* x, S* y, S* d, int64_t n, S a) {
+  switch (kind) {
+    case L_SIGMOID: return act_span_k<L_SIGMOID, Grad>(x, y, d, n, a);
+    case L_HARD_SIGMOID: return act_span_k<L_HARD_SIGMOID, Grad>(x, y, d, n, a);
+    case L_ELLIOTT: return act_span_k<L_ELLIOTT, Grad>(x, y, d, n, a);
+    case L_TANH: return act_span_k<L_TANH, Grad>(x, y, d, n, a);
+    case L_HARDTANH: return act_span_k<L_HARDTANH, Grad>(x, y, d, n, a);
+    case L_SOFTSIGN: return act_span_k<L_SOFTSIGN, Grad>(x, y, d, n, a);
+    case L_RELU: return act_span_k<L_RELU, Grad>(x, y, d, n, a);
+    case L_LEAKY_RELU: return act_span_k<L_LEAKY_RELU, Grad>(x, y, d, n, a);
+    case L_EXP: return act_span_k<L_EXP, Grad>(x, y, d, n, a);
+    default: return act_span_k<L_IDENTITY, Grad>(x, y, d, n, a);
+  }
+}
+
+struct Span {
+  int64_t b, j0, n, off;  // row b, units j0 .. j0 + n − 1, at offset off of the chunk's buffers
+};
+
+// The rows of the units n0 .. n1 − 1 of (B, H).
+std::vector<Span> spans_of(int64_t n0, int64_t n1, int64_t H) {
+  std::vector<Span> spans;
+  for (int64_t b = n0 / H; b * H < n1; ++b) {
+    const int64_t j0 = std::max<int64_t>(n0 - b * H, 0), j1 = std::min<int64_t>(n1 - b * H, H);
+    spans.push_back({b, j0, j1 - j0, b * H + j0 - n0});
+  }
+  return spans;
+}
+
+struct MinShape {
+  int64_t T, B, H, G;
+};
+
+MinShape min_shape(const Tensor& xw, const Tensor& h0, at::IntArrayRef kinds, at::ArrayRef<double> params,
+                   const char* op) {
+  const int64_t G = static_cast<int64_t>(kinds.size());
+  TORCH_CHECK((G == 2 || G == 3) && params.size() == kinds.size(), "gatelab_scan.", op,
+              ": kinds and params need 2 entries (minGRU: z, h) or 3 (minLSTM: f, i, h)");
+  for (const int64_t k : kinds) TORCH_CHECK(k >= L_IDENTITY && k <= L_EXP, "gatelab_scan.", op, ": unknown activation kind ", k);
+  TORCH_CHECK(xw.dim() == 3 && xw.size(2) % G == 0, "gatelab_scan.", op, ": xw must be (T, B, ", G, "·H)");
+  const int64_t H = xw.size(2) / G;
+  TORCH_CHECK(h0.numel() == xw.size(1) * H, "gatelab_scan.", op, ": h0 must be (B, H)");
+  return {xw.size(0), xw.size(1), H, G};
+}
+
+// {out (T, B, H), h_last (B, H)}: every output (zero on padded steps) and the state after the last step.
+std::vector<Tensor> min_rnn_forward(const Tensor& xw_, const Tensor& h0_, const c10::optional<Tensor>& lengths_,
+                                    at::IntArrayRef kinds, at::ArrayRef<double> params, bool reverse) {
+  const auto dtype = xw_.scalar_type();
+  check(xw_, "xw", dtype); check(h0_, "h0", dtype);
+  const Tensor xw = xw_.contiguous(), h0 = h0_.contiguous();
+  const MinShape sh = min_shape(xw, h0, kinds, params, "min_rnn_forward");
+  const int64_t T = sh.T, B = sh.B, H = sh.H, G = sh.G, N = B * H;
+  const Tensor lengths = slstm_lengths(lengths_, B);
+  const int64_t* plen = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  Tensor out = at::empty({T, B, H}, xw.options()), last = at::empty({B, H}, xw.options());
+  const std::vector<int64_t> k(kinds.begin(), kinds.end());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "min_rnn_forward", [&] {
+    using S = scalar_t;
+    const S* px = xw.data_ptr<S>();
+    const S* ph0 = h0.data_ptr<S>();
+    S* pout = out.data_ptr<S>();
+    S* plast = last.data_ptr<S>();
+    S p[3];
+    for (int64_t g = 0; g < G; ++g) p[g] = static_cast<S>(params[g]);
+    at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
+      const std::vector<Span> spans = spans_of(n0, n1, H);
+      const int64_t L = n1 - n0;
+      std::vector<S> h(ph0 + n0, ph0 + n1), y(G * L);  // the state, and the activations of one step
+      for (int64_t s = 0; s < T; ++s) {
+        const int64_t t = reverse ? T - 1 - s : s;
+        for (const Span& sp : spans) {
+          S* o = pout + (t * B + sp.b) * H + sp.j0;
+          if (plen && t >= plen[sp.b]) {
+            std::fill(o, o + sp.n, S(0));
+            continue;
+          }
+          const S* x = px + (t * B + sp.b) * G * H + sp.j0;
+          S* hs = h.data() + sp.off;
+          for (int64_t g = 0; g < G; ++g) act_span<false, S>(k[g], x + g * H, y.data() + g * L + sp.off, nullptr, sp.n, p[g]);
+          const S* y0 = y.data() + sp.off;
+          const S* y1 = y0 + L;
+          if (G == 2) {
+            for (int64_t j = 0; j < sp.n; ++j) o[j] = hs[j] = (S(1) - y0[j]) * hs[j] + y0[j] * y1[j];
+          } else {
+            const S* y2 = y1 + L;
+            for (int64_t j = 0; j < sp.n; ++j) {
+              const S total = y0[j] + y1[j];
+              o[j] = hs[j] = y0[j] / total * hs[j] + y1[j] / total * y2[j];
+            }
+          }
+        }
+      }
+      std::copy(h.begin(), h.end(), plast + n0);
+    });
+  });
+  return {out, last};
+}
+
+// The backward of min_rnn_forward from g_out = ∂L/∂out (every step) and g_last = ∂L/∂h_last (either
+// absent: zero): {∂L/∂xw (zero on padded steps), ∂L/∂h0}. One reverse pass: g = g_out_t + carry, the
+// step's activations and derivatives recomputed from xw, h_{t−1} read from out (h0 before the first
+// live step), then carry = a_t ⊙ g.
+std::vector<Tensor> min_rnn_backward(const Tensor& xw_, const Tensor& h0_, const Tensor& out_,
+                                     const c10::optional<Tensor>& g_out_, const c10::optional<Tensor>& g_last_,
+                                     const c10::optional<Tensor>& lengths_, at::IntArrayRef kinds,
+                                     at::ArrayRef<double> params, bool reverse) {
+  const auto dtype = xw_.scalar_type();
+  check(xw_, "xw", dtype); check(h0_, "h0", dtype); check(out_, "out", dtype);
+  const Tensor xw = xw_.contiguous(), h0 = h0_.contiguous(), out = out_.contiguous();
+  const MinShape sh = min_shape(xw, h0, kinds, params, "min_rnn_backward");
+  const int64_t T = sh.T, B = sh.B, H = sh.H, G = sh.G, N = B * H;
+  TORCH_CHECK(out.numel() == T * N, "gatelab_scan.min_rnn_backward: out must be (T, B, H)");
+  Tensor g_out, g_last;
+  if (g_out_.has_value() && g_out_->defined()) {
+    check(*g_out_, "g_out", dtype);
+    g_out = g_out_->contiguous();
+    TORCH_CHECK(g_out.numel() == T * N, "gatelab_scan.min_rnn_backward: g_out must be (T, B, H)");
+  }
+  if (g_last_.has_value() && g_last_->defined()) {
+    check(*g_last_, "g_last", dtype);
+    g_last = g_last_->contiguous();
+    TORCH_CHECK(g_last.numel() == N, "gatelab_scan.min_rnn_backward: g_last must be (B, H)");
+  }
+  const Tensor lengths = slstm_lengths(lengths_, B);
+  const int64_t* plen = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  Tensor dxw = at::empty_like(xw), gh0 = at::empty({B, H}, xw.options());
+  const std::vector<int64_t> k(kinds.begin(), kinds.end());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "min_rnn_backward", [&] {
+    using S = scalar_t;
+    const S* px = xw.data_ptr<S>();
+    const S* ph0 = h0.data_ptr<S>();
+    const S* pout = out.data_ptr<S>();
+    const S* pg = g_out.defined() ? g_out.data_ptr<S>() : nullptr;
+    const S* pgl = g_last.defined() ? g_last.data_ptr<S>() : nullptr;
+    S* pdx = dxw.data_ptr<S>();
+    S* pgh0 = gh0.data_ptr<S>();
+    S p[3];
+    for (int64_t g = 0; g < G; ++g) p[g] = static_cast<S>(params[g]);
+    at::parallel_for(0, N, grain(N), [&](int64_t n0, int64_t n1) {
+      const std::vector<Span> spans = spans_of(n0, n1, H);
+      const int64_t L = n1 - n0;
+      std::vector<S> carry(L, S(0)), y(G * L), d(G * L);  // carry: ∂L/∂h of the state entering the step after
+      if (pgl) std::copy(pgl + n0, pgl + n1, carry.begin());
+      for (int64_t s = T - 1; s >= 0; --s) {
+        const int64_t t = reverse ? T - 1 - s : s;
+        const int64_t tp = reverse ? t + 1 : t - 1;  // the step before t in the scan's order (s > 0)
+        for (const Span& sp : spans) {
+          const int64_t len = plen ? plen[sp.b] : T;
+          S* dx = pdx + (t * B + sp.b) * G * H + sp.j0;
+          if (t >= len) {  // the state is held: its gradient passes through
+            for (int64_t g = 0; g < G; ++g) std::fill(dx + g * H, dx + g * H + sp.n, S(0));
+            continue;
+          }
+          const S* x = px + (t * B + sp.b) * G * H + sp.j0;
+          const S* hp = (s == 0 || tp >= len) ? ph0 + sp.b * H + sp.j0 : pout + (tp * B + sp.b) * H + sp.j0;
+          const S* go = pg ? pg + (t * B + sp.b) * H + sp.j0 : nullptr;
+          S* c = carry.data() + sp.off;
+          for (int64_t g = 0; g < G; ++g)
+            act_span<true, S>(k[g], x + g * H, y.data() + g * L + sp.off, d.data() + g * L + sp.off, sp.n, p[g]);
+          const S *y0 = y.data() + sp.off, *d0 = d.data() + sp.off;
+          const S *y1 = y0 + L, *d1 = d0 + L;
+          if (G == 2) {  // a = 1 − z, b = z h̃
+            for (int64_t j = 0; j < sp.n; ++j) {
+              const S gt = (go ? go[j] : S(0)) + c[j];
+              dx[j] = gt * (y1[j] - hp[j]) * d0[j];
+              dx[H + j] = gt * y0[j] * d1[j];
+              c[j] = (S(1) - y0[j]) * gt;
+            }
+          } else {  // a = f / (f + i), b = i / (f + i) h̃
+            const S *y2 = y1 + L, *d2 = d1 + L;
+            for (int64_t j = 0; j < sp.n; ++j) {
+              const S gt = (go ? go[j] : S(0)) + c[j];
+              const S inv = S(1) / (y0[j] + y1[j]);
+              const S w = gt * (y2[j] - hp[j]) * inv * inv;  // ∂L/∂i = f w, ∂L/∂f = −i w
+              dx[j] = -y1[j] * w * d0[j];
+              dx[H + j] = y0[j] * w * d1[j];
+              dx[2 * H + j] = gt * y1[j] * inv * d2[j];
+              c[j] = y0[j] * inv * gt;
+            }
+          }
+        }
+      }
+      std::copy(carry.begin(), carry.end(), pgh0 + n0);
+    });
+  });
+  return {dxw, gh0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gatelab_scan, m) {
@@ -439,6 +651,9 @@ TORCH_LIBRARY_FRAGMENT(gatelab_scan, m) {
   m.def("slstm_backward(Tensor R, Tensor P, Tensor h0, Tensor c0, Tensor n0, Tensor m0, Tensor Hs, Tensor Cs, "
         "Tensor Ns, Tensor Ms, Tensor gH, Tensor gC, Tensor gN, Tensor gM, Tensor? lengths, int num_heads, "
         "int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("min_rnn_forward(Tensor xw, Tensor h0, Tensor? lengths, int[] kinds, float[] params, bool reverse) -> Tensor[]");
+  m.def("min_rnn_backward(Tensor xw, Tensor h0, Tensor out, Tensor? g_out, Tensor? g_last, Tensor? lengths, "
+        "int[] kinds, float[] params, bool reverse) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(gatelab_scan, CPU, m) {
@@ -447,4 +662,6 @@ TORCH_LIBRARY_IMPL(gatelab_scan, CPU, m) {
   m.impl("indrnn_forward", &indrnn_forward);
   m.impl("slstm_forward", &slstm_forward);
   m.impl("slstm_backward", &slstm_backward);
+  m.impl("min_rnn_forward", &min_rnn_forward);
+  m.impl("min_rnn_backward", &min_rnn_backward);
 }
