@@ -729,29 +729,32 @@ def register_with_torch_onnx() -> bool:
         from torch.onnx._internal.exporter._torchlib import _torchlib_registry as torchlib
 
         torchlib.get_torchlib_ops()  # the exporter's own entries first
-        table = translation_table()
-        for target, function in table.items():
-            torchlib._registry.append(_registration.OnnxDecompMeta(onnx_function=function, fx_target=target,
-                                                                   signature=None, is_custom=False, is_complex=False))
-    except (ImportError, AttributeError, TypeError, MissingExtraError):
+        entries = [_registration.OnnxDecompMeta(onnx_function=function, fx_target=target, signature=None,
+                                                is_custom=False, is_complex=False)
+                   for target, function in translation_table().items()]
+    except Exception:  # noqa: BLE001 - torch's internals moved, or the onnx extra is missing: not registered
         return False
+    torchlib._registry.extend(entries)
     _registered.append(True)
     return True
 
 
 def traced_by_torch_onnx() -> bool:
-    """What a layer calls when it sees ``torch.onnx.is_in_onnx_export()``: registers gatelab's translations
-    (:func:`register_with_torch_onnx`) and, when that happens only now, warns that this export began
-    without them (torch built its table first) and the next one will have them."""
+    """What a layer calls while ``torch.onnx.export(..., dynamo=True)`` traces it: True when gatelab's
+    translations were registered before this export began (then the layers on the PyTorch loop run the
+    export operator). Otherwise registers them now (:func:`register_with_torch_onnx`), warns that this
+    export began without them (torch built its table first) and the next one has them, and returns
+    False: this export goes as it would have without them."""
     if _registered:
         return True
     if not register_with_torch_onnx():
         return False
+    # this export keeps the way it had (the layers on the PyTorch loop trace unrolled), the next has them
     warnings.warn("gatelab: torch.onnx.export began before gatelab's ONNX translations were registered, so this "
                   "export cannot translate gatelab's operators; they are registered now and the next "
                   "torch.onnx.export in this process has them. Call gatelab.onnx.register_with_torch_onnx() once "
                   "before torch.onnx.export, or use gatelab.onnx.export", RuntimeWarning, stacklevel=2)
-    return True
+    return False
 
 
 _layer_form = form

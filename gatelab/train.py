@@ -274,12 +274,18 @@ def l1_norm(model: torch.nn.Module) -> Tensor:
 
 
 def check_loss(run: Run, loss: Tensor) -> None:
-    if torch.isfinite(loss).item():
+    here = bool(torch.isfinite(loss).item())
+    # several processes: decided together, so that one rank's bad rows stop every rank at this step
+    # (else the others would wait in DDP's gradient all-reduce for it)
+    everywhere = here if not run.group.active else \
+        int(run.group.sum(torch.tensor(float(here))).item()) == run.group.world
+    if everywhere:
         return
     bad = [n for n, p in run.model.named_parameters() if not torch.isfinite(p).all()]
     where = (f"non-finite parameters: {', '.join(bad)}" if bad else
              "every parameter is finite, so the forward pass or the data produced it")
-    _fail(run, "loss", f"the loss is {loss.item()} ({where})")
+    what = f"the loss is {loss.item()}" if not here else "the loss is not finite on another process"
+    _fail(run, "loss", f"{what} ({where})")
 
 
 def clip_gradients(run: Run) -> float:
@@ -306,7 +312,7 @@ def _fail(run: Run, tensor: str, what: str) -> None:
     last = run.run_dir / "last.pt"
     report = {"step": step, "tensor": tensor, "error": what, "config": run.config.name,
               "last_checkpoint": str(last) if last.exists() else None}
-    if run.group.main:  # every rank sees the same all-reduced loss and gradients, so all of them stop here
+    if run.group.main:  # every rank decides on the same all-reduced finiteness and gradients, so all stop here
         write_json(run.run_dir / "failure.json", report)
     raise NonFiniteError(f"{run.config.name}: stopped at step {step}: {what}. Report: {run.run_dir / 'failure.json'}",
                          step, tensor)

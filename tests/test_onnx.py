@@ -468,3 +468,24 @@ print("SECOND OK")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "FIRST FAILED" in done.stdout and "WARNED True" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "SECOND OK" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_plain_exports_of_pytorch_loop_layers_work_as_before_without_registration(tmp_path):
+    """Without registration, a first dynamo export of a layer on the PyTorch loop still traces it
+    (unrolled, as before gatelab's translations existed), and the TorchScript exporter (dynamo=False),
+    which cannot use them, is never routed to the export operator."""
+    import subprocess
+    import sys
+
+    script = f"""
+import warnings, torch, gatelab
+warnings.simplefilter("ignore")
+layer = gatelab.LSTM(4, 6, coupled=True).eval()
+x = torch.randn(5, 2, 4)
+torch.onnx.export(layer, (x,), r"{tmp_path / 'dynamo.onnx'}", dynamo=True)
+print("DYNAMO OK")
+torch.onnx.export(layer, (x,), r"{tmp_path / 'script.onnx'}", dynamo=False)
+print("TORCHSCRIPT OK")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "DYNAMO OK" in done.stdout and "TORCHSCRIPT OK" in done.stdout, done.stdout + done.stderr[-2000:]

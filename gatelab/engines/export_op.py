@@ -64,11 +64,21 @@ def active() -> bool:
     registered with torch's exporter: :func:`gatelab.onnx.traced_by_torch_onnx`)."""
     if _routing[0] > 0:
         return True
-    if torch.onnx.is_in_onnx_export():
+    if _dynamo_onnx_export():
         from .. import onnx
 
         return onnx.traced_by_torch_onnx()
     return False
+
+
+def _dynamo_onnx_export() -> bool:
+    """Whether torch.onnx.export(..., dynamo=True) is tracing; the TorchScript exporter (dynamo=False),
+    which ``torch.onnx.is_in_onnx_export()`` also reports, cannot use gatelab's translations."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+    except ImportError:
+        return False
+    return bool(_flags._is_onnx_exporting)
 
 
 def blockers(cell: RecurrentCell) -> list[str]:
