@@ -208,15 +208,12 @@ def test_learned_activation_parameters_are_initializers():
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits[key]), getattr(model, name).detach().numpy())
 
 
-def test_the_export_operator_is_not_unrolled_and_only_used_when_exporting():
-    """A projection LSTM's graph is the same whatever the example's length (one Scan, one step in its body:
-    the recurrent and the projection MatMul); outside gatelab.onnx.export the layer runs as before."""
-    from gatelab.engines import export_op
-
+def _one_scan_at_any_length(make):
+    """Exports ``make()`` at T 4 and 24: asserts the node lists are equal and hold one Scan; returns the
+    T-24 graph and the Scan's body."""
     def graph(T):
         torch.manual_seed(0)
-        model = gatelab.LSTM(3, 5, proj_size=2).eval()
-        program = gonnx.export(model, (torch.randn(T, 2, 3), None, torch.tensor([T, 2])),
+        program = gonnx.export(make().eval(), (torch.randn(T, 2, 3), None, torch.tensor([T, 2])),
                                dynamic_shapes=({0: "T", 1: "B"}, None, {0: "B"}))
         return program.model_proto.graph
 
@@ -224,7 +221,15 @@ def test_the_export_operator_is_not_unrolled_and_only_used_when_exporting():
     assert [n.op_type for n in short.node] == [n.op_type for n in long.node]
     scans = [n for n in long.node if n.op_type == "Scan"]
     assert len(scans) == 1
-    body = next(a.g for a in scans[0].attribute if a.name == "body")
+    return long, next(a.g for a in scans[0].attribute if a.name == "body")
+
+
+def test_the_export_operator_is_not_unrolled_and_only_used_when_exporting():
+    """A projection LSTM's graph is the same whatever the example's length (one Scan, one step in its body:
+    the recurrent and the projection MatMul); outside gatelab.onnx.export the layer runs as before."""
+    from gatelab.engines import export_op
+
+    _, body = _one_scan_at_any_length(lambda: gatelab.LSTM(3, 5, proj_size=2))
     assert [n.op_type for n in body.node].count("MatMul") == 2
     model = gatelab.LSTM(3, 5, proj_size=2).eval()
     assert not export_op.active() and export_op.engine_for(model) is None
@@ -278,18 +283,7 @@ def test_every_kernel_activation_has_a_scan_expression():
 def test_the_scan_form_is_not_unrolled():
     """The graph is the same whatever the example's length: one Scan per direction, one step in its body
     (one recurrent MatMul), no per-step nodes outside it."""
-    def graph(T):
-        torch.manual_seed(0)
-        model = gatelab.LSTM(3, 5, gate_activation="elliott").eval()
-        program = gonnx.export(model, (torch.randn(T, 2, 3), None, torch.tensor([T, 2])),
-                               dynamic_shapes=({0: "T", 1: "B"}, None, {0: "B"}))
-        return program.model_proto.graph
-
-    short, long = graph(4), graph(24)
-    assert [n.op_type for n in short.node] == [n.op_type for n in long.node]
-    scans = [n for n in long.node if n.op_type == "Scan"]
-    assert len(scans) == 1
-    body = next(a.g for a in scans[0].attribute if a.name == "body")
+    long, body = _one_scan_at_any_length(lambda: gatelab.LSTM(3, 5, gate_activation="elliott"))
     assert [n.op_type for n in body.node].count("MatMul") == 1
     assert sum(n.op_type == "MatMul" for n in long.node) == 1  # the input projection of all steps
 

@@ -25,14 +25,27 @@ class _MinCell(RecurrentCell):
 
     recurrence = "none"  # nothing of h enters a product: the fused engine's W_hh loops do not apply
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, *, scan: str = "auto",
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        *,
+        gate_activation: GateActivationSpec | None = None,
+        candidate_activation: ActivationSpec = "identity",
+        scan: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         if scan not in SCAN_FORMS:
             raise ValueError(f"{type(self).__name__}: scan must be one of {', '.join(SCAN_FORMS)}, got {scan!r}")
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
         self.scan = scan  # how a layer runs the recurrence; the step is the same maths
         self.register_parameter("weight_hh", None)  # gates read x_t only
         self.register_parameter("bias_hh", None)  # one bias: b_z, b_h live in bias_ih
+        self._gate_slots(gate_activation, self.gate_names)
+        self._slot("phi", candidate_activation, "candidate_activation")
+        self.reset_parameters()
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         x, batched = self._check_input(input)
@@ -66,23 +79,6 @@ class MinGRUCell(_MinCell):
         Slot("sigma_z", "gate_activation", "sigmoid", gate="z"),
         Slot("phi", "candidate_activation", "identity"),
     )
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        *,
-        gate_activation: GateActivationSpec | None = None,
-        candidate_activation: ActivationSpec = "identity",
-        scan: str = "auto",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(input_size, hidden_size, bias, scan=scan, device=device, dtype=dtype)
-        self._gate_slots(gate_activation, self.gate_names)
-        self._slot("phi", candidate_activation, "candidate_activation")
-        self.reset_parameters()
 
     def step(self, x: Tensor, state: tuple[Tensor, ...], rec_mask: Tensor | None = None,
              weight_hh: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -123,23 +119,6 @@ class MinLSTMCell(_MinCell):
         Slot("sigma_i", "gate_activation", "sigmoid", gate="i"),
         Slot("phi", "candidate_activation", "identity"),
     )
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        *,
-        gate_activation: GateActivationSpec | None = None,
-        candidate_activation: ActivationSpec = "identity",
-        scan: str = "auto",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(input_size, hidden_size, bias, scan=scan, device=device, dtype=dtype)
-        self._gate_slots(gate_activation, self.gate_names)
-        self._slot("phi", candidate_activation, "candidate_activation")
-        self.reset_parameters()
 
     def step(self, x: Tensor, state: tuple[Tensor, ...], rec_mask: Tensor | None = None,
              weight_hh: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:

@@ -69,7 +69,44 @@ class _ScanLayer(RecurrentLayer):
         return scan.choose(self, self.backend, self.strict)
 
 
-class MinGRU(_ScanLayer):
+class _MinLayer(_ScanLayer):
+    """MinGRU and MinLSTM: the same arguments (their cells differ)."""
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        gate_activation: GateActivationSpec | None = None,
+        candidate_activation: ActivationSpec = "identity",
+        scan: str = "auto",
+        residual: bool = False,
+        residual_projection: bool = True,
+        input_dropout: float = 0.0,
+        init: str = "torch",
+        forget_bias: float | None = None,
+        backend: str = "auto",
+        strict: bool = False,
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+            cell_options={"gate_activation": gate_activation, "candidate_activation": candidate_activation,
+                          "scan": scan},
+            residual=residual, residual_projection=residual_projection, input_dropout=input_dropout, init=init,
+            forget_bias=forget_bias, chrono_max_length=None, backend=backend, strict=strict, device=device,
+            dtype=dtype,
+        )
+        self.scan = scan
+
+
+class MinGRU(_MinLayer):
     __doc__ = """minGRU (Feng et al. 2024) over a sequence: ``h' = (1 − z) ⊙ h + z ⊙ g(W_h x + b_h)``,
     ``z = σ_z(W_z x + b_z)``; the maths is :class:`~gatelab.MinGRUCell`'s.
 
@@ -78,41 +115,8 @@ class MinGRU(_ScanLayer):
     """ + _doc(*_COMMON, "gate_activation", "candidate_activation", "scan", *_LAYER)
     cell_class = MinGRUCell
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        gate_activation: GateActivationSpec | None = None,
-        candidate_activation: ActivationSpec = "identity",
-        scan: str = "auto",
-        residual: bool = False,
-        residual_projection: bool = True,
-        input_dropout: float = 0.0,
-        init: str = "torch",
-        forget_bias: float | None = None,
-        backend: str = "auto",
-        strict: bool = False,
-    ) -> None:
-        super().__init__(
-            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            cell_options={"gate_activation": gate_activation, "candidate_activation": candidate_activation,
-                          "scan": scan},
-            residual=residual, residual_projection=residual_projection, input_dropout=input_dropout, init=init,
-            forget_bias=forget_bias, chrono_max_length=None, backend=backend, strict=strict, device=device,
-            dtype=dtype,
-        )
-        self.scan = scan
 
-
-class MinLSTM(_ScanLayer):
+class MinLSTM(_MinLayer):
     __doc__ = """minLSTM (Feng et al. 2024) over a sequence: ``h' = f' ⊙ h + i' ⊙ g(W_h x + b_h)`` with
     ``f', i' = f/(f+i), i/(f+i)``; the maths is :class:`~gatelab.MinLSTMCell`'s.
 
@@ -120,39 +124,6 @@ class MinLSTM(_ScanLayer):
     Returns ``(output, h_n)``.
     """ + _doc(*_COMMON, "gate_activation", "candidate_activation", "scan", *_LAYER)
     cell_class = MinLSTMCell
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        gate_activation: GateActivationSpec | None = None,
-        candidate_activation: ActivationSpec = "identity",
-        scan: str = "auto",
-        residual: bool = False,
-        residual_projection: bool = True,
-        input_dropout: float = 0.0,
-        init: str = "torch",
-        forget_bias: float | None = None,
-        backend: str = "auto",
-        strict: bool = False,
-    ) -> None:
-        super().__init__(
-            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            cell_options={"gate_activation": gate_activation, "candidate_activation": candidate_activation,
-                          "scan": scan},
-            residual=residual, residual_projection=residual_projection, input_dropout=input_dropout, init=init,
-            forget_bias=forget_bias, chrono_max_length=None, backend=backend, strict=strict, device=device,
-            dtype=dtype,
-        )
-        self.scan = scan
 
 
 class IndRNN(_ScanLayer):
