@@ -60,8 +60,9 @@ from ..cells.indrnn import IndRNNCell
 from ..cells.min_rnn import SCAN_FORMS, MinGRUCell, MinLSTMCell, _MinCell
 from ..cells.slstm import SLSTMCell
 from . import native, reference
-from .base import ZoneoutMasks
+from .base import ZoneoutMasks, tracing_or_transforming
 from .fused import cpp
+from .fused.ops import _previous_cell_states
 
 if TYPE_CHECKING:
     from ..layers.base import RecurrentLayer
@@ -179,7 +180,7 @@ def _backward_slstm(ctx, grads):
         R, P, h0, c0, n0, m0, Hs, Cs, Ns, Ms, *g, lengths, num_heads, kinds, params, reverse)
     T, B, H = Hs.shape
     K, d = num_heads, H // num_heads
-    H_prev = torch.cat([Hs[1:], h0.unsqueeze(0)]) if reverse else torch.cat([h0.unsqueeze(0), Hs[:-1]])
+    H_prev = _previous_cell_states(Hs, h0, reverse)
     # ∂L/∂R[g, k] = Σ_{t,b} dp[t, b, g, k, :] ⊗ h_prev[t, b, k, :]: one GEMM per head over all steps
     gR = torch.einsum("ngko,nki->gkoi", dP.reshape(T * B, 4, K, d), H_prev.reshape(T * B, K, d)).reshape(4 * H, d)
     gb = dP.sum((0, 1)) if has_bias else None
@@ -275,7 +276,7 @@ def _scan_backward(a: Tensor, H: Tensor, h0: Tensor, gH: Tensor, reverse: bool, 
     one = torch.ones_like(a[:1])
     a_next = torch.cat([one, a[:-1]]) if reverse else torch.cat([a[1:], one])
     G = _scan(a_next, gH, torch.zeros_like(h0), not reverse, form)
-    H_prev = torch.cat([H[1:], h0.unsqueeze(0)]) if reverse else torch.cat([h0.unsqueeze(0), H[:-1]])
+    H_prev = _previous_cell_states(H, h0, reverse)
     first = -1 if reverse else 0
     return G * H_prev, G, a[first] * G[first]
 
@@ -379,7 +380,7 @@ class IndRNNScan(torch.autograd.Function):
 def _indrnn_grads(xw: Tensor, u: Tensor, h0: Tensor, H: Tensor, live: Tensor | None, phi, gH: Tensor, reverse: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """``(∂L/∂xw, ∂L/∂u, ∂L/∂h0)`` of IndRNN's pass from ``gH = ∂L/∂h_t`` (every step as an output)."""
-    H_prev = torch.cat([H[1:], h0.unsqueeze(0)]) if reverse else torch.cat([h0.unsqueeze(0), H[:-1]])
+    H_prev = _previous_cell_states(H, h0, reverse)
     z = torch.addcmul(xw, u, H_prev)
     D = phi.derivative(z, phi(z))  # φ'(z_t), every step at once
     if live is not None:
@@ -399,19 +400,25 @@ def _live(lengths: Tensor | None, T: int, like: Tensor) -> Tensor | None:
 # -- the runners, one per cell kind ---------------------------------------------------------------------------
 
 
+def _cpp_kinds(cell: RecurrentCell, slots, what: str) -> tuple[list[int], list[float]] | str:
+    """The C++ kinds and parameters of ``slots`` (``(attribute, allowed kinds)``, in order), or which of
+    them ``what`` has no kernel for."""
+    found, blockers = [], []
+    for slot, allowed in slots:
+        act = getattr(cell, slot)
+        kind = _slstm_kind(act, allowed)
+        if kind is None:
+            blockers.append(f"{slot} = {getattr(act, 'key', type(act).__name__)}")
+        found.append(kind)
+    if blockers:
+        return f"{what} has no " + ", ".join(blockers)
+    return [k[0] for k in found], [k[1] for k in found]
+
+
 def min_kinds(cell: _MinCell) -> tuple[list[int], list[float]] | str:
     """The C++ kinds and parameters of the cell's slots in the order of ``xw``'s blocks (``z, h`` or
     ``f, i, h``), or why the fused C++ pass does not apply."""
-    found, blockers = [], []
-    for slot in cell.slots:
-        act = getattr(cell, slot.attr)
-        kind = _slstm_kind(act, SLSTM_KINDS)
-        if kind is None:
-            blockers.append(f"{slot.attr} = {getattr(act, 'key', type(act).__name__)}")
-        found.append(kind)
-    if blockers:
-        return "the fused C++ pass has no " + ", ".join(blockers)
-    return [k[0] for k in found], [k[1] for k in found]
+    return _cpp_kinds(cell, [(slot.attr, SLSTM_KINDS) for slot in cell.slots], "the fused C++ pass")
 
 
 def run_min(cell: _MinCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool,
@@ -448,7 +455,7 @@ def run_indrnn(cell: IndRNNCell, x: Tensor, state: tuple[Tensor, ...], lengths: 
     if torch.compiler.is_compiling() and kind is not None and _use_cpp(xw):  # one node, registered autograd
         H = torch.ops.gatelab_scan.indrnn_forward(xw.contiguous(), u, h0.contiguous(), lengths, kind[0], kind[1],
                                                   reverse)
-    elif torch.compiler.is_compiling() or _transforming():
+    elif tracing_or_transforming():
         H = indrnn_loop_autograd(xw, u, h0, live, cell.phi, reverse)
     elif isinstance(cell.phi, torch.nn.Module):  # a learnable φ: its parameters' gradients by autograd through the loop
         H = indrnn_loop(xw, u, h0, live, cell.phi, reverse)
@@ -471,17 +478,8 @@ def _slstm_kind(act, allowed: tuple[str, ...]) -> tuple[int, float] | None:
 
 def slstm_kinds(cell: SLSTMCell) -> tuple[list[int], list[float]] | str:
     """The C++ kinds and parameters of the slots ``i, f, z, o``, or why the C++ step does not apply."""
-    found, blockers = [], []
-    for slot, allowed in (("sigma_i", SLSTM_LOG_GATES), ("sigma_f", SLSTM_LOG_GATES), ("phi", SLSTM_KINDS),
-                          ("sigma_o", SLSTM_KINDS)):
-        act = getattr(cell, slot)
-        kind = _slstm_kind(act, allowed)
-        if kind is None:
-            blockers.append(f"{slot} = {getattr(act, 'key', type(act).__name__)}")
-        found.append(kind)
-    if blockers:
-        return "the C++ step has no " + ", ".join(blockers)
-    return [k[0] for k in found], [k[1] for k in found]
+    return _cpp_kinds(cell, (("sigma_i", SLSTM_LOG_GATES), ("sigma_f", SLSTM_LOG_GATES), ("phi", SLSTM_KINDS),
+                             ("sigma_o", SLSTM_KINDS)), "the C++ step")
 
 
 def run_slstm(cell: SLSTMCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool,

@@ -35,6 +35,8 @@ from typing import Any, TextIO
 
 from .._version import __version__
 from ..checkpoint import atomic_write, exclusive, safe_child
+from ..config import to_dict
+from ..distributed import cores
 from .spec import Study
 from .store import FINISHED, STORE_NAME, Store
 
@@ -42,14 +44,6 @@ __all__ = ["sweep", "run_trial", "worker_loop", "cores", "plan_workers", "study_
 
 TRIALS_DIR = "trials"
 POLL_SECONDS = 0.2
-
-
-def cores() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def plan_workers(requested: int, trial_threads: Sequence[int], n_trials: int, n_cores: int | None = None) -> tuple[int, int]:
@@ -114,7 +108,6 @@ def run_trial(study_dir: Path, trial: dict[str, Any], store: Store | None = None
         return "diverged", f"diverged at step {err.step} ({err.tensor} not finite)", {**known, "steps": err.step}
     except Exception as err:  # recorded; the other trials go on
         detail = "".join(traceback.format_exception_only(type(err), err)).strip()
-        (run_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "error.txt", "".join(traceback.format_exception(err)))
         return "failed", f"{detail} (traceback in {trial['run_dir']}/error.txt)", known
     s = run.summary
@@ -218,7 +211,7 @@ def sweep(study: Study, study_dir: str | Path | None = None, *, workers: int = 0
                             "gatelab": __version__})
             rows = [{"key": t.key, "idx": t.index, "name": t.config.name,
                      "run_dir": str(Path(TRIALS_DIR) / t.config.name), "base": t.base, "task": t.config.task.name,
-                     "label": t.label, "seed": t.seed, "assignment": t.assignment, "config": _plain(t.config)}
+                     "label": t.label, "seed": t.seed, "assignment": t.assignment, "config": to_dict(t.config)}
                     for t in trials]
             synced = store.sync(rows, retry_failed=retry_failed)
             counts = store.counts()
@@ -246,11 +239,6 @@ def sweep(study: Study, study_dir: str | Path | None = None, *, workers: int = 0
                 + (f" ({len(resumed)} resumed from checkpoints)" if resumed else ""))
     return result
 
-
-def _plain(config: Any) -> dict[str, Any]:
-    from ..config import to_dict
-
-    return to_dict(config)
 
 
 def _progress(store: Store, started_at: float, total: int, printed: set[str], log: Callable[[str], None],

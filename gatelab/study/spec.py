@@ -151,7 +151,7 @@ def study_from_dict(data: Mapping[str, Any], *, root: str | Path = ".", override
     if len(set(names)) != len(names):
         raise ConfigError(f"bases: two base configs share the name {next(n for n in names if names.count(n) > 1)!r}; "
                           f"names tell the tasks apart (set name = ... in them)")
-    axes = {k: v for k, v in _flatten(_table(data, "axes")).items()}
+    axes = _flatten(_table(data, "axes"))
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"axes.{key}: expected a non-empty list of values, got {values!r}")
