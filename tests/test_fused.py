@@ -699,3 +699,31 @@ def test_explain_names_the_per_step_product_and_the_onnx_form(gemm_library):
     assert "per-step products on the BLAS" in layer.explain()
     assert "per-step products on the BLAS (float64)" in layer.double().explain()
     assert "ONNX export: ONNX Scan over time (1): activation elliott" in layer.explain()
+
+
+@pytest.mark.parametrize("options", [{"variant": "NIG"}, {"variant": "CIFG"}, {"layer_norm": True},
+                                     {"proj_size": 4, "gate_activation": "hard_sigmoid"}])
+def test_training_calls_keep_no_memory_after_backward(options):
+    """The PyTorch loop's final states were the saved last-step tensors: returned as they were, each call's
+    autograd node and everything it saved stayed alive in a cycle the collector cannot see (a trainer
+    grew by 20 MB a step and was killed for memory). Every call must free all it kept."""
+    import gc
+
+    def live_tensors() -> int:
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on a deprecated torch.distributed object warns
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    layer = gatelab.LSTM(2, 8, batch_first=True, backend="fused", **options)
+    x = torch.randn(3, 5, 2)
+    for _ in range(2):
+        out, _ = layer(x)
+        out.sum().backward()
+    del out
+    before = live_tensors()
+    for _ in range(4):
+        out, state = layer(x)
+        (out.sum() + state[1].sum()).backward()
+        del out, state
+    assert live_tensors() <= before  # nothing left behind by the four calls

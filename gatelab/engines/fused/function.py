@@ -124,7 +124,11 @@ class FusedDirection(torch.autograd.Function):
         ctx.extra_names = [next(n for n, t in ctx.weights.items() if t is e) for e in rest[n_state:]]
         ctx.n_state = n_state
         ctx.save_for_backward(x, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest)
-        return (out, *final)
+        # The final states are the last step's tensors, which ctx.saved_loop holds as well: returned as they
+        # are, they would get this node as their grad_fn, a cycle (node -> ctx -> saved -> output -> node)
+        # that Python's collector cannot see, and every call's saved loop would stay in memory. Copies of the
+        # (B, S) states cut it.
+        return (out, *(s.clone() for s in final))
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor | None, *dfinal: Tensor | None) -> tuple[Tensor | None, ...]:
