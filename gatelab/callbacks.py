@@ -175,6 +175,10 @@ class MLflowLogger(Callback):
         from .config import to_dict
 
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (Path(run.run_dir).resolve() / "mlruns").as_uri()
+        if uri.startswith("file:") or "://" not in uri:
+            # MLflow 3.x refuses its file store unless this is set ("maintenance mode"); the file store is what
+            # needs no server and no database package, so gatelab opts in for it (a user's own setting wins)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = self._client_class(tracking_uri=uri)
         name = run.config.name
         experiment = self.client.get_experiment_by_name(name)

@@ -336,27 +336,134 @@ reference = "gru"
 # -- logging callbacks ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("logger, module, written", [("tensorboard", "torch.utils.tensorboard", "tensorboard"),
-                                                     ("mlflow", "mlflow", "mlruns")])
-def test_train_log_wires_the_logger_or_names_its_extra(tmp_path, logger, module, written):
+def _extra_present(*modules: str) -> bool:
     import importlib.util
 
-    from gatelab.config import from_dict, load
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in modules)
+    except ModuleNotFoundError:
+        return False
+
+
+def _logged_run(tmp_path: Path, logger: str):
+    """A 12-step run of the tiny config with ``train.log = [logger]``: (config, run dir, its metrics.jsonl rows)."""
+    import json
+
+    from gatelab.config import load
     from gatelab.train import fit
 
     (tmp_path / "tiny.toml").write_text(TINY)
-    cfg = load(tmp_path / "tiny.toml", {"train.log": f'["{logger}"]', "train.steps": "4"})
+    cfg = load(tmp_path / "tiny.toml", {"train.log": f'["{logger}"]', "train.steps": "12"})
     assert cfg.train.log == (logger,)
+    run_dir = tmp_path / "run"
+    fit(cfg, run_dir=run_dir, quiet=True)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return cfg, run_dir, rows
+
+
+def _evals(rows: list[dict]) -> dict[tuple[str, int], float]:
+    """(split/metric, step) -> value of every evaluation metrics.jsonl recorded."""
+    meta = {"step", "epoch", "split", "lr", "train_loss", "grad_norm", "train_seconds"}
+    return {(f"{row['split']}/{k}", row["step"]): v for row in rows for k, v in row.items() if k not in meta}
+
+
+@pytest.mark.parametrize("logger, module", [("tensorboard", "torch.utils.tensorboard"), ("mlflow", "mlflow.tracking")])
+def test_train_log_names_a_missing_extra(tmp_path, monkeypatch, logger, module):
+    from gatelab.config import from_dict, load
+    from gatelab.train import fit
+
     with pytest.raises(ConfigError, match="train.log"):
         from_dict({"train": {"log": ["wandb"]}})
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, as without the extra
+    (tmp_path / "tiny.toml").write_text(TINY)
+    cfg = load(tmp_path / "tiny.toml", {"train.log": f'["{logger}"]', "train.steps": "4"})
+    with pytest.raises(ImportError, match=rf"gatelab\[{logger}\]"):
+        fit(cfg, run_dir=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run" / "last.pt").exists()  # it fails before training
+
+
+@pytest.mark.skipif(not _extra_present("torch.utils.tensorboard", "tensorboard"),
+                    reason="the tensorboard extra is not installed (make setup installs it)")
+def test_tensorboard_logger_writes_what_the_trainer_measured(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, rows = _logged_run(tmp_path, "tensorboard")
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "val/mse"} <= tags
+    evals = _evals(rows)
+    assert evals and any(k[0] == "val/mse" for k in evals)
+    for (tag, step), value in evals.items():  # every evaluation, at its step, to float32
+        logged = {e.step: e.value for e in acc.Scalars(tag)}
+        assert logged[step] == pytest.approx(value, rel=1e-6), (tag, step)
+    assert [e.step for e in acc.Scalars("train/loss")] == [10]  # every 10 steps of 12
+    lr = acc.Scalars("train/lr")[0].value
+    assert lr == pytest.approx(1e-2)
+
+
+@pytest.mark.skipif(not _extra_present("mlflow"), reason="the mlflow extra is not installed (make setup installs it)")
+def test_mlflow_logger_writes_a_file_store_run_with_params_and_metrics(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg, run_dir, rows = _logged_run(tmp_path, "mlflow")
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    experiment = client.get_experiment_by_name(cfg.name)
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["gatelab.run_dir"] == str(run_dir)
+    assert run.data.params["model.cell"] == "gru" and float(run.data.params["train.lr"]) == 1e-2
+    for (tag, step), value in _evals(rows).items():
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, tag.replace("/", "_"))}
+        assert history[step] == pytest.approx(value, rel=1e-12), (tag, step)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [10]
+
+
+# -- Ray ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not _extra_present("ray"), reason="the ray extra is not installed (make setup installs it)")
+def test_ray_local_mode_on_two_cpus_gives_the_local_pools_table(tmp_path):
+    import ray
+
+    path = write_study(tmp_path, """
+base = "tiny.toml"
+seeds = [0, 1]
+[axes]
+"model.cell" = ["gru", "lstm"]
+""")
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    sweep(load_study(path), local, workers=2, quiet=True)
     try:
-        present = importlib.util.find_spec(module) is not None and (logger != "tensorboard" or
-                                                                    importlib.util.find_spec("tensorboard") is not None)
-    except ModuleNotFoundError:
-        present = False
-    if not present:
-        with pytest.raises(ImportError, match=rf"gatelab\[{logger}\]"):
-            fit(cfg, run_dir=tmp_path / "run", quiet=True)
-        return
-    fit(cfg, run_dir=tmp_path / "run", quiet=True)
-    assert any((tmp_path / "run" / written).rglob("*"))
+        result = sweep(load_study(path), on_ray, workers=2, quiet=True, ray="local")
+        assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
+    finally:
+        ray.shutdown()
+    assert result["counts"]["done"] == 4 and result["ran"] == 4
+    with Store(on_ray / STORE_NAME) as store:
+        workers = {t["worker"] for t in store.trials()}
+    assert all(w and not w.endswith(f":{os.getpid()}") for w in workers)  # the trials ran in Ray's processes
+    assert table(on_ray) == table(local)  # the same numbers, bitwise
+
+
+def test_a_study_that_never_reads_test_reports_validation_and_judges_the_baseline_on_it(tmp_path):
+    path = write_study(tmp_path, """
+base = "tiny.toml"
+[set]
+"train.score_test" = false
+"train.steps" = 40
+[axes]
+"train.lr" = [3e-2, 1e-9]
+""")
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out), "--workers", "1", "--quiet"]) == 0
+    with Store(out / STORE_NAME) as store:
+        trials = store.trials()
+    for t in trials:
+        assert "test" not in t["final"] and t["value"] == t["final"]["val"]["mse"]
+        assert t["baseline"] == t["baselines"]["val"]["mse"]
+        assert t["beats_baseline"] == (t["value"] < t["baseline"])
+    assert any(t["beats_baseline"] for t in trials)  # the trained one, judged on validation (not None)
+    md = (out / "report.md").read_text()
+    assert "validation mse, mean" in md and "test mse" not in md

@@ -73,6 +73,11 @@ class Group:
         return self.done[0]["metric"] if self.done else None
 
     @property
+    def split(self) -> str:
+        """"test", or "validation" where the trials never read the test split (``train.score_test = false``)."""
+        return "test" if all("test" in (t["final"] or {}) for t in self.done) else "validation"
+
+    @property
     def higher_is_better(self) -> bool:
         return bool(self.done and self.done[0]["higher_is_better"])
 
@@ -275,8 +280,9 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 def _table_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     metric = next((g.metric for g in groups if g.metric), "metric")
     better = "higher" if any(g.higher_is_better for g in groups) else "lower"
-    header = ["rank", "configuration", f"test {metric}, mean ± std ({better} is better)", "seeds", "baseline", "beats baseline",
-              "diverged", "failed", "params", "engine", "s/epoch"]
+    split = "test" if all(g.split == "test" for g in groups) else "validation"
+    header = ["rank", "configuration", f"{split} {metric}, mean ± std ({better} is better)", "seeds", "baseline",
+              "beats baseline", "diverged", "failed", "params", "engine", "s/epoch"]
     rows = []
     for g in sorted(groups, key=lambda g: (g.rank is None, g.rank or 0)):
         done = g.done

@@ -112,11 +112,12 @@ def run_trial(study_dir: Path, trial: dict[str, Any], store: Store | None = None
         return "failed", f"{detail} (traceback in {trial['run_dir']}/error.txt)", known
     s = run.summary
     head = s["headline"]
-    split = "test" if "test" in s["final"] else "val"
+    split = "test" if "test" in s["final"] else "val"  # val: the run never read the test split (train.score_test)
+    value, baseline = s["final"][split][head], s["baseline"][split][head]
+    sign = 1 if head in HIGHER_IS_BETTER else -1
     result = {
-        **known, "metric": head, "higher_is_better": head in HIGHER_IS_BETTER,
-        "value": s["final"][split][head], "baseline": s["baseline"][split][head],
-        "beats_baseline": s["beats_baseline"], "final": s["final"], "baselines": s["baseline"],
+        **known, "metric": head, "higher_is_better": head in HIGHER_IS_BETTER, "value": value, "baseline": baseline,
+        "beats_baseline": bool(sign * (value - baseline) > 0), "final": s["final"], "baselines": s["baseline"],
         "steps": s["steps"], "best_step": s["best"]["step"], "epochs": s["epochs"], "parameters": s["parameters"],
         "engines": sorted(set(s["engines"])), "seconds_per_epoch": s["seconds_per_epoch"],
         "train_seconds": s["train_seconds"], "wall_seconds": s["wall_seconds"], "threads": s["threads"],
