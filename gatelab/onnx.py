@@ -36,7 +36,9 @@ implements them, the CUDA provider included.
 
 The layers the C++ loops do not run (they run the fused engine's PyTorch loop or the reference loop
 eagerly): projection ``proj_size``, CIFG ``coupled=True``, removed gates, full gate recurrence, the
-reset-before GRU, learnable activations (``prelu``, ``adaptive_sigmoid``, ``adaptive_tanh``). Inside
+reset-before GRU, learnable activations (``prelu``, ``adaptive_sigmoid``, ``adaptive_tanh``), and the
+cells of :mod:`gatelab.engines.scan` (``MinGRU``, ``MinLSTM``, ``IndRNN``, ``SLSTM``; sLSTM's
+block-diagonal ``R`` becomes one dense matrix, its stabilised exponential gates elementary operators). Inside
 :func:`export` (:func:`gatelab.engines.export_op.routing`) each of their directions traces as one
 ``torch.ops.gatelab.recurrence`` call, whose arguments describe the whole recurrence (the cell's
 tensors, a learnable activation's weight among them, and a JSON description of the cell); it becomes
@@ -48,7 +50,7 @@ Not expressible (:class:`NotExpressibleError`, naming the layer and the reason, 
 exported): user activations (a plain callable or an ``nn.Module`` the registry does not know has no
 ONNX expression), the layer-norm LSTM the C++ loop cannot run (with peepholes), a layer built with
 ``backend="reference"`` (that loop traces unrolled at the example's fixed T), and cell kinds the
-export operator does not describe (MinGRU, IndRNN, SLSTM ...). And training-time masks (recurrent
+export operator does not describe (a user's own cell class). And training-time masks (recurrent
 dropout, sampled zoneout): export in eval mode, as :func:`export` does. With ``torch.onnx.export``
 and :func:`translation_table` directly, open ``export_op.routing()`` around the call for those layers.
 
@@ -301,6 +303,8 @@ _EXPRESSIONS: dict[str, Callable[[_Body, Any, Any], Any]] = {
                                     b.Add(b.const(1.0), b.Erf(b.Mul(x, b.const(math.sqrt(0.5)))))),
     "silu": lambda b, x, act: b.Mul(x, b.Sigmoid(x)),
     "softplus": lambda b, x, act: b.Softplus(x),
+    "exp": lambda b, x, act: b.Exp(x),
+    "min_g": lambda b, x, act: b.Where(b.GreaterOrEqual(x, b.const(0.0)), b.Add(x, b.const(0.5)), b.Sigmoid(x)),
 }
 
 
@@ -453,6 +457,8 @@ def _recurrence_native_blocker(d: dict[str, Any]) -> str | None:
     """Why ONNX's own node cannot express a described direction (None: it can); only the reset-before
     GRU (``linear_before_reset=0``) is taken that way: the rest reaching this operator has no node."""
     o, acts = d["options"], d["activations"]
+    if d["kind"] in export_op.SCAN_KINDS:
+        return f"ONNX has no recurrent node for {_SCAN_TITLES[d['kind']]} (its nodes are LSTM, GRU and RNN)"
     if learnable := [k for k in acts.values() if k in export_op.LEARNABLE]:
         return f"activation {learnable[0]} is learnable (a weight per unit), which ONNX's recurrent nodes lack"
     if d["kind"] == "lstm":
@@ -473,6 +479,9 @@ def _recurrence_native_blocker(d: dict[str, Any]) -> str | None:
     except NotExpressibleError as err:
         return str(err)
     return None
+
+
+_SCAN_TITLES = {"min_gru": "minGRU", "min_lstm": "minLSTM", "indrnn": "IndRNN", "slstm": "sLSTM"}
 
 
 def _recurrence_gru_node(op: Any, d: dict[str, Any], W: dict[str, Any], x: Any, h0: Any, lengths: Any,
@@ -496,6 +505,8 @@ def _recurrence_step(b: _Body, cell: Any, d: dict[str, Any], W: dict[str, Any], 
                      states: Sequence[Any], act: Callable[[str, Any], Any]) -> tuple[Any, tuple[Any, ...]]:
     """One step of the described cell in a Scan body: ``(output, new states)``, as the cell's ``step``."""
     kind = d["kind"]
+    if kind in _SCAN_STEPS:
+        return _SCAN_STEPS[kind](b, d, W, Wt, xw, states, act)
     if kind == "gru":
         (h,) = states
         xr, xz, xn = b.Split(xw, num_outputs=3, axis=1)
@@ -548,6 +559,78 @@ def _recurrence_step(b: _Body, cell: Any, d: dict[str, Any], W: dict[str, Any], 
     return h_new, (h_new, c_new, b.Concat(*(ones if v is None else v for v in (i, f, out_gate)), axis=1))
 
 
+def _min_gru_step(b: _Body, d: dict[str, Any], W: dict[str, Any], Wt: dict[str, Any], xw: Any,
+                  states: Sequence[Any], act: Callable[[str, Any], Any]) -> tuple[Any, tuple[Any, ...]]:
+    """minGRU: z = σ_z(x_z), h' = (1 − z) ⊙ h + z ⊙ g(x_h); nothing of h enters a product."""
+    (h,) = states
+    xz, xh = b.Split(xw, num_outputs=2, axis=1)
+    z = act("sigma_z", xz)
+    h_new = b.Add(b.Mul(b.Sub(b.const(1.0), z), h), b.Mul(z, act("phi", xh)))
+    return h_new, (h_new,)
+
+
+def _min_lstm_step(b: _Body, d: dict[str, Any], W: dict[str, Any], Wt: dict[str, Any], xw: Any,
+                   states: Sequence[Any], act: Callable[[str, Any], Any]) -> tuple[Any, tuple[Any, ...]]:
+    """minLSTM: f, i = σ_f(x_f), σ_i(x_i); h' = f/(f + i) ⊙ h + i/(f + i) ⊙ g(x_h)."""
+    (h,) = states
+    xf, xi, xh = b.Split(xw, num_outputs=3, axis=1)
+    f, i = act("sigma_f", xf), act("sigma_i", xi)
+    total = b.Add(f, i)
+    h_new = b.Add(b.Mul(b.Div(f, total), h), b.Mul(b.Div(i, total), act("phi", xh)))
+    return h_new, (h_new,)
+
+
+def _indrnn_step(b: _Body, d: dict[str, Any], W: dict[str, Any], Wt: dict[str, Any], xw: Any,
+                 states: Sequence[Any], act: Callable[[str, Any], Any]) -> tuple[Any, tuple[Any, ...]]:
+    """IndRNN: h' = φ(W_ih x + b_ih + u ⊙ h), u the per-unit recurrent weight (H,)."""
+    (h,) = states
+    h_new = act("phi", b.Add(xw, b.Mul(W["weight_hh"], h)))
+    return h_new, (h_new,)
+
+
+def _slstm_step(b: _Body, d: dict[str, Any], W: dict[str, Any], Wt: dict[str, Any], xw: Any,
+                states: Sequence[Any], act: Callable[[str, Any], Any]) -> tuple[Any, tuple[Any, ...]]:
+    """sLSTM's stabilised step (SLSTMCell.combine): log i, log f by closed forms for exp and sigmoid;
+    m' = max(log f + m, log i); i' = e^(log i − m'), f' = e^(log f + m − m'); c' = f' c + i' φ(z̃),
+    n' = f' n + i', h' = σ_o(õ) c' / n'. ``Wt["R"]`` is the block-diagonal R as one dense (H, 4H)."""
+    h, c, n, m = states
+    pi, pf, pz, po = b.Split(b.Add(xw, b.MatMul(h, Wt["R"])), num_outputs=4, axis=1)
+
+    def log_gate(slot: str, x: Any) -> Any:
+        kind = activations.get(d["activations"][slot]).kind
+        if kind == "exp":
+            return x
+        if kind == "sigmoid":  # log σ(x) = −softplus(−x)
+            return b.Neg(b.Softplus(b.Neg(x)))
+        return b.Log(act(slot, x))
+
+    log_i, log_f = log_gate("sigma_i", pi), log_gate("sigma_f", pf)
+    kept = b.Add(log_f, m)
+    m_new = b.Max(kept, log_i)
+    i, f = b.Exp(b.Sub(log_i, m_new)), b.Exp(b.Sub(kept, m_new))
+    c_new = b.Add(b.Mul(f, c), b.Mul(i, act("phi", pz)))
+    n_new = b.Add(b.Mul(f, n), i)
+    h_new = b.Div(b.Mul(act("sigma_o", po), c_new), n_new)
+    return h_new, (h_new, c_new, n_new, m_new)
+
+
+_SCAN_STEPS = {"min_gru": _min_gru_step, "min_lstm": _min_lstm_step, "indrnn": _indrnn_step, "slstm": _slstm_step}
+
+
+def _block_diagonal_t(op: Any, d: dict[str, Any], weight_hh: Any, dtype: Any) -> Any:
+    """sLSTM's ``weight_hh (4H, H/K)`` (the diagonal blocks of R, rows gate · head · unit) as the dense
+    ``Rᵀ (H, 4H)`` a Scan body multiplies ``h`` by: ``R[g·H + k·d + o, k'·d + i] = W[g, k, o, i] δ(k, k')``."""
+    K, H = d["options"]["num_heads"], d["hidden_size"]
+    if K == 1:
+        return op.Transpose(weight_hh, perm=[1, 0])
+    import onnx_ir as ir
+
+    dh = H // K
+    eye = np.eye(K, dtype=dtype.numpy()).reshape(1, K, 1, K, 1)
+    dense = op.Mul(op.Reshape(weight_hh, [4, K, dh, 1, dh]), op.Constant(value=ir.tensor(eye)))  # (4, K, d, K, d)
+    return op.Transpose(op.Reshape(dense, [4 * H, H]), perm=[1, 0])
+
+
 def _recurrence_translation(want: str) -> Callable[..., Any]:
     def translate(x: Any, state: Sequence[Any], weights: Sequence[Any], lengths: Any, cell: str, reverse: bool) -> Any:
         op = _opset()
@@ -561,14 +644,18 @@ def _recurrence_translation(want: str) -> Callable[..., Any]:
             return out, hn
         built = export_op.build(d)
         H, kind = d["hidden_size"], d["kind"]
-        Wt = {n: op.Transpose(W[n], perm=[1, 0]) for n in ("weight_hh", "weight_hr", "weight_gr") if n in W}
+        if kind in export_op.SCAN_KINDS:  # IndRNN's u is (H,); sLSTM's R block-diagonal
+            Wt = {"R": _block_diagonal_t(op, d, W["weight_hh"], x.dtype)} if kind == "slstm" else {}
+        else:
+            Wt = {n: op.Transpose(W[n], perm=[1, 0]) for n in ("weight_hh", "weight_hr", "weight_gr") if n in W}
         reset_before = kind == "gru" and not d["options"]["reset_after"]
         if reset_before:  # W_hh's rows r, z | n: the n block multiplies r ⊙ h
             W_hr, W_hz, W_hn = op.Split(W["weight_hh"], axis=0, num_outputs=3)
             Wt.update(W_hrz=op.Transpose(op.Concat(W_hr, W_hz, axis=0), perm=[1, 0]), W_hn=op.Transpose(W_hn, perm=[1, 0]))
         xw = op.MatMul(x, op.Transpose(W["weight_ih"], perm=[1, 0]))  # every step's input projection
-        if d["bias"]:
-            fold = kind != "gru" or reset_before  # b_hh is additive (not the reset-after candidate's)
+        if d["bias"]:  # b_hh folded in where it is additive (not the reset-after candidate's; the scan cells but
+            # sLSTM have none)
+            fold = (kind != "gru" or reset_before) and "bias_hh" in W
             xw = op.Add(xw, op.Add(W["bias_ih"], W["bias_hh"]) if fold else W["bias_ih"])
         scanned = [xw]
         if lengths is not None:  # live[t, b] = t < lengths[b]: (T, B, 1)

@@ -158,6 +158,19 @@ RECURRENCE_GRID = [
     (gatelab.RNN, {"activation": "prelu"}, True, "auto", "Scan"),
     (gatelab.GatedStateRNN, {"gate_activation": "adaptive_sigmoid", "candidate_activation": "adaptive_tanh"}, True,
      "auto", "Scan"),
+    # the scan engine's cells (issue 19): no ONNX node exists for any of them
+    (gatelab.MinGRU, {}, True, "auto", "Scan"),
+    (gatelab.MinGRU, {"gate_activation": "hard_sigmoid", "candidate_activation": "min_g", "num_layers": 2,
+                      "bidirectional": True}, False, "auto", "Scan"),
+    (gatelab.MinGRU, {"candidate_activation": "prelu", "scan": "parallel"}, True, "auto", "Scan"),
+    (gatelab.MinLSTM, {"gate_activation": "elliott", "bidirectional": True}, True, "auto", "Scan"),
+    (gatelab.IndRNN, {}, True, "auto", "Scan"),
+    (gatelab.IndRNN, {"activation": "tanh", "num_layers": 2, "residual": True}, False, "auto", "Scan"),
+    (gatelab.IndRNN, {"activation": "hardtanh", "max_length": 10}, True, "auto", "Scan"),
+    (gatelab.SLSTM, {}, True, "auto", "Scan"),
+    (gatelab.SLSTM, {"num_heads": 5, "bidirectional": True, "candidate_activation": "softsign"}, True, "auto", "Scan"),
+    (gatelab.SLSTM, {"gate_activation": "sigmoid", "num_layers": 2}, False, "auto", "Scan"),
+    (gatelab.SLSTM, {"gate_activation": {"i": "softplus", "o": "hard_sigmoid"}}, True, "auto", "Scan"),
 ]
 
 
@@ -236,6 +249,15 @@ def test_the_export_operator_is_not_unrolled_and_only_used_when_exporting():
     assert "pure-PyTorch loop" in model.explain()
 
 
+def test_a_scan_cell_exports_one_scan_whatever_the_length():
+    """MinGRU's body holds no MatMul (its gates read x_t only); sLSTM's one, its block-diagonal R made
+    dense; neither graph grows with T."""
+    _, body = _one_scan_at_any_length(lambda: gatelab.MinGRU(3, 5))
+    assert "MatMul" not in [n.op_type for n in body.node]
+    _, body = _one_scan_at_any_length(lambda: gatelab.SLSTM(3, 4, num_heads=2))
+    assert [n.op_type for n in body.node].count("MatMul") == 1
+
+
 def test_the_export_operator_computes_the_layer_in_an_exported_program():
     """Under routing() torch.export records one torch.ops.gatelab.recurrence call per direction, with T
     dynamic; the program run eagerly (the operator's kernel, the reference loop) equals the layer."""
@@ -270,9 +292,11 @@ def test_a_sequence_model_with_a_cifg_and_a_projection_lstm_exports_with_its_hea
 
 
 def test_every_kernel_activation_has_a_scan_expression():
+    from gatelab.engines import export_op
     from gatelab.engines.fused import cpp
 
-    assert set(gonnx._EXPRESSIONS) == set(cpp.KINDS)
+    # the C++ kernels' kinds, and exp / min_g of the scan cells (the learnable ones are built from their weight)
+    assert set(gonnx._EXPRESSIONS) == set(export_op.KINDS) - set(export_op.LEARNABLE) == {*cpp.KINDS, "exp", "min_g"}
     kinds_in_grid = set()
     for cls, options, _, _ in SCAN_GRID:
         cell = cls(3, 5, **options).cells[0]
@@ -345,6 +369,9 @@ def test_a_sequence_model_exports_with_its_head_in_the_scan_form(tmp_path):
      r"user activation with no ONNX expression"),
     (lambda: gatelab.LSTM(3, 4, layer_norm=True, peephole=True), "auto", r"the C\+\+ layer-norm loop has no peepholes"),
     (lambda: gatelab.LSTM(3, 4, proj_size=2, backend="reference"), "auto", "backend='reference' was asked for"),
+    (lambda: gatelab.MinGRU(3, 4), "native", "ONNX has no recurrent node for minGRU"),
+    (lambda: gatelab.SLSTM(3, 4, candidate_activation=lambda x: x.clamp(-2, 2)), "auto",
+     r"user activation with no ONNX expression"),
 ])
 def test_what_onnx_cannot_express_is_named(layer, form, reason):
     with warnings.catch_warnings(), pytest.raises(gonnx.NotExpressibleError, match=reason):

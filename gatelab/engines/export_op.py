@@ -1,6 +1,7 @@
 """The export-only operator ``torch.ops.gatelab.recurrence``: one call per layer and direction for the
 cells the fused engine's C++ operators do not take (LSTM projection, CIFG, removed gates, full gate
-recurrence, the reset-before GRU, learnable activations ...), so that an exported graph holds one
+recurrence, the reset-before GRU, learnable activations ...) and for the cells of
+:mod:`gatelab.engines.scan` (minGRU, minLSTM, IndRNN, sLSTM), so that an exported graph holds one
 node whose arguments describe the whole recurrence instead of a loop unrolled at a fixed length.
 
 Only :func:`gatelab.onnx.export` (or a block under :func:`routing`) sends layers here; everywhere
@@ -28,7 +29,7 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 
 from .. import activations
 from ..activations import Activation, LearnableActivation
-from ..cells import ElmanCell, GatedStateCell, GRUCell, LSTMCell, RecurrentCell
+from ..cells import ElmanCell, GatedStateCell, GRUCell, IndRNNCell, LSTMCell, MinGRUCell, MinLSTMCell, RecurrentCell, SLSTMCell
 from . import reference
 from .fused import cpp
 
@@ -37,13 +38,19 @@ if TYPE_CHECKING:
 
 QUALNAME = "gatelab::recurrence"
 SCHEMA = "(Tensor x, Tensor[] state, Tensor[] weights, Tensor? lengths, str cell, bool reverse) -> (Tensor out, Tensor state)"
-CELLS: dict[str, type[RecurrentCell]] = {"rnn": ElmanCell, "gru": GRUCell, "lstm": LSTMCell, "gated_state": GatedStateCell}
+CELLS: dict[str, type[RecurrentCell]] = {
+    "rnn": ElmanCell, "gru": GRUCell, "lstm": LSTMCell, "gated_state": GatedStateCell,
+    "min_gru": MinGRUCell, "min_lstm": MinLSTMCell, "indrnn": IndRNNCell, "slstm": SLSTMCell,
+}
+# the kinds whose layers run gatelab.engines.scan (no C++ operator of the fused engine exports them)
+SCAN_KINDS = ("min_gru", "min_lstm", "indrnn", "slstm")
 # the options each kind's description carries (with the defaults a cell built from it would have otherwise)
 OPTIONS = {"gru": ("reset_after",),
-           "lstm": ("peephole", "peephole_output", "coupled", "gates", "full_gate_recurrence", "proj_size")}
+           "lstm": ("peephole", "peephole_output", "coupled", "gates", "full_gate_recurrence", "proj_size"),
+           "indrnn": ("recurrent_max",), "slstm": ("num_heads",)}
 LEARNABLE = ("prelu", "adaptive_sigmoid", "adaptive_tanh")
 # activation kinds with an ONNX expression (gatelab.onnx builds each from elementary operators)
-KINDS = (*cpp.KINDS, *LEARNABLE)
+KINDS = (*cpp.KINDS, "exp", "min_g", *LEARNABLE)
 
 _routing = [0]
 
@@ -85,8 +92,8 @@ def blockers(cell: RecurrentCell) -> list[str]:
     """Why the operator cannot describe ``cell`` (empty: it can)."""
     kind = next((k for k, cls in CELLS.items() if type_before_parametrizations(cell) is cls), None)
     if kind is None:
-        return [f"{type(cell).__name__} has no description for the export operator (it covers Elman, GRU, LSTM and "
-                f"gated-state cells)"]
+        return [f"{type(cell).__name__} has no description for the export operator (it covers the registered cells: "
+                f"{', '.join(cls.__name__ for cls in CELLS.values())})"]
     out = []
     if isinstance(cell, LSTMCell) and cell.layer_norm:
         why = [b for b in cpp.cell_blockers(cell) if not b.startswith((cpp.DEVICE_BLOCKER, cpp.DTYPE_BLOCKER))]
