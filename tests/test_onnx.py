@@ -164,6 +164,7 @@ RECURRENCE_GRID = [
                       "bidirectional": True}, False, "auto", "Scan"),
     (gatelab.MinGRU, {"candidate_activation": "prelu", "scan": "parallel"}, True, "auto", "Scan"),
     (gatelab.MinLSTM, {"gate_activation": "elliott", "bidirectional": True}, True, "auto", "Scan"),
+    (gatelab.MinGRU, {"norm": True, "mlp": 7, "num_layers": 2, "residual": True}, True, "auto", "Scan"),
     (gatelab.IndRNN, {}, True, "auto", "Scan"),
     (gatelab.IndRNN, {"activation": "tanh", "num_layers": 2, "residual": True}, False, "auto", "Scan"),
     (gatelab.IndRNN, {"activation": "hardtanh", "max_length": 10}, True, "auto", "Scan"),

@@ -472,6 +472,7 @@ class RecurrentLayer(nn.Module):
         finals: list[tuple[Tensor, ...]] = []
         for layer in range(self.num_layers):
             layer_in = x
+            x = self._block_in(layer, x)
             if self.training and self.input_dropout > 0:
                 x = x * _mask(x[0], self.input_dropout).unsqueeze(0)  # one mask per sequence, every step
             outs = []
@@ -497,10 +498,20 @@ class RecurrentLayer(nn.Module):
                 x = x + (layer_in if layer or self.weight_res_l0 is None else F.linear(layer_in, self.weight_res_l0))
                 if lengths is not None:
                     x = x * (torch.arange(x.shape[0], device=x.device).unsqueeze(1) < lengths).unsqueeze(2)
+            x = self._block_out(layer, x, lengths)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, True)
         hn = tuple(torch.stack(parts) for parts in zip(*finals))
         return x, hn
+
+    def _block_in(self, layer: int, x: Tensor) -> Tensor:
+        """What layer ``layer``'s cells read, from the layer's input ``x`` (the residual adds ``x``
+        itself); a hook for layers with blocks around their cells (the scan layers' norm)."""
+        return x
+
+    def _block_out(self, layer: int, x: Tensor, lengths: Tensor | None) -> Tensor:
+        """Layer ``layer``'s output after its residual sum, before dropout (the scan layers' MLP block)."""
+        return x
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"

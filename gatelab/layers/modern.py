@@ -4,15 +4,18 @@ SLSTM (Beck et al. 2024). They run on the reference loop or on :mod:`gatelab.eng
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .. import activations
 from ..activations import ActivationSpec
 from ..cells import registry
-from ..cells.base import GateActivationSpec
+from ..cells.base import GateActivationSpec, _check_size, check_flag
 from ..cells.indrnn import IndRNNCell
 from ..cells.min_rnn import MinGRUCell, MinLSTMCell
 from ..cells.slstm import SLSTMCell
@@ -31,10 +34,16 @@ _DOCS = {
     "init": "``\"torch\"`` only (IndRNN: ``u`` ~ U(0, u_max)); sLSTM also ``\"chrono\"``",
     "forget_bias": "sLSTM only: the effective bias ``b_ih + b_hh`` of its ``f`` gate",
     "backend": "engine: ``\"auto\"``, ``\"fused\"`` (:mod:`gatelab.engines.scan`) or ``\"reference\"``",
+    "norm": "a LayerNorm over each layer's input before its cells (pre-norm; with ``residual`` the sum adds the "
+            "un-normed input): the paper's block",
+    "mlp": "the hidden width of a position-wise MLP block after each layer, ``x + W₂ act(W₁ LN(x) + b₁) + b₂`` (LN "
+           "with ``norm``; default none)",
+    "mlp_activation": "the MLP block's activation, a parameter-free registered one (default ``\"gelu\"``)",
 }
 _COMMON = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional", "device",
            "dtype")
-_LAYER = ("residual", "residual_projection", "input_dropout", "init", "backend", "strict")
+_LAYER = ("residual", "residual_projection", "norm", "mlp", "mlp_activation", "input_dropout", "init", "backend",
+          "strict")
 
 
 def _doc(*names: str) -> str:
@@ -50,7 +59,8 @@ class _ScanLayer(RecurrentLayer):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, bias: bool, batch_first: bool,
                  dropout: float, bidirectional: bool, *, cell_options: dict[str, Any], residual: bool,
-                 residual_projection: bool, input_dropout: float, init: str, forget_bias: float | None,
+                 residual_projection: bool, norm: bool, mlp: int | None, mlp_activation: ActivationSpec,
+                 input_dropout: float, init: str, forget_bias: float | None,
                  chrono_max_length: int | None, backend: str, strict: bool,
                  device: torch.device | str | None, dtype: torch.dtype | None) -> None:
         owner = type(self).__name__
@@ -64,6 +74,67 @@ class _ScanLayer(RecurrentLayer):
             forget_bias=forget_bias, chrono_max_length=chrono_max_length, backend=backend, strict=strict,
             device=device, dtype=dtype,
         )
+        self._init_blocks(owner, norm, mlp, mlp_activation, device, dtype)
+
+    # -- the paper's blocks around the cells: pre-norm and a position-wise MLP, each layer its own ----------
+
+    def _init_blocks(self, owner: str, norm: bool, mlp: int | None, mlp_activation: ActivationSpec,
+                     device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        check_flag(f"{owner}: norm", norm)
+        if mlp is not None:
+            _check_size("mlp", mlp)
+        act = activations.get(mlp_activation)
+        if not isinstance(act, activations.Activation) or isinstance(act.bind(1), nn.Module):
+            raise ValueError(f"{owner}: mlp_activation must be a parameter-free registered activation, got "
+                             f"{getattr(act, 'key', mlp_activation)!r}")
+        self.norm, self.mlp, self.mlp_activation = bool(norm), mlp, act
+        width = self.num_directions * self.output_size
+        factory = {"device": device, "dtype": dtype}
+        for k in range(self.num_layers):  # registered after the cells' parameters, whose order is torch's
+            if self.norm:
+                n_in = self.input_size if k == 0 else width
+                self.register_parameter(f"norm_weight_l{k}", nn.Parameter(torch.ones(n_in, **factory)))
+                self.register_parameter(f"norm_bias_l{k}", nn.Parameter(torch.zeros(n_in, **factory)))
+            if mlp is None:
+                continue
+            if self.norm:
+                self.register_parameter(f"mlp_norm_weight_l{k}", nn.Parameter(torch.ones(width, **factory)))
+                self.register_parameter(f"mlp_norm_bias_l{k}", nn.Parameter(torch.zeros(width, **factory)))
+            for name, (n_out, n_in) in (("in", (mlp, width)), ("out", (width, mlp))):
+                weight = nn.Parameter(torch.empty(n_out, n_in, **factory))
+                bias = nn.Parameter(torch.empty(n_out, **factory))
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's initialisation
+                nn.init.uniform_(bias, -1 / math.sqrt(n_in), 1 / math.sqrt(n_in))
+                self.register_parameter(f"mlp_weight_{name}_l{k}", weight)
+                self.register_parameter(f"mlp_bias_{name}_l{k}", bias)
+
+    def _block_in(self, layer: int, x: Tensor) -> Tensor:
+        if not self.norm:
+            return x
+        return F.layer_norm(x, x.shape[-1:], getattr(self, f"norm_weight_l{layer}"), getattr(self, f"norm_bias_l{layer}"))
+
+    def _block_out(self, layer: int, x: Tensor, lengths: Tensor | None) -> Tensor:
+        if self.mlp is None:
+            return x
+        y = x if not self.norm else F.layer_norm(x, x.shape[-1:], getattr(self, f"mlp_norm_weight_l{layer}"),
+                                                 getattr(self, f"mlp_norm_bias_l{layer}"))
+        y = self.mlp_activation(F.linear(y, getattr(self, f"mlp_weight_in_l{layer}"),
+                                         getattr(self, f"mlp_bias_in_l{layer}")))
+        x = x + F.linear(y, getattr(self, f"mlp_weight_out_l{layer}"), getattr(self, f"mlp_bias_out_l{layer}"))
+        if lengths is not None:  # a padded step outputs zero, as the cells' own steps do
+            x = x * (torch.arange(x.shape[0], device=x.device).unsqueeze(1) < lengths.to(x.device)).unsqueeze(2)
+        return x
+
+    def extra_options(self, runtime: bool = False) -> list[str]:
+        out = super().extra_options(runtime)
+        if not hasattr(self, "mlp_activation"):  # asked while the base class builds the layer: no blocks yet
+            return out
+        if self.norm:
+            out.append("norm=True")
+        if self.mlp is not None:
+            out.append(f"mlp={self.mlp}" + (f", mlp_activation={self.mlp_activation.key}"
+                                             if self.mlp_activation.key != "gelu" else ""))
+        return out
 
     def _choose_engine(self):
         return scan.choose(self, self.backend, self.strict)
@@ -89,6 +160,9 @@ class _MinLayer(_ScanLayer):
         scan: str = "auto",
         residual: bool = False,
         residual_projection: bool = True,
+        norm: bool = False,
+        mlp: int | None = None,
+        mlp_activation: ActivationSpec = "gelu",
         input_dropout: float = 0.0,
         init: str = "torch",
         forget_bias: float | None = None,
@@ -99,7 +173,8 @@ class _MinLayer(_ScanLayer):
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
             cell_options={"gate_activation": gate_activation, "candidate_activation": candidate_activation,
                           "scan": scan},
-            residual=residual, residual_projection=residual_projection, input_dropout=input_dropout, init=init,
+            residual=residual, residual_projection=residual_projection, norm=norm, mlp=mlp,
+            mlp_activation=mlp_activation, input_dropout=input_dropout, init=init,
             forget_bias=forget_bias, chrono_max_length=None, backend=backend, strict=strict, device=device,
             dtype=dtype,
         )
@@ -154,6 +229,9 @@ class IndRNN(_ScanLayer):
         max_length: int | None = None,
         residual: bool = False,
         residual_projection: bool = True,
+        norm: bool = False,
+        mlp: int | None = None,
+        mlp_activation: ActivationSpec = "gelu",
         input_dropout: float = 0.0,
         init: str = "torch",
         forget_bias: float | None = None,
@@ -163,7 +241,8 @@ class IndRNN(_ScanLayer):
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
             cell_options={"activation": activation, "recurrent_max": recurrent_max, "max_length": max_length},
-            residual=residual, residual_projection=residual_projection, input_dropout=input_dropout, init=init,
+            residual=residual, residual_projection=residual_projection, norm=norm, mlp=mlp,
+            mlp_activation=mlp_activation, input_dropout=input_dropout, init=init,
             forget_bias=forget_bias, chrono_max_length=None, backend=backend, strict=strict, device=device,
             dtype=dtype,
         )
@@ -210,6 +289,9 @@ class SLSTM(_ScanLayer):
         candidate_activation: ActivationSpec = "tanh",
         residual: bool = False,
         residual_projection: bool = True,
+        norm: bool = False,
+        mlp: int | None = None,
+        mlp_activation: ActivationSpec = "gelu",
         input_dropout: float = 0.0,
         init: str = "torch",
         forget_bias: float | None = None,
@@ -221,7 +303,8 @@ class SLSTM(_ScanLayer):
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
             cell_options={"num_heads": num_heads, "gate_activation": gate_activation,
                           "candidate_activation": candidate_activation},
-            residual=residual, residual_projection=residual_projection, input_dropout=input_dropout, init=init,
+            residual=residual, residual_projection=residual_projection, norm=norm, mlp=mlp,
+            mlp_activation=mlp_activation, input_dropout=input_dropout, init=init,
             forget_bias=forget_bias, chrono_max_length=chrono_max_length, backend=backend, strict=strict,
             device=device, dtype=dtype,
         )
