@@ -48,6 +48,7 @@ REDUCED = (torch.bfloat16, torch.float16)  # stored in the layer's dtype, comput
 # Compiled together into one library; kernels_scan.cpp (the scan cells' loops, op namespace gatelab_scan)
 # is independent of kernels.cpp.
 SOURCES = ("kernels.cpp", "kernels_scan.cpp")
+HEADERS = ("vmath.h",)  # included by both; part of the cache key
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"loaded": False, "error": None}
@@ -101,7 +102,8 @@ def load(strict: bool = False) -> bool:
         if _state["error"] is None:
             try:
                 sources = [Path(__file__).with_name(name) for name in SOURCES]
-                key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in sources), torch.__version__.encode(),
+                headers = [Path(__file__).with_name(name) for name in HEADERS]
+                key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in [*sources, *headers]), torch.__version__.encode(),
                                                  sys.version.encode(), " ".join(FLAGS + _arch_flags()).encode(),
                                                  _cpu_id().encode()]))
                 target = cache_dir() / key.hexdigest()[:20] / "gatelab_fused.so"

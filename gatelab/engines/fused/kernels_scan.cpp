@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vmath.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -189,10 +191,10 @@ enum SlstmAct : int64_t {
 template <typename T>
 inline T slstm_act(int64_t kind, T x, T a) {
   switch (kind) {
-    case L_SIGMOID: return T(1) / (T(1) + std::exp(-x));
+    case L_SIGMOID: return T(1) / (T(1) + vexp(-x));  // vmath.h: no libm call, so the span loops vectorise
     case L_HARD_SIGMOID: return std::min(std::max(a * x + T(0.5), T(0)), T(1));
     case L_ELLIOTT: return T(0.5) * x / (T(1) + std::abs(x)) + T(0.5);
-    case L_TANH: return std::tanh(x);
+    case L_TANH: return vtanh(x);
     case L_HARDTANH: return std::min(std::max(x, T(-1)), T(1));
     case L_SOFTSIGN: return x / (T(1) + std::abs(x));
     case L_RELU: return x > T(0) ? x : T(0);
