@@ -134,6 +134,29 @@ def _environment() -> tuple[int, int, int, int] | None:
     return rank, world, local_rank, local_world
 
 
+TIMEOUT_VARIABLE = "GATELAB_DDP_TIMEOUT_MINUTES"
+
+
+def timeout_minutes() -> float:
+    """How long a collective waits for the other ranks before it fails: ``$GATELAB_DDP_TIMEOUT_MINUTES``,
+    default 30 (a rank-0 evaluation of a large validation split must fit inside it)."""
+    raw = os.environ.get(TIMEOUT_VARIABLE, "30")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise DistributedError(f"{TIMEOUT_VARIABLE} must be a positive number of minutes, got {raw!r}")
+    return value
+
+
+def main_process() -> bool:
+    """Whether this process writes what a whole launch writes once: rank 0 of a torchrun launch, or any
+    process outside torchrun (what runs before a process group exists reads it from the environment)."""
+    env = _environment()
+    return env is None or env[0] == 0
+
+
 @contextlib.contextmanager
 def session(device: torch.device) -> Iterator[Group]:
     """The process group of a torchrun launch for the duration of a run.
@@ -154,7 +177,7 @@ def session(device: torch.device) -> Iterator[Group]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes()))
     try:
         yield Group(rank, world, local_rank, local_world)
     finally:

@@ -55,7 +55,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, ExperimentConfig, TrainConfig, from_dict, to_dict, to_toml
 from .data import Minibatches, StreamWindows, Unit, in_order
-from .distributed import Group, rank_seed, replicate, session, threads_per_rank
+from .distributed import Group, main_process, rank_seed, replicate, session, threads_per_rank
 from .models import SequenceModel, State, UserModel, build_model, detach_state
 from .tasks import Task
 from .tasks import metrics as M
@@ -445,7 +445,8 @@ def _task_shape(task: Task) -> dict[str, Any]:
 
 def save(run: Run, path: Path) -> None:
     """Write the run's state to ``path`` (atomically). Under torchrun every rank calls it: rank 0 writes,
-    with every rank's RNG state and the carried state of all rows of the global batch."""
+    with every rank's RNG state and the carried state of all rows of the global batch; if that write
+    fails, rank 0 raises it and the other ranks raise :class:`~gatelab.distributed.DistributedError`."""
     carry = run.carry
     if run.group.active:
         rngs = run.group.gather(rng_state())
@@ -453,20 +454,22 @@ def save(run: Run, path: Path) -> None:
             parts = run.group.gather(None if carry is None else [
                 tuple(t.cpu() for t in s) if isinstance(s, tuple) else s.cpu() for s in carry])
             carry = None if parts[0] is None else [_join(layer) for layer in zip(*parts)]
-        if not run.group.main:
-            return
-    trainer = {
-        "best": dict(run.best), "stop": run.stop, "loss_sum": run.loss_sum, "loss_count": run.loss_count,
-        "grad_norm": run.grad_norm, "train_seconds": run.train_seconds, "task": _task_shape(run.task),
-        "wall_seconds": run.wall_seconds + time.perf_counter() - run.started,
-        "carry": carry if run.config.train.tbptt else None,
-        "user_model": run.own["model"], "user_task": run.own["task"],
-    }
-    if run.group.active:
-        trainer["ranks"] = {"world_size": run.group.world, "rng": rngs}
-    save_checkpoint(path, step=run.step, config=to_dict(run.config), model=run.model, optimizer=run.optimizer,
-                    scheduler={"kind": run.config.train.schedule, "last_lr": run.optimizer.param_groups[0]["lr"]},
-                    trainer=trainer)
+
+    def write() -> None:  # rank 0 alone; a failure stops every rank (Group.first), none waits for it
+        trainer = {
+            "best": dict(run.best), "stop": run.stop, "loss_sum": run.loss_sum, "loss_count": run.loss_count,
+            "grad_norm": run.grad_norm, "train_seconds": run.train_seconds, "task": _task_shape(run.task),
+            "wall_seconds": run.wall_seconds + time.perf_counter() - run.started,
+            "carry": carry if run.config.train.tbptt else None,
+            "user_model": run.own["model"], "user_task": run.own["task"],
+        }
+        if run.group.active:
+            trainer["ranks"] = {"world_size": run.group.world, "rng": rngs}
+        save_checkpoint(path, step=run.step, config=to_dict(run.config), model=run.model, optimizer=run.optimizer,
+                        scheduler={"kind": run.config.train.schedule, "last_lr": run.optimizer.param_groups[0]["lr"]},
+                        trainer=trainer)
+
+    run.group.first(write)
 
 
 def _join(states: Sequence[Any]) -> Any:
@@ -723,7 +726,8 @@ def cross_validate(config: ExperimentConfig, *, run_dir: str | Path | None = Non
     if "fold" in options:
         raise ConfigError(f"cross_validate runs every fold: leave task.fold unset (got {options['fold']!r})")
     base = run_directory(config, run_dir)
-    if overwrite:  # a k-fold run of another k left more folds here: they are not this run's
+    main = main_process()  # under torchrun every rank runs every fold; rank 0 alone removes and writes
+    if overwrite and main:  # a k-fold run of another k left more folds here: they are not this run's
         stale = [d for d in base.glob("fold_*") if d.is_dir() and d.name.removeprefix("fold_").isdigit()
                  and int(d.name.removeprefix("fold_")) >= k]
         for d in stale:
@@ -733,7 +737,7 @@ def cross_validate(config: ExperimentConfig, *, run_dir: str | Path | None = Non
     for fold in range(k):
         cfg = replace(config, task=replace(config.task, options={**options, "fold": fold}),
                       train=replace(config.train, score_test=False))
-        if not quiet:
+        if not quiet and main:
             print(f"fold {fold + 1}/{k}", flush=True)
         run = fit(cfg, run_dir=base / f"fold_{fold}", callbacks=callbacks, quiet=quiet, overwrite=overwrite)
         folds.append({"fold": fold, "val": run.summary["final"]["val"], "steps": run.step,
@@ -745,7 +749,8 @@ def cross_validate(config: ExperimentConfig, *, run_dir: str | Path | None = Non
                           "max": max(values)}
     result = {"name": config.name, "task": config.task.name, "val_folds": k, "folds": folds, "val": spread,
               "config": to_dict(config)}
-    write_json(base / "cv.json", result)
+    if main:
+        write_json(base / "cv.json", result)
     return result
 
 
@@ -762,6 +767,12 @@ def finish(run: Run) -> dict[str, Any]:
     return run.summary
 
 
+def beats_baseline(metric: str, value: float, baseline: float) -> bool:
+    """Whether ``value`` is strictly better than the trivial ``baseline`` on ``metric``: higher for the
+    metrics in :data:`HIGHER_IS_BETTER` (accuracy ...), lower for the rest (losses, MSE, bpc)."""
+    return bool((value - baseline) * (1 if metric in HIGHER_IS_BETTER else -1) > 0)
+
+
 def _summarise(run: Run) -> dict[str, Any]:
     cfg, task = run.config.train, run.task
     best = run.run_dir / "best.pt"
@@ -774,13 +785,12 @@ def _summarise(run: Run) -> dict[str, Any]:
              for s in scored if len(task.split(s))}
     baseline = {s: task.baseline(s) for s in scored if len(task.split(s))}
     head = task.metrics[0]
-    sign = 1 if head in HIGHER_IS_BETTER else -1
     epochs = run.step / run.steps_per_epoch
     wall = run.wall_seconds + time.perf_counter() - run.started
     run.summary = {
         "name": run.config.name, "task": task.name, "kind": task.kind, "headline": head,
         "final": final, "baseline": baseline,
-        "beats_baseline": bool(sign * (final["test"][head] - baseline["test"][head]) > 0) if "test" in final else None,
+        "beats_baseline": beats_baseline(head, final["test"][head], baseline["test"][head]) if "test" in final else None,
         "weights": weights, "best": {"metric": run.monitor, "split": run.monitor_split, **run.best},
         "stopped_early": run.step < run.total_steps, "steps": run.step, "epochs": round(epochs, 3),
         "budget": {"max_minutes": cfg.max_minutes, "fitted_steps": run.budget_fitted, "max_steps": cfg.max_steps}

@@ -131,7 +131,64 @@ def test_torchrun_gatelab_train_writes_once_on_rank_0(tmp_path):
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2  # one line per evaluation, not per rank
 
 
+FAILING_SAVE = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from gatelab import train
+    from gatelab.config import load
+    from gatelab.distributed import DistributedError
+
+    def full_disk(path, **parts):
+        raise OSError("no space left on device (a test)")
+
+    config, out = load(sys.argv[1]), Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if rank == 0:
+        train.save_checkpoint = full_disk
+    try:
+        train.fit(config, run_dir=out / "run", quiet=True)
+    except OSError as err:
+        print(f"rank {rank}: OSError: {err}", flush=True)
+    except DistributedError as err:
+        print(f"rank {rank}: DistributedError: {err}", flush=True)
+    dist.destroy_process_group()
+''')
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path):
+    """Rank 0's failed write reaches rank 1 at once (no collective left waiting for the timeout)."""
+    (tmp_path / "tiny.toml").write_text(to_toml(from_dict(CONFIG)))
+    (tmp_path / "fail.py").write_text(FAILING_SAVE)
+    done = torchrun(["fail.py", "tiny.toml", str(tmp_path)], tmp_path, timeout=90)
+    assert "rank 0: OSError: no space left on device (a test)" in done.stdout
+    assert "rank 1: DistributedError: rank 0 failed, so rank 1 stops: OSError: no space left" in done.stdout
+
+
 # -- without processes -------------------------------------------------------------------------------
+
+
+def test_the_timeout_and_the_main_process_come_from_the_environment(monkeypatch):
+    from gatelab import distributed
+
+    monkeypatch.delenv(distributed.TIMEOUT_VARIABLE, raising=False)
+    assert distributed.timeout_minutes() == 30
+    monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, "2.5")
+    assert distributed.timeout_minutes() == 2.5
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv(distributed.TIMEOUT_VARIABLE, bad)
+        with pytest.raises(distributed.DistributedError, match="must be a positive number of minutes"):
+            distributed.timeout_minutes()
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.main_process()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert not distributed.main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.main_process()
 
 
 def test_a_batch_that_does_not_split_is_refused():

@@ -83,7 +83,7 @@ def run_trial(study_dir: Path, trial: dict[str, Any], store: Store | None = None
     result)`` as :meth:`Store.finish` takes them. ``store``: where to note a resume."""
     from ..checkpoint import CheckpointError, load_checkpoint
     from ..config import ConfigError, from_dict
-    from ..train import HIGHER_IS_BETTER, NonFiniteError, fit
+    from ..train import HIGHER_IS_BETTER, NonFiniteError, beats_baseline, fit
 
     run_dir = Path(study_dir) / trial["run_dir"]
     config = from_dict(trial["config"])
@@ -114,10 +114,9 @@ def run_trial(study_dir: Path, trial: dict[str, Any], store: Store | None = None
     head = s["headline"]
     split = "test" if "test" in s["final"] else "val"  # val: the run never read the test split (train.score_test)
     value, baseline = s["final"][split][head], s["baseline"][split][head]
-    sign = 1 if head in HIGHER_IS_BETTER else -1
     result = {
         **known, "metric": head, "higher_is_better": head in HIGHER_IS_BETTER, "value": value, "baseline": baseline,
-        "beats_baseline": bool(sign * (value - baseline) > 0), "final": s["final"], "baselines": s["baseline"],
+        "beats_baseline": beats_baseline(head, value, baseline), "final": s["final"], "baselines": s["baseline"],
         "steps": s["steps"], "best_step": s["best"]["step"], "epochs": s["epochs"], "parameters": s["parameters"],
         "engines": sorted(set(s["engines"])), "seconds_per_epoch": s["seconds_per_epoch"],
         "train_seconds": s["train_seconds"], "wall_seconds": s["wall_seconds"], "threads": s["threads"],
