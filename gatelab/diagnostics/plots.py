@@ -25,6 +25,12 @@ REPORT_HINT = "pip install 'gatelab[report]'"
 _TINY = 1e-300
 
 
+def line_style(k: int) -> dict[str, str]:
+    """The ``k``-th line's colour and dash: matplotlib's ten colours, then the same ten dashed, dotted,
+    dash-dotted, so that up to 40 lines in one legend stay distinct."""
+    return {"color": f"C{k % 10}", "linestyle": ("-", "--", ":", "-.")[(k // 10) % 4]}
+
+
 def _quiet_subnormals(fn: Callable[..., Path]) -> Callable[..., Path]:
     """numpy warns, the first time it describes a float type, when the process flushes subnormals to
     zero; gatelab's fused C++ kernels are built with -ffast-math, which turns that on when they load.
@@ -117,10 +123,10 @@ def plot_norm_vs_lag(
     lo, hi = math.inf, -math.inf
     for ax, (panel, lines) in zip(axes.flat, panels.items()):
         top = 0.0
-        for label, curve in lines.items():
+        for k, (label, curve) in enumerate(lines.items()):
             a = np.asarray(curve, dtype=np.float64)
             shown = np.where(a > 0, a, np.nan)
-            ax.semilogy(np.arange(a.size), shown, label=label, linewidth=1.6)
+            ax.semilogy(np.arange(a.size), shown, label=label, linewidth=1.6, **line_style(k))
             if np.any(a > 0):
                 lo, hi = min(lo, float(a[a > 0].min())), max(hi, float(a.max()))
                 top = max(top, float(a.max()))

@@ -207,6 +207,8 @@ def _learning_curves_svg(bases: dict[str, list[Group]], study_dir: Path) -> str 
     from matplotlib.backends.backend_svg import FigureCanvasSVG
     from matplotlib.figure import Figure
 
+    from ..diagnostics.plots import line_style
+
     panels = {base: _curves(groups, study_dir) for base, groups in bases.items()}
     panels = {b: c for b, c in panels.items() if c}
     if not panels:
@@ -217,10 +219,9 @@ def _learning_curves_svg(bases: dict[str, list[Group]], study_dir: Path) -> str 
     for ax, (base, curves) in zip(axes, panels.items()):
         groups = bases[base]
         metric = next((g.metric for g in groups if g.metric), "metric")
-        colours = {label: f"C{k % 10}" for k, label in enumerate(curves)}
-        for label, runs in curves.items():
+        for j, (label, runs) in enumerate(curves.items()):
             for k, (steps, values) in enumerate(runs):
-                ax.plot(steps, values, color=colours[label], linewidth=1.3, alpha=0.85, label=label if k == 0 else None)
+                ax.plot(steps, values, linewidth=1.3, alpha=0.85, label=label if k == 0 else None, **line_style(j))
         every = [v for runs in curves.values() for _, vs in runs for v in vs]
         if metric != "accuracy" and every and min(every) > 0:
             ax.set_yscale("log")
