@@ -151,8 +151,11 @@ def timeout_minutes() -> float:
 
 
 def main_process() -> bool:
-    """Whether this process writes what a whole launch writes once: rank 0 of a torchrun launch, or any
-    process outside torchrun (what runs before a process group exists reads it from the environment)."""
+    """Whether this process writes what a whole launch writes once: rank 0 of a process group the caller
+    started, else rank 0 of a torchrun launch (read from its environment, before any group exists), else
+    any process."""
+    if dist.is_available() and dist.is_initialized():  # a group of the caller's own, as session() uses it
+        return dist.get_rank() == 0
     env = _environment()
     return env is None or env[0] == 0
 

@@ -189,6 +189,9 @@ def test_the_timeout_and_the_main_process_come_from_the_environment(monkeypatch)
     assert not distributed.main_process()
     monkeypatch.setenv("RANK", "0")
     assert distributed.main_process()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # a group of the caller's own wins
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert not distributed.main_process()
 
 
 def test_a_batch_that_does_not_split_is_refused():

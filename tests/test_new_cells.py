@@ -581,8 +581,14 @@ def test_norm_and_mlp_blocks_are_the_papers_composition(name, norm, mlp, residua
 
 
 def test_blocks_options_are_checked_and_round_trip():
-    with pytest.raises(ValueError, match="mlp must be positive, got 0"):
+    with pytest.raises(ValueError, match="MinGRU: mlp must be positive, got 0"):
         gatelab.MinGRU(3, 4, mlp=0)
+    with pytest.raises(ValueError, match="mlp_activation must be a parameter-free registered activation"):
+        gatelab.MinGRU(3, 4, mlp=4, mlp_activation=lambda x: 2 * x)
+    with pytest.raises(ValueError, match="LayerNorm of one feature is constant"):
+        gatelab.IndRNN(1, 4, norm=True)
+    with pytest.warns(UserWarning, match="keeps little of layer 0's input"):
+        gatelab.SLSTM(2, 4, norm=True)
     with pytest.raises(ValueError, match="mlp_activation must be a parameter-free registered activation"):
         gatelab.MinGRU(3, 4, mlp=4, mlp_activation="prelu")
     with pytest.raises(TypeError, match="norm"):

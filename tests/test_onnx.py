@@ -250,6 +250,22 @@ def test_the_export_operator_is_not_unrolled_and_only_used_when_exporting():
     assert "pure-PyTorch loop" in model.explain()
 
 
+def test_a_multi_head_slstm_runs_in_onnxruntime_like_pytorch(tmp_path):
+    """Heads of 3 units (d > 1): the dense R built from the block-diagonal weight_hh must put each
+    head's (out, in) block in place, which a head of one unit cannot show."""
+    torch.manual_seed(0)
+    model = _perturbed(gatelab.SLSTM(3, 6, num_heads=2)).eval()
+    program = gonnx.export(model, (torch.randn(5, 2, 3),), dynamic_shapes=({0: "T", 1: "B"},))
+    program.save(tmp_path / "m.onnx")
+    x2 = torch.randn(9, 3, 3)
+    got = _run(tmp_path / "m.onnx", [x2.numpy()])
+    with torch.no_grad():
+        want = _flat(model(x2))
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-5)
+
+
 def test_a_scan_cell_exports_one_scan_whatever_the_length():
     """MinGRU's body holds no MatMul (its gates read x_t only); sLSTM's one, its block-diagonal R made
     dense; neither graph grows with T."""

@@ -5,6 +5,7 @@ SLSTM (Beck et al. 2024). They run on the reference loop or on :mod:`gatelab.eng
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -81,12 +82,23 @@ class _ScanLayer(RecurrentLayer):
     def _init_blocks(self, owner: str, norm: bool, mlp: int | None, mlp_activation: ActivationSpec,
                      device: torch.device | str | None, dtype: torch.dtype | None) -> None:
         check_flag(f"{owner}: norm", norm)
+        if norm and self.input_size == 1:
+            raise ValueError(f"{owner}: norm=True normalises each layer's input over its features, and layer 0 has "
+                             f"input_size=1: LayerNorm of one feature is constant, the input would be erased (project "
+                             f"the input first, e.g. SequenceModel's input_projection)")
+        if norm and self.input_size == 2:
+            warnings.warn(f"{owner}: norm=True with input_size={self.input_size}: a LayerNorm over so few features "
+                          f"keeps little of layer 0's input (project it first)", UserWarning, stacklevel=4)
         if mlp is not None:
-            _check_size("mlp", mlp)
+            try:
+                _check_size("mlp", mlp)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{owner}: {err}") from None
         act = activations.get(mlp_activation)
-        if not isinstance(act, activations.Activation) or isinstance(act.bind(1), nn.Module):
-            raise ValueError(f"{owner}: mlp_activation must be a parameter-free registered activation, got "
-                             f"{getattr(act, 'key', mlp_activation)!r}")
+        if (not isinstance(act, activations.Activation) or act.kind not in activations.available()
+                or isinstance(act.bind(1), nn.Module)):
+            raise ValueError(f"{owner}: mlp_activation must be a parameter-free registered activation (a name such "
+                             f"as 'gelu'), got {getattr(act, 'key', mlp_activation)!r}")
         self.norm, self.mlp, self.mlp_activation = bool(norm), mlp, act
         width = self.num_directions * self.output_size
         factory = {"device": device, "dtype": dtype}
