@@ -496,8 +496,7 @@ class RecurrentLayer(nn.Module):
             x = outs[0] if D == 1 else torch.cat(outs, 2)
             if self.residual:
                 x = x + (layer_in if layer or self.weight_res_l0 is None else F.linear(layer_in, self.weight_res_l0))
-                if lengths is not None:
-                    x = x * (torch.arange(x.shape[0], device=x.device).unsqueeze(1) < lengths).unsqueeze(2)
+                x = zero_padded(x, lengths)
             x = self._block_out(layer, x, lengths)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, True)
@@ -524,6 +523,13 @@ class RecurrentLayer(nn.Module):
         acts = ", ".join(f"{k}={getattr(v, 'key', type(v).__name__)}" for k, v in cell.activation_slots().items())
         extras = self.extra_options()
         return s + f", {acts}" + (", " + ", ".join(extras) if extras else "") + f", engine={self.engine_name!r}"
+
+
+def zero_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """``x (T, B, F)`` with the steps at or past each row's length set to zero (``lengths`` None: ``x``)."""
+    if lengths is None:
+        return x
+    return x * (torch.arange(x.shape[0], device=x.device).unsqueeze(1) < lengths.to(x.device)).unsqueeze(2)
 
 
 def _fan_out(observers: list[OnStep]) -> OnStep | None:

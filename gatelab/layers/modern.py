@@ -22,7 +22,7 @@ from ..cells.min_rnn import MinGRUCell, MinLSTMCell
 from ..cells.slstm import SLSTMCell
 from ..engines import scan
 from . import rnn  # noqa: F401  (the built-in kinds register first: registry order is theirs, then these)
-from .base import OPTION_DOCS, RecurrentLayer
+from .base import OPTION_DOCS, RecurrentLayer, zero_padded
 
 _DOCS = {
     **OPTION_DOCS,
@@ -133,9 +133,7 @@ class _ScanLayer(RecurrentLayer):
         y = self.mlp_activation(F.linear(y, getattr(self, f"mlp_weight_in_l{layer}"),
                                          getattr(self, f"mlp_bias_in_l{layer}")))
         x = x + F.linear(y, getattr(self, f"mlp_weight_out_l{layer}"), getattr(self, f"mlp_bias_out_l{layer}"))
-        if lengths is not None:  # a padded step outputs zero, as the cells' own steps do
-            x = x * (torch.arange(x.shape[0], device=x.device).unsqueeze(1) < lengths.to(x.device)).unsqueeze(2)
-        return x
+        return zero_padded(x, lengths)  # a padded step outputs zero, as the cells' own steps do
 
     def extra_options(self, runtime: bool = False) -> list[str]:
         out = super().extra_options(runtime)
