@@ -67,6 +67,11 @@ class Activation:
     uses: str = "x"  # "x", "y" or "xy": what derivative() reads
     kind: str = ""  # engine dispatch key: base name ("tanh", "leaky_relu"); "" for user callables
     description: str = ""
+    # The Triton forms (the fused engine's GPU loop): expressions in ``x`` for f(x) and in ``y`` (and
+    # ``x`` only where the C++ derivative reads it too, see engines.fused.cpp._needs_input) for f'(x),
+    # using ``tl`` (triton.language) builtins only (not its @jit library, e.g. tl.sigmoid, which is
+    # decorated once per process, compiled or interpreted); None: the GPU loop cannot run it.
+    triton: tuple[str, str] | None = None
     learnable: bool = field(default=False, init=False)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -292,7 +297,7 @@ class _Family:
 def _sigmoid(_: float | None) -> Activation:
     return Activation(
         "sigmoid", torch.sigmoid, lambda x, y: y * (1 - y), (0.0, 1.0), torch_default=True,
-        onnx="Sigmoid", uses="y", kind="sigmoid",
+        onnx="Sigmoid", uses="y", kind="sigmoid", triton=("1 / (1 + tl.exp(-x))", "y * (1 - y)"),
     )
 
 
@@ -309,6 +314,7 @@ def _hard_sigmoid(a: float | None) -> Activation:
     return Activation(
         "hard_sigmoid", fn, dfn, (0.0, 1.0), onnx="HardSigmoid", onnx_alpha=a, onnx_beta=0.5,
         param=param, kind="hard_sigmoid",
+        triton=(f"tl.minimum(tl.maximum({a!r} * x + 0.5, 0.0), 1.0)", f"tl.where((y > 0) & (y < 1), y * 0 + {a!r}, y * 0)"),
     )
 
 
@@ -316,13 +322,15 @@ def _elliott(_: float | None) -> Activation:
     return Activation(
         "elliott", lambda x: 0.5 * x / (1 + x.abs()) + 0.5,
         lambda x, y: 0.5 / (1 + x.abs()) ** 2, (0.0, 1.0), kind="elliott",
+        # 1/(1 + |x|) = 1 - |2y - 1|
+        triton=("0.5 * x / (1 + tl.abs(x)) + 0.5", "0.5 * (1 - tl.abs(2 * y - 1)) * (1 - tl.abs(2 * y - 1))"),
     )
 
 
 def _tanh(_: float | None) -> Activation:
     return Activation(
         "tanh", torch.tanh, lambda x, y: 1 - y * y, (-1.0, 1.0), torch_default=True,
-        onnx="Tanh", uses="y", kind="tanh",
+        onnx="Tanh", uses="y", kind="tanh", triton=("2 / (1 + tl.exp(-2 * x)) - 1", "1 - y * y"),
     )
 
 
@@ -330,20 +338,21 @@ def _hardtanh(_: float | None) -> Activation:
     return Activation(
         "hardtanh", lambda x: torch.clamp(x, -1.0, 1.0),
         lambda x, y: ((x > -1) & (x < 1)).to(x.dtype), (-1.0, 1.0), kind="hardtanh",
+        triton=("tl.minimum(tl.maximum(x, -1.0), 1.0)", "tl.where((y > -1) & (y < 1), 1.0, 0.0)"),
     )
 
 
 def _softsign(_: float | None) -> Activation:
     return Activation(
         "softsign", F.softsign, lambda x, y: 1 / (1 + x.abs()) ** 2, (-1.0, 1.0),
-        onnx="Softsign", kind="softsign",
+        onnx="Softsign", kind="softsign", triton=("x / (1 + tl.abs(x))", "(1 - tl.abs(y)) * (1 - tl.abs(y))"),
     )
 
 
 def _relu(_: float | None) -> Activation:
     return Activation(
         "relu", torch.relu, lambda x, y: (x > 0).to(x.dtype), (0.0, math.inf),
-        torch_default=True, onnx="Relu", kind="relu",
+        torch_default=True, onnx="Relu", kind="relu", triton=("tl.maximum(x, 0.0)", "tl.where(y > 0, 1.0, 0.0)"),
     )
 
 
@@ -353,6 +362,9 @@ def _leaky_relu(a: float | None) -> Activation:
         "leaky_relu", lambda x: F.leaky_relu(x, a),
         lambda x, y: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, a)), (-math.inf, math.inf),
         onnx="LeakyRelu", onnx_alpha=a, param=None if a == 0.01 else a, kind="leaky_relu",
+        triton=(f"tl.where(x > 0, x, {a!r} * x)",
+                # a constant in the tensor's dtype (a bare literal would be a float32 constant)
+                f"tl.where(y > 0, y * 0 + 1, y * 0 + {a!r})" if a > 0 else f"tl.where(x > 0, x * 0 + 1, x * 0 + {a!r})"),
     )
 
 
@@ -361,7 +373,7 @@ def _elu(a: float | None) -> Activation:
     return Activation(
         "elu", lambda x: F.elu(x, a), lambda x, y: torch.where(x > 0, torch.ones_like(y), y + a),
         (-a, math.inf), onnx="Elu", onnx_alpha=a, param=None if a == 1.0 else a, uses="xy",
-        kind="elu",
+        kind="elu", triton=(f"tl.where(x > 0, x, {a!r} * (tl.exp(x) - 1))", f"tl.where(y > 0, 1.0, y + {a!r})"),
     )
 
 
@@ -375,6 +387,8 @@ def _selu(_: float | None) -> Activation:
         lambda x, y: torch.where(x > 0, torch.full_like(y, _SELU_SCALE), y + _SELU_SCALE * _SELU_ALPHA),
         (-_SELU_SCALE * _SELU_ALPHA, math.inf), onnx="Selu", onnx_alpha=_SELU_ALPHA,
         onnx_beta=_SELU_SCALE, uses="xy", kind="selu",
+        triton=(f"{_SELU_SCALE!r} * tl.where(x > 0, x, {_SELU_ALPHA!r} * (tl.exp(x) - 1))",
+                f"tl.where(y > 0, {_SELU_SCALE!r}, y + {_SELU_SCALE * _SELU_ALPHA!r})"),
     )
 
 
@@ -384,7 +398,10 @@ def _gelu(_: float | None) -> Activation:
         pdf = torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
         return cdf + x * pdf
 
-    return Activation("gelu", F.gelu, dfn, (-0.17, math.inf), onnx="Gelu", kind="gelu")
+    return Activation("gelu", F.gelu, dfn, (-0.17, math.inf), onnx="Gelu", kind="gelu",
+                      triton=(f"0.5 * x * (1 + tl.erf(x * {1 / math.sqrt(2)!r}))",
+                              f"0.5 * (1 + tl.erf(x * {1 / math.sqrt(2)!r})) "
+                              f"+ x * tl.exp(-0.5 * x * x) * {1 / math.sqrt(2 * math.pi)!r}"))
 
 
 def _silu(_: float | None) -> Activation:
@@ -392,19 +409,23 @@ def _silu(_: float | None) -> Activation:
         s = torch.sigmoid(x)
         return s * (1 + x * (1 - s))
 
-    return Activation("silu", F.silu, dfn, (-0.28, math.inf), kind="silu")
+    return Activation("silu", F.silu, dfn, (-0.28, math.inf), kind="silu",
+                      triton=("x / (1 + tl.exp(-x))", "(1 + x * tl.exp(-x) / (1 + tl.exp(-x))) / (1 + tl.exp(-x))"))
 
 
 def _softplus(_: float | None) -> Activation:
     return Activation(
         "softplus", F.softplus, lambda x, y: torch.sigmoid(x), (0.0, math.inf),
         onnx="Softplus", kind="softplus",
+        # torch's softplus is x above 20; σ(x) = 1 - e^-y
+        triton=("tl.where(x > 20, x, tl.maximum(x, 0.0) + tl.log(1 + tl.exp(-tl.abs(x))))", "1 - tl.exp(-y)"),
     )
 
 
 def _identity(_: float | None) -> Activation:
     return Activation(
         "identity", lambda x: x, lambda x, y: torch.ones_like(x), onnx="Identity", kind="identity",
+        triton=("x", "y * 0 + 1"),
     )
 
 

@@ -117,3 +117,24 @@ def test_long_sequence_benchmark_runs_tiny(tmp_path, capsys):
     assert {r["cell"] for r in rows} == set(bench.CELLS) and {r["T"] for r in rows} == {8, 16}
     assert all(r["median_ms"] > 0 and r["speedup_vs_torch"] > 0 and "fused engine" in r["form"] for r in rows)
     assert data["meta"]["cpu"] and "| min_gru | 16 |" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo, compiling the `compiled` yardstick's step, reads .grad
+def test_gpu_benchmark_runs_tiny_and_names_what_ran(tmp_path, monkeypatch):
+    """benchmarks/gpu_speed.py at a tiny size (on a machine without CUDA its Triton loop runs under the
+    interpreter, which the table says): every yardstick timed, the form recorded, JSON and table written."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("GATELAB_TRITON", "interpret")
+    bench = _load("gpu_speed")
+    assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu_speed.json").read_text())
+    assert {(r["cell"], r["mode"]) for r in data["rows"]} == {(c, m) for c in ("lstm", "gru") for m in ("train", "no_grad")}
+    for r in data["rows"]:
+        assert set(r["ms"]) == {"cudnn", "triton", "loop", "compiled"} and all(v > 0 for v in r["ms"].values())
+        assert r["form"] == "persistent"
+    table = (tmp_path / "gpu_speed.md").read_text()
+    assert "| lstm | float32 | 16 | 5 | 16 | train | persistent |" in table
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "interpreter on the CPU (not a speed figure)" in table

@@ -3,10 +3,10 @@ registered activation, and hand-written backpropagation through time with the we
 GEMMs after the loop.
 
 Its time loops are an ordered list, :data:`LOOPS`: the first one with nothing unsupported for the
-cell (and available: the C++ kernels compile at first use) runs. Today: the C++ loops (:mod:`.cpp`)
-and the pure-PyTorch twin (:mod:`.function`, :mod:`.steps`), which always works and is what the C++
-is tested against. A new loop (the GPU one) is one class with the :class:`Loop` shape and one entry
-(:func:`register_loop`).
+cell (and available: the C++ kernels compile at first use) runs. Today: the Triton loops on CUDA
+(:mod:`.gpu`), the C++ loops on the CPU (:mod:`.cpp`) and the pure-PyTorch twin (:mod:`.function`,
+:mod:`.steps`), which always works and is what the others are tested against. A new loop is one class
+with the :class:`Loop` shape and one entry (:func:`register_loop`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ...activations import ModuleActivation
 from ...cells import LSTMCell, RecurrentCell
 from .. import reference
 from ..base import ZoneoutMasks, tracing_or_transforming
-from . import cpp, ops
+from . import cpp, gpu, ops
 from .function import FusedDirection, PyLoop, infer
 from .steps import step_class
 
@@ -87,6 +87,34 @@ class CppLoops:
         return ops.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout)
 
 
+class TritonLoop:
+    """The Triton loops (:mod:`.gpu`): LSTM, GRU, Elman, gated state on CUDA, any activation with a
+    Triton form; on the CPU under Triton's interpreter with ``GATELAB_TRITON=interpret``."""
+
+    name = "Triton"
+    traceable = True  # through its operators, as the C++ loop
+
+    def unsupported(self, cell: RecurrentCell) -> list[str]:
+        return gpu.cell_blockers(cell)
+
+    def unavailable(self) -> list[str]:
+        return gpu.unavailable()
+
+    def ready(self, strict: bool) -> bool:
+        if why := gpu.unavailable():
+            if strict:
+                raise RuntimeError(f"gatelab: {why[0]}")
+            return False
+        return True
+
+    def describe(self, cell: RecurrentCell) -> str:
+        return gpu.describe(cell)
+
+    def run(self, cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout):
+        namespace = ops.NAMESPACE if x.device.type == "cuda" else ops.TRITON_NAMESPACE
+        return ops.run(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout, namespace=namespace)
+
+
 def _in_float32(cell, x, state, lengths, reverse, rec_mask, W_hh, zoneout):
     """A bfloat16 or float16 direction on the C++ loop: float32 arithmetic and float32 state within
     the call (casts are differentiable, so the gradients come back in the layer's dtype)."""
@@ -131,7 +159,7 @@ class PyTorchLoop:
                       loop.step.extra_params())
 
 
-LOOPS: tuple[Loop, ...] = (CppLoops(), PyTorchLoop())
+LOOPS: tuple[Loop, ...] = (TritonLoop(), CppLoops(), PyTorchLoop())
 
 
 def register_loop(loop: Loop, *, before: str = "PyTorch") -> None:
@@ -190,7 +218,7 @@ class FusedEngine:
             why = loop.unsupported(cell) or loop.unavailable()
             if not why:
                 return f"the fused engine, {loop.describe(cell)}" + (": " + "; ".join(skipped) if skipped else "")
-            skipped += why
+            skipped += [w for w in why if w != gpu.CPU_BLOCKER]  # the GPU loop on the CPU: not news
         return "the fused engine, layer_norm on the reference loop: " + "; ".join(skipped)
 
     def run_direction(
@@ -237,5 +265,6 @@ def implementation() -> str:
     return "C++" if cpp.load() else "PyTorch"
 
 
-__all__ = ["ENGINE", "FusedEngine", "LOOPS", "Loop", "CppLoops", "PyTorchLoop", "cell_blockers", "implementation",
+__all__ = ["ENGINE", "FusedEngine", "LOOPS", "Loop", "CppLoops", "PyTorchLoop", "TritonLoop", "cell_blockers",
+           "implementation",
            "register_loop", "unregister_loop"]

@@ -157,6 +157,15 @@ def _cpp() -> object:
     return torch.ops.gatelab_fused
 
 
+def _triton() -> object:
+    """The Triton loops (:mod:`.gpu`), with the C++ loops' signatures."""
+    from . import gpu
+
+    if why := gpu.unavailable():
+        raise RuntimeError(f"gatelab: {why[0]}")
+    return gpu
+
+
 def _project(x: Tensor, W_ih: Tensor, bias: Tensor | None) -> Tensor:
     T, B, I = x.shape
     return cpp.matmul(x.reshape(T * B, I), W_ih.t(), bias).view(T, B, -1)
@@ -172,7 +181,9 @@ def _peepholes(a: dict[str, object]) -> tuple[Tensor | None, bool]:
     return torch.stack(weights).contiguous(), bool(a["peep_current"])
 
 
-def _forward_cpu(op: CellOp) -> Callable[..., tuple[Tensor, ...]]:
+def _forward_kernel(op: CellOp, loops: Callable[[], Any]) -> Callable[..., tuple[Tensor, ...]]:
+    """The forward operator's kernel around a time loop: ``loops()`` gives the C++ loops (the CPU) or
+    the Triton ones (CUDA, and the CPU under Triton's interpreter), which share one signature."""
     arguments = forward_arguments(op)
 
     def kernel(*args):
@@ -183,7 +194,7 @@ def _forward_cpu(op: CellOp) -> Callable[..., tuple[Tensor, ...]]:
         else:
             bias = None if a["b_ih"] is None else (a["b_ih"] + a["b_hh"] if op.fold_bias_hh else a["b_ih"])
             xw = _project(a["x"].contiguous(), a["W_ih"].contiguous(), bias)
-        fns = _cpp()
+        fns = loops()
         W_hh = a["W_hh"].contiguous()
         states = tuple(a[f"{s}0"].contiguous() for s in op.states)
         masks = (_opt(a["lengths"]), _opt(a["rec_mask"]), *(_opt(a[f"z{s}"]) for s in op.states))
@@ -235,7 +246,9 @@ def _previous_cell_states(C: Tensor, c0: Tensor, reverse: bool) -> Tensor:
     return torch.cat([C[1:], c0[None]]) if reverse else torch.cat([c0[None], C[:-1]])
 
 
-def _backward_cpu(op: CellOp) -> Callable[..., tuple[Tensor, ...]]:
+def _backward_kernel(op: CellOp, loops: Callable[[], Any]) -> Callable[..., tuple[Tensor, ...]]:
+    """The backward operator's kernel: ``loops()``'s backward through time, then the weight gradients
+    as products over all steps."""
     arguments = backward_arguments(op)
     grads_out = backward_grads(op)
     n = len(op.states)
@@ -247,7 +260,7 @@ def _backward_cpu(op: CellOp) -> Callable[..., tuple[Tensor, ...]]:
         douts = [a[g].contiguous() for g in ("dout", *(f"d{s}" for s in op.states))]
         states = [a[f"{s}0"].contiguous() for s in op.states]
         masks = (_opt(a["lengths"]), _opt(a["rec_mask"]), *(_opt(a[f"z{s}"]) for s in op.states))
-        fns = _cpp()
+        fns = loops()
         W_hh = a["W_hh"].contiguous()
         if op is LSTM:
             peep = _peepholes(a)
@@ -340,7 +353,7 @@ def _setup_context(op: CellOp) -> Callable[..., None]:
     return setup_context
 
 
-def _autograd_backward(op: CellOp) -> Callable[..., tuple[Tensor | None, ...]]:
+def _autograd_backward(op: CellOp, namespace: str) -> Callable[..., tuple[Tensor | None, ...]]:
     arguments = forward_arguments(op)
     grads_out = backward_grads(op)
     n = len(op.states)
@@ -371,8 +384,8 @@ def _autograd_backward(op: CellOp) -> Callable[..., tuple[Tensor | None, ...]]:
             if op.fold_bias_hh and not op.layer_norm:  # one bias gradient serves b_ih and b_hh
                 wanted["db_ih"] = need["b_ih"] or need["b_hh"]
             a["needs"] = list(wanted.values())
-            call = _TRANSFORMABLE[op.backward_name].apply if _transforms_active() else \
-                getattr(torch.ops.gatelab, op.backward_name)
+            call = _TRANSFORMABLE[namespace, op.backward_name].apply if _transforms_active() else \
+                getattr(getattr(torch.ops, namespace), op.backward_name)
             out = call(*(a[k] for k, _ in backward_arguments(op)))
             found = {g[1:]: v for g, v in zip(grads_out, out)}
             if op.fold_bias_hh and not op.layer_norm:
@@ -428,8 +441,13 @@ def reference_cell(op: CellOp, input_size: int, hidden_size: int, bias: bool, ki
 # -- registration -----------------------------------------------------------------------------------
 
 
-# op name -> the same operator as an autograd function with setup_context, for torch.func
-_TRANSFORMABLE: dict[str, type[torch.autograd.Function]] = {}
+# (namespace, op name) -> the same operator as an autograd function with setup_context, for torch.func
+_TRANSFORMABLE: dict[tuple[str, str], type[torch.autograd.Function]] = {}
+# The operators' namespaces and their kernels by device: ``gatelab`` runs the C++ loops on the CPU and
+# the Triton loops on CUDA; ``gatelab_triton`` runs the Triton loops on both (on the CPU under Triton's
+# interpreter: how the GPU loop is tested without a GPU, see gpu.py).
+TRITON_NAMESPACE = "gatelab_triton"
+_KERNELS = {NAMESPACE: {"cpu": _cpp, "cuda": _triton}, TRITON_NAMESPACE: {"cpu": _triton, "cuda": _triton}}
 
 
 def _no_second_derivative(op: CellOp) -> Callable[..., None]:
@@ -464,41 +482,46 @@ def _calling(fn: Callable[..., tuple[Tensor, ...]]) -> Callable[..., tuple[Tenso
     return forward
 
 
-def _register() -> None:
+def _register(namespace: str) -> None:
+    ops = getattr(torch.ops, namespace)
     for op in CELL_OPS:
-        forward, backward = f"{NAMESPACE}::{op.name}", f"{NAMESPACE}::{op.backward_name}"
+        if namespace == TRITON_NAMESPACE and op.layer_norm:
+            continue  # no Triton loop for the layer-norm LSTM
+        forward, backward = f"{namespace}::{op.name}", f"{namespace}::{op.backward_name}"
         for qualname, schema in ((forward, forward_schema(op)), (backward, backward_schema(op))):
             torch.library.define(qualname, schema)
-        torch.library.impl(forward, "cpu", _forward_cpu(op))
-        torch.library.impl(backward, "cpu", _backward_cpu(op))
+        for device, loops in _KERNELS[namespace].items():
+            torch.library.impl(forward, device, _forward_kernel(op, loops))
+            torch.library.impl(backward, device, _backward_kernel(op, loops))
         torch.library.register_fake(forward, _forward_fake(op))
         torch.library.register_fake(backward, _backward_fake(op))
         torch.library.register_autograd(backward, _no_second_derivative(op))
         for qualname, name in ((forward, op.name), (backward, op.backward_name)):
-            torch.library.register_vmap(qualname, _vmap_by_loop(getattr(torch.ops.gatelab, name)))
-        _TRANSFORMABLE[op.backward_name] = type(f"{op.backward_name}_direction", (torch.autograd.Function,), {
-            "forward": staticmethod(_calling(getattr(torch.ops.gatelab, op.backward_name))),
+            torch.library.register_vmap(qualname, _vmap_by_loop(getattr(ops, name)))
+        _TRANSFORMABLE[namespace, op.backward_name] = type(f"{op.backward_name}_direction", (torch.autograd.Function,), {
+            "forward": staticmethod(_calling(getattr(ops, op.backward_name))),
             "setup_context": staticmethod(lambda ctx, inputs, output: None),
             "backward": staticmethod(_no_second_derivative(op)), "generate_vmap_rule": True})
-        setup, backward_fn = _setup_context(op), _autograd_backward(op)
+        setup, backward_fn = _setup_context(op), _autograd_backward(op, namespace)
         torch.library.register_autograd(forward, backward_fn, setup_context=setup)
         # torch.func transforms (grad, jacrev) need an autograd.Function with setup_context, which the
         # operator's registered autograd is not (torch 2.13): the same formula as one
-        _TRANSFORMABLE[op.name] = type(f"{op.name}_direction", (torch.autograd.Function,), {
-            "forward": staticmethod(_calling(getattr(torch.ops.gatelab, op.name))),
+        _TRANSFORMABLE[namespace, op.name] = type(f"{op.name}_direction", (torch.autograd.Function,), {
+            "forward": staticmethod(_calling(getattr(ops, op.name))),
             "setup_context": staticmethod(setup), "backward": staticmethod(backward_fn), "generate_vmap_rule": True})
 
 
-_register()
+_register(NAMESPACE)
+_register(TRITON_NAMESPACE)
 
 
 # -- the engine's entry -----------------------------------------------------------------------------
 
 
 def run(cell: RecurrentCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None, reverse: bool,
-        rec_mask: Tensor | None, W_hh: Tensor, zoneout: tuple[Tensor | None, ...] | None
-        ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """One direction of ``cell`` through its forward operator (the contract of
+        rec_mask: Tensor | None, W_hh: Tensor, zoneout: tuple[Tensor | None, ...] | None,
+        namespace: str = NAMESPACE) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One direction of ``cell`` through its forward operator in ``namespace`` (the contract of
     :meth:`gatelab.engines.base.DirectionEngine.run_direction`)."""
     op = for_cell(cell)
     n = len(op.states)
@@ -529,8 +552,8 @@ def run(cell: RecurrentCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tens
     arguments = forward_arguments(op)
     a["train"] = _keeps([a[k] for k, t in arguments if t.startswith("Tensor")])
     args = [a[k] for k, _ in arguments]
-    outs = _TRANSFORMABLE[op.name].apply(*args) if a["train"] and _transforms_active() else \
-        getattr(torch.ops.gatelab, op.name)(*args)
+    outs = _TRANSFORMABLE[namespace, op.name].apply(*args) if a["train"] and _transforms_active() else \
+        getattr(getattr(torch.ops, namespace), op.name)(*args)
     return outs[0], tuple(outs[1:1 + n])
 
 
@@ -547,4 +570,4 @@ def _transforms_active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
-__all__ = ["CELL_OPS", "CellOp", "NAMESPACE", "for_cell", "reference_cell", "run", "save_z"]
+__all__ = ["CELL_OPS", "CellOp", "NAMESPACE", "TRITON_NAMESPACE", "for_cell", "reference_cell", "run", "save_z"]
