@@ -359,7 +359,7 @@ def test_engines_are_an_ordered_registry_and_auto_takes_the_first_that_applies()
         assert layer.engine is first
     with pytest.raises(ValueError, match="unknown engine 'gpu'; valid: native, fused, reference"):
         engines.get("gpu")
-    assert [loop.name for loop in engines.fused.LOOPS] == ["C++", "PyTorch"]
+    assert [loop.name for loop in engines.fused.LOOPS] == ["Triton", "C++", "PyTorch"]
 
 
 def test_engines_never_call_into_a_layer_at_run_time(monkeypatch):
@@ -731,7 +731,7 @@ def test_a_new_fused_loop_is_one_class_and_one_entry():
     loop = CountingLoop()
     engines.fused.register_loop(loop, before="C++")
     try:
-        assert [existing.name for existing in engines.fused.LOOPS] == ["counting", "C++", "PyTorch"]
+        assert [existing.name for existing in engines.fused.LOOPS] == ["Triton", "counting", "C++", "PyTorch"]
         gru = gatelab.GRU(3, 4, bidirectional=True, gate_activation="hard_sigmoid", dtype=F64)
         assert "the fused engine, counting loop" in gru.explain()
         elman = gatelab.RNN(3, 4, activation="elliott")
@@ -743,7 +743,7 @@ def test_a_new_fused_loop_is_one_class_and_one_entry():
         assert loop.runs == 2
     finally:
         engines.fused.unregister_loop("counting")
-    assert [existing.name for existing in engines.fused.LOOPS] == ["C++", "PyTorch"]
+    assert [existing.name for existing in engines.fused.LOOPS] == ["Triton", "C++", "PyTorch"]
 
 
 def test_cells_declare_their_memory_state_and_the_verdict_leads_with_it():

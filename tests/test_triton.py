@@ -353,3 +353,46 @@ def test_on_cuda_a_custom_lstm_trains_in_reduced_precision(dtype, monkeypatch):
     want, _ = ref(x.float())
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(out.float(), want, rtol=0, atol=tol)
+
+
+# -- compiled for a GPU, without one ------------------------------------------------------------------------
+
+_POINTERS = {"forward": ["XW", "W", "BHH", "HS", "CS", "OUT", "A", "C", "K", "HR", "X2", "LEN", "MASK", "ZH", "ZC", "GH"],
+             "backward": ["DOUT", "DH", "DC", "Z", "A", "C", "K", "X2", "S0", "W", "DZ", "DGH", "LEN", "MASK", "ZH", "ZC"]}
+_COUNTERS = {"forward": ["T", "B", "H", "k_first", "nsteps"], "backward": ["T", "B", "H", "k_last", "nsteps"]}
+
+
+def _signature(which: str, dtype: str) -> dict[str, str]:
+    state = "fp64" if dtype == "fp64" else "fp32"
+    sig = {p: "*i64" if p == "LEN" else f"*{state}" if p in ("HS", "CS", "DH", "DC") else f"*{dtype}"
+           for p in _POINTERS[which]}
+    return sig | {n: "i32" for n in _COUNTERS[which]}
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman", "gated_state"])
+def test_the_kernels_compile_for_a_hopper_gpu_without_one(cell, monkeypatch):
+    """Triton's compiler and ptxas (both in the triton wheel) build every form of each cell's kernels
+    for sm_90: what the interpreter forgives (globals, types across branches) fails here."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv("GATELAB_TRITON", "cuda")  # the compiled kernels, not the interpreted ones
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    kernels = gpu.kernels()
+    f, d = gpu.activation_functions(cpp.KINDS.index("hard_sigmoid"), 1 / 6)
+    g, dg = gpu.activation_functions(cpp.KINDS.index("gelu"), 0.0)
+    code, gates = gpu._CELL[cell], gpu._GATES[cell]
+    target = GPUTarget("cuda", 90, 32)
+    for dtype, train in (("fp32", True), ("bf16", False)):
+        common = dict(CELL=code, NG=gates, REVERSE=train, HAS_LEN=train, HAS_MASK=True, HAS_ZH=True,
+                      HAS_ZC=cell == "lstm", HAS_X2=train, BB=16, UPCAST=False, PRECISION="ieee")
+        for fused, resident in ((True, True), (True, False), (False, False)):
+            tile = 64 if resident else 32
+            c = common | dict(F0=f, F1=g, F2=f, F3=f, F4=g, TRAIN=train, SAVE_Z=True, WRITE_S=True, HAS_BHH=cell == "gru",
+                              FUSED=fused, RESIDENT=resident, BH=tile, BK=tile)
+            triton.compile(ASTSource(fn=kernels.recurrent_forward, signature=_signature("forward", dtype) |
+                                     {k: "constexpr" for k in c}, constexprs=c), target=target)
+            if not resident and train:
+                c = common | dict(D0=d, D1=dg, D2=d, D3=d, D4=dg, HAS_Z=True, FUSED=fused, BH=32, BK=32)
+                triton.compile(ASTSource(fn=kernels.recurrent_backward, signature=_signature("backward", dtype) |
+                                         {k: "constexpr" for k in c}, constexprs=c), target=target)

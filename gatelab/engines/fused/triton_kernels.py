@@ -31,7 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LSTM, GRU, ELMAN, GATED_STATE = 0, 1, 2, 3
+# the cells (the CELL argument); constexpr, so that the kernels may read them
+LSTM, GRU, ELMAN, GATED_STATE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
 
 @triton.jit
