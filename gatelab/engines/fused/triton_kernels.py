@@ -85,7 +85,9 @@ def _resident_tile(W, g, H, BH: tl.constexpr, BK: tl.constexpr):
                    other=0.0)
 
 
-@triton.jit(do_not_specialize=["k_first", "nsteps"])  # one compiled kernel for every step of the per-step form
+# not specialised: the loop counters (one compiled kernel for every step of the per-step form) and B (a
+# runtime scalar, so that B64 below is int64 even for a batch of one)
+@triton.jit(do_not_specialize=["B", "k_first", "nsteps"])
 def recurrent_forward(
     XW, W, BHH, HS, CS, OUT, A, C, K, HR, X2, LEN, MASK, ZH, ZC, GH,
     T, B, H, k_first, nsteps,
@@ -110,6 +112,7 @@ def recurrent_forward(
     rows = pid * BB + tl.arange(0, BB)
     rmask = rows < B
     G = NG * H
+    B64 = B.to(tl.int64)  # offsets of whole steps (t·B·G) in int64: T·B·G passes 2^31 at long sequences
     if RESIDENT:
         w0 = _resident_tile(W, 0, H, BH, BK)
         w1 = w0
@@ -137,14 +140,14 @@ def recurrent_forward(
             q = 0
             rec_in = kk % 2
             rec_out = (kk + 1) % 2
-        HR_in = HR + rec_in * B * H
+        HR_in = HR + rec_in * B64 * H
         for j0 in range(0, H, BH):
             cols = j0 + tl.arange(0, BH)
             cmask = cols < H
             m2 = rmask[:, None] & cmask[None, :]
             cell = rows[:, None] * H + cols[None, :]  # (b, j) in a (B, H) buffer
             gate = rows[:, None] * G + cols[None, :]  # (b, j) of block 0 in a (B, NG·H) buffer
-            xw_t = XW + t * B * G
+            xw_t = XW + t * B64 * G
             if HAS_LEN:
                 live = (t < length)[:, None] & m2
             else:
@@ -159,7 +162,7 @@ def recurrent_forward(
                                  PRECISION)
             h_old = tl.load(HS + cell, mask=m2, other=0.0)
             if HAS_ZH:
-                mh = tl.load(ZH + t * B * H + cell, mask=m2, other=0.0).to(acc.dtype)
+                mh = tl.load(ZH + t * B64 * H + cell, mask=m2, other=0.0).to(acc.dtype)
             if CELL == ELMAN:
                 z = z0 + r0
                 y = F0(z)
@@ -170,7 +173,7 @@ def recurrent_forward(
                     tl.store(xw_t + gate, z.to(XW.dtype.element_ty), mask=live)
                 s_keep = tl.where(live, y, h_old)
                 if WRITE_S:
-                    tl.store(C + q * B * H + cell, s_keep.to(C.dtype.element_ty), mask=m2)
+                    tl.store(C + q * B64 * H + cell, s_keep.to(C.dtype.element_ty), mask=m2)
                 h_new = tl.where(live, new, h_old)
                 out = tl.where(live, new, 0.0)
             else:
@@ -180,7 +183,7 @@ def recurrent_forward(
                                      UPCAST, PRECISION)
                 r2 = _recurrent_gate(HR_in, W, GH, 2, rows, rmask, cols, cmask, H, G, w2, zero, FUSED, RESIDENT, BK,
                                      UPCAST, PRECISION)
-                a_q = A + q * B * G + gate
+                a_q = A + q * B64 * G + gate
                 if CELL == GRU:
                     if HAS_BHH:
                         r0 += tl.load(BHH + cols, mask=cmask, other=0.0).to(acc.dtype)[None, :]
@@ -202,9 +205,9 @@ def recurrent_forward(
                     tl.store(a_q, r.to(A.dtype.element_ty), mask=live)
                     tl.store(a_q + H, u.to(A.dtype.element_ty), mask=live)
                     tl.store(a_q + 2 * H, n.to(A.dtype.element_ty), mask=live)
-                    tl.store(K + q * B * H + cell, r2.to(K.dtype.element_ty), mask=live)
+                    tl.store(K + q * B64 * H + cell, r2.to(K.dtype.element_ty), mask=live)
                     h_new = tl.where(live, upd, h_old)
-                    tl.store(C + q * B * H + cell, h_new.to(C.dtype.element_ty), mask=m2)
+                    tl.store(C + q * B64 * H + cell, h_new.to(C.dtype.element_ty), mask=m2)
                     out = tl.where(live, upd, 0.0)
                 else:
                     z3 = tl.load(xw_t + gate + 3 * H, mask=m2, other=0.0).to(acc.dtype)
@@ -234,15 +237,15 @@ def recurrent_forward(
                         upd = a3 * k
                         c_hand = c_new
                         if HAS_ZC:
-                            mc = tl.load(ZC + t * B * H + cell, mask=m2, other=0.0).to(acc.dtype)
+                            mc = tl.load(ZC + t * B64 * H + cell, mask=m2, other=0.0).to(acc.dtype)
                             c_hand = mc * c_old + (1 - mc) * c_new
                         if HAS_ZH:
                             upd = mh * h_old + (1 - mh) * upd
                         c_keep = tl.where(live, c_hand, c_old)
-                        tl.store(C + q * B * H + cell, tl.where(live, c_new, c_old).to(C.dtype.element_ty), mask=m2)
-                        tl.store(K + q * B * H + cell, k.to(K.dtype.element_ty), mask=live)
+                        tl.store(C + q * B64 * H + cell, tl.where(live, c_new, c_old).to(C.dtype.element_ty), mask=m2)
+                        tl.store(K + q * B64 * H + cell, k.to(K.dtype.element_ty), mask=live)
                         if HAS_X2:
-                            tl.store(X2 + q * B * H + cell, c_keep.to(X2.dtype.element_ty), mask=m2)
+                            tl.store(X2 + q * B64 * H + cell, c_keep.to(X2.dtype.element_ty), mask=m2)
                         tl.store(CS + cell, c_keep, mask=m2)
                         h_new = tl.where(live, upd, h_old)
                         out = tl.where(live, upd, 0.0)
@@ -253,16 +256,16 @@ def recurrent_forward(
                         if HAS_ZH:
                             hand = mh * h_old + (1 - mh) * sn
                         h_new = tl.where(live, hand, h_old)
-                        tl.store(C + q * B * H + cell, h_new.to(C.dtype.element_ty), mask=m2)
+                        tl.store(C + q * B64 * H + cell, h_new.to(C.dtype.element_ty), mask=m2)
                         if HAS_X2:
-                            tl.store(X2 + q * B * H + cell, sn.to(X2.dtype.element_ty), mask=live)
+                            tl.store(X2 + q * B64 * H + cell, sn.to(X2.dtype.element_ty), mask=live)
             tl.store(HS + cell, h_new, mask=m2)
-            tl.store(OUT + t * B * H + cell, out.to(OUT.dtype.element_ty), mask=m2)
+            tl.store(OUT + t * B64 * H + cell, out.to(OUT.dtype.element_ty), mask=m2)
             if kk + 1 < T:
                 h_rec = h_new
                 if HAS_MASK:
                     h_rec = h_rec * tl.load(MASK + cell, mask=m2, other=0.0).to(acc.dtype)
-                tl.store(HR + rec_out * B * H + cell, h_rec.to(HR.dtype.element_ty), mask=m2)
+                tl.store(HR + rec_out * B64 * H + cell, h_rec.to(HR.dtype.element_ty), mask=m2)
         if FUSED:
             tl.debug_barrier()  # the next step's product reads every unit this step wrote to HR
 
@@ -291,7 +294,7 @@ def _back_through_weights(DGH_t, W, DH, rows, rmask, H, G, HAS_MASK: tl.constexp
         tl.store(DH + cell, tl.load(DH + cell, mask=m2, other=0.0) + acc, mask=m2)
 
 
-@triton.jit(do_not_specialize=["k_last", "nsteps"])
+@triton.jit(do_not_specialize=["B", "k_last", "nsteps"])
 def recurrent_backward(
     DOUT, DH, DC, Z, A, C, K, X2, S0, W, DZ, DGH, LEN, MASK, ZH, ZC,
     T, B, H, k_last, nsteps,
@@ -310,6 +313,7 @@ def recurrent_backward(
     rows = pid * BB + tl.arange(0, BB)
     rmask = rows < B
     G = NG * H
+    B64 = B.to(tl.int64)  # offsets of whole steps (t·B·G) in int64: T·B·G passes 2^31 at long sequences
     if HAS_LEN:
         length = tl.load(LEN + rows, mask=rmask, other=0)
     for i in range(nsteps):
@@ -321,23 +325,23 @@ def recurrent_backward(
             cmask = cols < H
             m2 = rmask[:, None] & cmask[None, :]
             cell = rows[:, None] * H + cols[None, :]
-            gate = t * B * G + rows[:, None] * G + cols[None, :]
+            gate = t * B64 * G + rows[:, None] * G + cols[None, :]
             if HAS_LEN:
                 live = (t < length)[:, None] & m2
             else:
                 live = m2
             dh = tl.load(DH + cell, mask=m2, other=0.0)
-            d = dh + tl.load(DOUT + t * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
+            d = dh + tl.load(DOUT + t * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
             kept = d * 0
             if HAS_ZH:
-                mh = tl.load(ZH + t * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                mh = tl.load(ZH + t * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
                 kept = d * mh
                 d = d * (1 - mh)
             if kk > 0:  # the state before the step: the one the previous step handed on
                 if CELL == LSTM and HAS_X2:
-                    prev = tl.load(X2 + t_prev * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                    prev = tl.load(X2 + t_prev * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
                 else:
-                    prev = tl.load(C + t_prev * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                    prev = tl.load(C + t_prev * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
             else:
                 prev = tl.load(S0 + cell, mask=m2, other=0.0).to(dh.dtype)
             a0 = tl.load(A + gate, mask=m2, other=0.0).to(dh.dtype)
@@ -346,7 +350,7 @@ def recurrent_backward(
             else:
                 x0 = a0
             if CELL == ELMAN:
-                y = tl.load(C + t * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                y = tl.load(C + t * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
                 if not HAS_Z:
                     x0 = y
                 g0 = d * D0(x0, y)
@@ -361,7 +365,7 @@ def recurrent_backward(
                     x1 = tl.load(Z + gate + H, mask=m2, other=0.0).to(dh.dtype)
                     x2 = tl.load(Z + gate + 2 * H, mask=m2, other=0.0).to(dh.dtype)
                 if CELL == GRU:  # blocks r, z, n; h' = (1 - z) n + z h
-                    ghn = tl.load(K + t * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                    ghn = tl.load(K + t * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
                     gn = d * (1 - a1) * D2(x2, a2)
                     gu = d * (prev - a2) * D1(x1, a1)
                     gr = gn * ghn * D0(x0, a0)
@@ -378,13 +382,13 @@ def recurrent_backward(
                     if HAS_Z:
                         x3 = tl.load(Z + gate + 3 * H, mask=m2, other=0.0).to(dh.dtype)
                     if CELL == LSTM:  # blocks i, f, g, o
-                        c_new = tl.load(C + t * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
-                        k = tl.load(K + t * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                        c_new = tl.load(C + t * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                        k = tl.load(K + t * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
                         g3 = d * k * D3(x3, a3)
                         dc = tl.load(DC + cell, mask=m2, other=0.0)
                         keep_c = dc * 0
                         if HAS_ZC:
-                            keep_c = tl.load(ZC + t * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                            keep_c = tl.load(ZC + t * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
                         dcn = dc * (1 - keep_c) + d * a3 * D4(c_new, k)
                         g0 = dcn * a2 * D0(x0, a0)
                         g1 = dcn * prev * D1(x1, a1)
@@ -393,10 +397,10 @@ def recurrent_backward(
                         tl.store(DH + cell, tl.where(live, kept, dh), mask=m2)
                     else:  # gated state, blocks f, i, o, n
                         if HAS_X2:
-                            sn = tl.load(X2 + t * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                            sn = tl.load(X2 + t * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
                         else:
-                            sn = tl.load(C + t * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
-                        dout = tl.load(DOUT + t * B * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                            sn = tl.load(C + t * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
+                        dout = tl.load(DOUT + t * B64 * H + cell, mask=m2, other=0.0).to(dh.dtype)
                         keep_s = dh * 0
                         if HAS_ZH:
                             keep_s = mh
@@ -412,5 +416,5 @@ def recurrent_backward(
                     tl.store(DZ + gate + 3 * H, tl.where(live, g3, 0.0).to(DZ.dtype.element_ty), mask=m2)
         if FUSED:
             tl.debug_barrier()  # every unit's DZ of this step is written before the product reads them
-            _back_through_weights(DGH + t * B * G, W, DH, rows, rmask, H, G, HAS_MASK, MASK, BB, BH, BK, UPCAST, PRECISION)
+            _back_through_weights(DGH + t * B64 * G, W, DH, rows, rmask, H, G, HAS_MASK, MASK, BB, BH, BK, UPCAST, PRECISION)
             tl.debug_barrier()
