@@ -7,7 +7,7 @@ the median of the per-round ratios. Clocks are not fixed (the script cannot). Th
 
 * ``cudnn``: torch.nn.LSTM / GRU with default activations on cuDNN (what users have today);
 * ``triton``: gatelab's layer with custom activations (gates hard_sigmoid, candidate relu) on the
-  fused engine's Triton loop (``explain()``'s form is recorded per row);
+  fused engine's Triton loop (checked with ``explain()``; the form the loop ran is recorded per row);
 * ``loop``: the same layer on the fused engine's pure-PyTorch loop (``GATELAB_TRITON=off``: the path
   before the Triton loop);
 * ``compiled``: the reference cell's step under ``torch.compile`` in a Python loop over time (compiling
@@ -88,7 +88,9 @@ def build(cell: str, H: int, dtype: torch.dtype, device: torch.device, slow: boo
     layer_cls = {"lstm": gatelab.LSTM, "gru": gatelab.GRU}[cell]
     torch_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
     ref = torch_cls(H, H, device=device, dtype=dtype)
-    triton_layer = layer_cls(H, H, backend="fused", device=device, dtype=dtype, **CUSTOM)
+    triton_layer = layer_cls(H, H, backend="fused", strict=True, device=device, dtype=dtype, **CUSTOM)
+    if "Triton loop" not in (text := triton_layer.explain()):
+        raise SystemExit(f"gpu_speed: the custom-activation layer does not run the Triton loop here:\n{text}")
     with torch.no_grad():
         for name, p in triton_layer.named_parameters():
             p.copy_(getattr(ref, name))
@@ -224,13 +226,12 @@ def run(tiny: bool, budget_s: float, rounds: int, warmup: int) -> tuple[list[Row
         # the tiny CPU run compiles with aot_eager: inductor's C++ build would take most of its time
         models = build(cell, H, dtype, device, slow, "aot_eager" if tiny and device.type == "cpu" else "inductor")
         x = torch.randn(T, B, H, device=device, dtype=dtype)
-        G = 4 if cell == "lstm" else 3
-        form = gpu.form(G, H, dtype)
-        if form == "per_step" and device.type == "cuda" and gpu.graph_worth_it(B, H, G):
-            form += "+graph"
         for mode in MODES:
-            row = Row(cell, str(dtype).removeprefix("torch."), B, T, H, mode, form)
+            row = Row(cell, str(dtype).removeprefix("torch."), B, T, H, mode, "")
             row.ms, row.ratio = measure(models, x, mode, rounds, warmup, device)
+            with torch.no_grad():
+                models["triton"](x)
+            row.form = gpu.last_form() or "unknown"  # what the loop itself says it ran
             if mode == "train":
                 for k, m in models.items():
                     if (mb := peak_mb(step_fn(m, x, mode), device)) is not None:

@@ -410,7 +410,7 @@ def _silu(_: float | None) -> Activation:
         return s * (1 + x * (1 - s))
 
     return Activation("silu", F.silu, dfn, (-0.28, math.inf), kind="silu",
-                      triton=("x / (1 + tl.exp(-x))", "(1 + x * tl.exp(-x) / (1 + tl.exp(-x))) / (1 + tl.exp(-x))"))
+                      triton=("x / (1 + tl.exp(-x))", "(1 / (1 + tl.exp(-x))) * (1 + x * (1 - 1 / (1 + tl.exp(-x))))"))
 
 
 def _softplus(_: float | None) -> Activation:

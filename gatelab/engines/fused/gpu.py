@@ -43,10 +43,14 @@ from . import cpp
 CPU_BLOCKER = "the Triton loop runs on CUDA (on the CPU under Triton's interpreter with GATELAB_TRITON=interpret)"
 EXTRA_HINT = "pip install 'gatelab[triton]' (on a CUDA machine the torch wheel brings triton)"
 FORMS = ("persistent", "per_step")
-RESIDENT_BYTES = 64 * 1024  # the gate blocks' weights held on chip up to this size (one tile per block)
+# The gate blocks' recurrent weights are held on chip (in registers, one tile per block) up to this size,
+# and in 16-bit only beyond a 32 x 32 tile: larger float32 tiles (tl.dot off the tensor cores) spill to
+# local memory (checked on the sm_90 cubins, tests/test_triton.py).
+RESIDENT_BYTES = 32 * 1024
+RESIDENT_TILE_32BIT = 32
 BLOCK_B = 16  # batch rows per program (tl.dot needs 16)
 
-_state: dict[str, Any] = {"kernels": {}, "acts": {}}  # by mode: "cuda" or "interpret"
+_state: dict[str, Any] = {"kernels": {}, "acts": {}, "last": None}  # kernels, activations by mode
 
 
 # -- availability ------------------------------------------------------------------------------------
@@ -117,6 +121,13 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
         return [CPU_BLOCKER]
     if device not in ("cpu", "cuda"):
         return [f"the Triton loop runs on CUDA, parameters are on {cell.weight_ih.device}"]
+    if device == "cuda" and mode() == "interpret":
+        return ["GATELAB_TRITON=interpret runs the Triton loop on CPU tensors only"]
+    if device == "cuda" and (cap := torch.cuda.get_device_capability(cell.weight_ih.device)) < (7, 0):
+        return [f"the Triton loop needs a GPU of compute capability 7.0 or newer, this one is {cap[0]}.{cap[1]}"]
+    if device == "cuda" and cell.weight_ih.dtype in (torch.bfloat16, torch.float16) and \
+            torch.cuda.get_device_capability(cell.weight_ih.device) < (8, 0):
+        return ["the Triton loop runs 16-bit layers on GPUs of compute capability 8.0 (Ampere) or newer"]
     if type_before_parametrizations(cell) not in cpp.CELLS:
         return [f"no Triton loop for {type(cell).__name__}"]
     out = []
@@ -171,17 +182,22 @@ def _slots(kinds: Sequence[int], params: Sequence[float], n: int, which: int) ->
 # -- form and tiles --------------------------------------------------------------------------------------
 
 
+def resident(gates: int, hidden: int, dtype: torch.dtype) -> bool:
+    """Whether one tile of each gate block's recurrent weights fits on chip (see RESIDENT_BYTES)."""
+    tile = max(16, triton_next_pow2(hidden))
+    size = torch.empty(0, dtype=dtype).element_size()
+    return gates * tile * tile * size <= RESIDENT_BYTES and (size == 2 or tile <= RESIDENT_TILE_32BIT)
+
+
 def form(gates: int, hidden: int, dtype: torch.dtype) -> str:
-    """Which form runs a direction: persistent while one tile of each gate block's weights fits on
-    chip, else per-step (``GATELAB_TRITON_FORM`` overrides)."""
+    """Which form runs a direction: persistent while the recurrent weights fit on chip
+    (:func:`resident`), else per-step (``GATELAB_TRITON_FORM`` overrides)."""
     forced = os.environ.get("GATELAB_TRITON_FORM", "").strip().lower()
     if forced:
         if forced not in FORMS:
             raise ValueError(f"GATELAB_TRITON_FORM must be one of {', '.join(FORMS)}, got {forced!r}")
         return forced
-    tile = max(16, triton_next_pow2(hidden))
-    fits = gates * tile * tile * torch.empty(0, dtype=dtype).element_size() <= RESIDENT_BYTES
-    return "persistent" if fits else "per_step"
+    return "persistent" if resident(gates, hidden, dtype) else "per_step"
 
 
 def triton_next_pow2(n: int) -> int:
@@ -227,6 +243,19 @@ def _placeholder(t: Tensor | None, like: Tensor) -> Tensor:
     return like if t is None else t
 
 
+def _on_device(fn):
+    """Run ``fn`` with its tensors' CUDA device current (Triton launches on the current device)."""
+    def guarded(name, first, *args):
+        if first.device.type != "cuda":
+            return fn(name, first, *args)
+        with torch.cuda.device(first.device):
+            return fn(name, first, *args)
+
+    guarded.__doc__ = fn.__doc__
+    return guarded
+
+
+@_on_device
 def _forward(name: str, xw: Tensor, W_hh: Tensor, b_hh: Tensor | None, states: Sequence[Tensor],
              lengths: Tensor | None, mask: Tensor | None, zh: Tensor | None, zc: Tensor | None,
              kinds: Sequence[int], params: Sequence[float], reverse: bool, save_z: bool, train: bool) -> list[Tensor]:
@@ -261,9 +290,8 @@ def _forward(name: str, xw: Tensor, W_hh: Tensor, b_hh: Tensor | None, states: S
     HR[first if train else 0] = states[0] if mask is None else states[0] * mask
     W = W_hh.contiguous()
     which = form(NG, H, W.dtype)
-    resident = which == "persistent" and max(16, triton_next_pow2(H)) * max(16, triton_next_pow2(H)) * NG * \
-        W.element_size() <= RESIDENT_BYTES
-    BH, BK = _tiles(H, resident)
+    on_chip = which == "persistent" and resident(NG, H, W.dtype)
+    BH, BK = _tiles(H, on_chip)
     F = _slots(kinds, params, 5, 0)
     args = dict(CELL=_CELL[name], NG=NG, F0=F[0], F1=F[1], F2=F[2], F3=F[3], F4=F[4], REVERSE=reverse, TRAIN=train,
                 SAVE_Z=save_z, WRITE_S=write_s, HAS_BHH=b_hh is not None, HAS_LEN=lengths is not None,
@@ -273,8 +301,9 @@ def _forward(name: str, xw: Tensor, W_hh: Tensor, b_hh: Tensor | None, states: S
                _placeholder(K if K.numel() else None, xw), HR, _placeholder(X2 if X2.numel() else None, xw),
                _placeholder(lengths, HS), _placeholder(mask, HS), _placeholder(zh, HS), _placeholder(zc, HS)]
     grid = (triton_cdiv(B, BLOCK_B),)
+    _state["last"] = which if which == "per_step" or on_chip else "persistent (weights through the cache)"
     if which == "persistent":
-        K_.recurrent_forward[grid](*tensors, xw, T, B, H, 0, T, FUSED=True, RESIDENT=resident, **args)
+        K_.recurrent_forward[grid](*tensors, xw, T, B, H, 0, T, FUSED=True, RESIDENT=on_chip, **args)
     else:
         def loop(bufs: list[Tensor]) -> None:
             w, hr, gh = bufs[1], bufs[9], bufs[15]
@@ -283,7 +312,7 @@ def _forward(name: str, xw: Tensor, W_hh: Tensor, b_hh: Tensor | None, states: S
                 torch.mm(hr[t if train else k % 2].to(w.dtype), w.t(), out=gh)
                 K_.recurrent_forward[grid](*bufs, T, B, H, k, 1, FUSED=False, RESIDENT=False, **args)
 
-        key = ("forward", name, T, B, H, dt, tuple(kinds), tuple(params), reverse, train, save_z, write_s,
+        key = ("forward", name, T, B, H, dt, tuple(kinds), tuple(params), reverse, train, save_z, write_s, args["PRECISION"],
                *(t is not None for t in (b_hh, lengths, mask, zh, zc)))
         _run_loop(loop, key, [*tensors, torch.empty(B, G, device=dev, dtype=W.dtype)], written=(0, 3, 4, 5, 6, 7, 8, 9, 10))
     final = [HS.to(dt)] + ([CS.to(dt)] if name == "lstm" else [])
@@ -297,6 +326,7 @@ def _forward(name: str, xw: Tensor, W_hh: Tensor, b_hh: Tensor | None, states: S
     return [out, *final, Z, A, C, HR, X2]
 
 
+@_on_device
 def _backward(name: str, dout: Tensor, dfinal: Sequence[Tensor], Z: Tensor, A: Tensor, C: Tensor, K: Tensor,
               X2: Tensor, S0: Tensor, W_hh: Tensor, lengths: Tensor | None, mask: Tensor | None, zh: Tensor | None,
               zc: Tensor | None, kinds: Sequence[int], params: Sequence[float], reverse: bool) -> list[Tensor]:
@@ -313,9 +343,11 @@ def _backward(name: str, dout: Tensor, dfinal: Sequence[Tensor], Z: Tensor, A: T
     lengths = _lengths(lengths, dev)
     W = W_hh.contiguous()
     which = form(NG, H, W.dtype)
-    BH, BK = _tiles(H, False) if which == "per_step" or H > 32 else (32, 32)
+    BH, BK = _tiles(H, False)
     D = _slots(kinds, params, 5, 1)
     has_z = Z.numel() > 0
+    if (zh is not None or zc is not None) and name in ("lstm", "gated_state") and X2.numel() != C.numel():
+        raise RuntimeError("gatelab fused: zoneout backward needs the states the forward kept (CP / SN)")
     args = dict(CELL=_CELL[name], NG=NG, D0=D[0], D1=D[1], D2=D[2], D3=D[3], D4=D[4], REVERSE=reverse, HAS_Z=has_z,
                 HAS_LEN=lengths is not None, HAS_MASK=mask is not None, HAS_ZH=zh is not None, HAS_ZC=zc is not None,
                 HAS_X2=X2.numel() > 0, BB=BLOCK_B, BH=BH, BK=BK, UPCAST=_upcast(W),
@@ -335,7 +367,7 @@ def _backward(name: str, dout: Tensor, dfinal: Sequence[Tensor], Z: Tensor, A: T
                 back = torch.mm(dgh[t], w).to(work)
                 dh.add_(back if mask is None else back * bufs[13])
 
-        key = ("backward", name, T, B, H, dt, tuple(kinds), tuple(params), reverse, has_z, X2.numel() > 0,
+        key = ("backward", name, T, B, H, dt, tuple(kinds), tuple(params), reverse, has_z, X2.numel() > 0, args["PRECISION"],
                *(t is not None for t in (lengths, mask, zh, zc)))
         _run_loop(loop, key, tensors, written=(1, 2, 10, 11))
     d0 = [DH.to(dt)] + ([DC.to(dt)] if name == "lstm" else [])
@@ -350,13 +382,14 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 GRAPH_MACS = 1 << 24  # a step's recurrent product below this many multiply-adds is launch-bound: graph it
+GRAPH_BYTES = 64 << 20  # and the direction's buffers (each graph keeps a static copy) at most this large
 
 
-def graph_worth_it(batch: int, hidden: int, gates: int) -> bool:
+def graph_worth_it(batch: int, hidden: int, gates: int, buffer_bytes: int = 0) -> bool:
     """Whether the per-step form replays as a CUDA graph: where a step's product is small enough that
-    launches would dominate. (A graph keeps one static copy of the direction's buffers per shape, so it
-    is not used where a step is large and the copy would only cost memory.)"""
-    return batch * gates * hidden * hidden < GRAPH_MACS
+    launches would dominate, and the buffers small enough that the graph's static copy of them (one
+    per shape) costs little memory."""
+    return batch * gates * hidden * hidden < GRAPH_MACS and buffer_bytes <= GRAPH_BYTES
 
 
 def _run_loop(loop, key: tuple, buffers: list[Tensor], written: Sequence[int]) -> None:
@@ -364,9 +397,15 @@ def _run_loop(loop, key: tuple, buffers: list[Tensor], written: Sequence[int]) -
     once per shape and replayed; ``GATELAB_CUDA_GRAPHS=0`` turns that off), elsewhere (the interpreter)
     directly."""
     if buffers[0].device.type != "cuda" or os.environ.get("GATELAB_CUDA_GRAPHS", "1") == "0" or \
-            torch.cuda.is_current_stream_capturing() or not graph_worth_it(key[3], key[4], _GATES[key[1]]):
+            torch.cuda.is_current_stream_capturing():
         loop(buffers)
         return
+    unique = {id(t): t for t in buffers}.values()
+    if not graph_worth_it(key[3], key[4], _GATES[key[1]], sum(t.numel() * t.element_size() for t in unique)):
+        loop(buffers)
+        return
+    if key[0] == "forward":
+        _state["last"] = "per_step+graph"
     from . import graphs
 
     graphs.run(loop, key, buffers, written)
@@ -415,13 +454,21 @@ def gated_state_backward(dout, dsT, Z, A, S, SN, s0, W_hh, lengths, mask, zs, ki
                      kinds, params, reverse)
 
 
+def last_form() -> str | None:
+    """The form the last forward call on this loop ran: ``"persistent"``, ``"persistent (weights through the
+    cache)"`` (forced), ``"per_step"`` or ``"per_step+graph"`` (None before any; for benchmarks)."""
+    return _state["last"]
+
+
 def describe(cell: RecurrentCell) -> str:
     """``explain()``'s phrase for this loop running ``cell``."""
-    gates = {"LSTMCell": 4, "GRUCell": 3, "ElmanCell": 1}.get(type_before_parametrizations(cell).__name__, 4)
+    gates = cell.weight_hh.shape[0] // cell.hidden_size
     which = form(gates, cell.hidden_size, cell.weight_hh.dtype)
     where = "under Triton's interpreter on the CPU" if cell.weight_ih.device.type == "cpu" else "on CUDA"
     if which == "persistent":
-        how = "persistent kernel (the time loop inside one launch, the recurrent weights held on chip)"
+        held = ("the recurrent weights held on chip" if resident(gates, cell.hidden_size, cell.weight_hh.dtype)
+                else "the recurrent weights read through the cache each step")
+        how = f"persistent kernel (the time loop inside one launch, {held})"
     else:
         how = ("per-step form (one cuBLAS product and one fused elementwise kernel per step"
                + (", the loop replayed as a CUDA graph where a step is small)" if where == "on CUDA" else ")"))

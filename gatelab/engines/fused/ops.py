@@ -491,6 +491,8 @@ def _register(namespace: str) -> None:
         for qualname, schema in ((forward, forward_schema(op)), (backward, backward_schema(op))):
             torch.library.define(qualname, schema)
         for device, loops in _KERNELS[namespace].items():
+            if op.layer_norm and loops is _triton:
+                continue  # torch then says plainly that the operator has no kernel for that device
             torch.library.impl(forward, device, _forward_kernel(op, loops))
             torch.library.impl(backward, device, _backward_kernel(op, loops))
         torch.library.register_fake(forward, _forward_fake(op))
