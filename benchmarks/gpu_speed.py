@@ -36,7 +36,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from speed import write_atomic  # noqa: E402
+
 import gatelab  # noqa: E402
 from gatelab.engines.fused import gpu  # noqa: E402
 
@@ -265,14 +267,6 @@ def markdown(rows: list[Row], skipped: list[str], info: dict) -> str:
     if skipped:
         lines += ["", f"Not measured (the {info['budget_s']:.0f} s budget was spent): " + "; ".join(skipped) + "."]
     return "\n".join(lines)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
 
 
 def main(argv: list[str] | None = None) -> int:

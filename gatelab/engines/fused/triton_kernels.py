@@ -77,6 +77,14 @@ def _recurrent_gate(HR_row, W, WT, g, rows, rmask, cols, cmask, H, G, w_gate, ac
 
 
 @triton.jit
+def _program_rows(B, BB: tl.constexpr):
+    """This program's batch rows, which of them exist, and B as int64 (offsets of whole steps, t·B·G, pass
+    2^31 at long sequences)."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    return rows, rows < B, B.to(tl.int64)
+
+
+@triton.jit
 def _resident_tile(W, g, H, BH: tl.constexpr, BK: tl.constexpr):
     """W_g's (k, j) tile, transposed for the product; loaded once when the whole block fits one tile."""
     ks = tl.arange(0, BK)
@@ -108,11 +116,8 @@ def recurrent_forward(
     ``HR`` the masked state each step multiplies ``W_hh`` with (slot ``t`` when training, else
     alternating 0/1); ``X2`` the LSTM's zoned-out cell state or the gated state's s' (zoneout only).
     """
-    pid = tl.program_id(0)
-    rows = pid * BB + tl.arange(0, BB)
-    rmask = rows < B
+    rows, rmask, B64 = _program_rows(B, BB)
     G = NG * H
-    B64 = B.to(tl.int64)  # offsets of whole steps (t·B·G) in int64: T·B·G passes 2^31 at long sequences
     if RESIDENT:
         w0 = _resident_tile(W, 0, H, BH, BK)
         w1 = w0
@@ -309,11 +314,8 @@ def recurrent_backward(
     (the GRU's ``DGH`` dL/d(recurrent product)); ``S0`` is the state before the first step (the
     LSTM's c0, else h0/s0). ``Z`` holds the pre-activations when ``HAS_Z`` (a derivative that reads
     them), else the derivatives read only the outputs (``A``, ``C``)."""
-    pid = tl.program_id(0)
-    rows = pid * BB + tl.arange(0, BB)
-    rmask = rows < B
+    rows, rmask, B64 = _program_rows(B, BB)
     G = NG * H
-    B64 = B.to(tl.int64)  # offsets of whole steps (t·B·G) in int64: T·B·G passes 2^31 at long sequences
     if HAS_LEN:
         length = tl.load(LEN + rows, mask=rmask, other=0)
     for i in range(nsteps):
