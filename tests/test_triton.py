@@ -296,10 +296,14 @@ def test_explain_says_why_a_cell_is_not_on_the_triton_loop():
 
 
 def test_forms_by_size_and_the_override(monkeypatch):
-    assert gpu.form(4, 32, torch.float32) == "persistent"  # 32-bit tiles up to 32 (larger ones spill)
-    assert gpu.form(4, 64, torch.float32) == "per_step" and gpu.form(1, 64, torch.float32) == "per_step"
-    assert gpu.form(4, 64, torch.bfloat16) == "persistent" and gpu.form(1, 128, torch.bfloat16) == "persistent"
-    assert gpu.form(4, 128, torch.bfloat16) == "per_step"  # 4 x 128 x 128 x 2 B = 128 KiB
+    # in registers: 16-bit up to 32 KiB, 32-bit tiles up to 32 (larger ones spill)
+    assert gpu.resident(4, 32, torch.float32) and not gpu.resident(4, 64, torch.float32)
+    assert gpu.resident(4, 64, torch.bfloat16) and gpu.resident(1, 128, torch.bfloat16)
+    assert not gpu.resident(4, 128, torch.bfloat16)
+    # persistent while the weights fit L1 (64 KiB), per-step beyond
+    assert gpu.form(4, 64, torch.float32) == "persistent" and gpu.form(1, 128, torch.float32) == "persistent"
+    assert gpu.form(4, 128, torch.bfloat16) == "per_step" and gpu.form(4, 65, torch.float32) == "per_step"
+    assert gpu.form(3, 128, torch.bfloat16) == "per_step" and gpu.form(4, 1024, torch.float32) == "per_step"
     monkeypatch.setenv("GATELAB_TRITON_FORM", "per_step")
     assert gpu.form(4, 16, torch.float32) == "per_step"
     monkeypatch.setenv("GATELAB_TRITON_FORM", "fast")
@@ -336,21 +340,25 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.gpu
 @pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("cuda_form", gpu.FORMS)
-def test_on_cuda_the_triton_loop_equals_the_reference(layer, cuda_form, monkeypatch):
+@pytest.mark.parametrize("hidden", [24, 72])  # one tile, resident; three tiles through the cache
+def test_on_cuda_the_triton_loop_equals_the_reference(layer, cuda_form, hidden, monkeypatch):
+    """Every gradient against the reference in float64 on the GPU (where the programs' threads really
+    run at once), 40 rows in three programs, variable lengths, each call twice (the per-step form's
+    graph is captured on the second and replayed on the third)."""
     monkeypatch.delenv("GATELAB_TRITON")
     monkeypatch.setenv("GATELAB_TRITON_FORM", cuda_form)
     torch.manual_seed(0)
     opts = {SLOTS[layer][0]: "hard_sigmoid" if layer != "RNN" else "softsign", "bidirectional": True}
     dev = torch.device("cuda")
-    ref = LAYERS[layer](3, 24, backend="reference", dtype=torch.float64, device=dev, **opts)
-    tri = LAYERS[layer](3, 24, backend="fused", strict=True, dtype=torch.float64, device=dev, **opts)
+    ref = LAYERS[layer](3, hidden, backend="reference", dtype=torch.float64, device=dev, **opts)
+    tri = LAYERS[layer](3, hidden, backend="fused", strict=True, dtype=torch.float64, device=dev, **opts)
     tri.load_state_dict(ref.state_dict())
     assert "Triton loop on CUDA" in tri.explain()
-    x = torch.randn(7, 20, 3, dtype=torch.float64, device=dev)
-    lengths = torch.randint(1, 8, (20,))
+    x = torch.randn(7, 40, 3, dtype=torch.float64, device=dev)
+    lengths = torch.randint(1, 8, (40,))
     results = []
     for model in (ref, tri):
-        for _ in range(2):  # the second call replays the per-step form's CUDA graph
+        for _ in range(3):
             xg = x.clone().requires_grad_()
             out, _ = model(xg, lengths=lengths)
             grads = torch.autograd.grad((out * out.detach().cos()).sum(), [xg, *model.parameters()])
@@ -377,6 +385,9 @@ def test_on_cuda_a_custom_lstm_trains_in_reduced_precision(dtype, monkeypatch):
     want, _ = ref(x.float())
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(out.float(), want, rtol=0, atol=tol)
+    (g_low,) = torch.autograd.grad(out.float().square().sum(), [low.weight_hh_l0])
+    (g_ref,) = torch.autograd.grad(want.square().sum(), [ref.weight_hh_l0])
+    assert (g_low.float() - g_ref).abs().max() <= (1e-3 if dtype == torch.float32 else 5e-2) * g_ref.abs().max()
 
 
 # -- compiled for a GPU, without one ------------------------------------------------------------------------

@@ -48,6 +48,10 @@ FORMS = ("persistent", "per_step")
 # local memory (checked on the sm_90 cubins, tests/test_triton.py).
 RESIDENT_BYTES = 32 * 1024
 RESIDENT_TILE_32BIT = 32
+# The persistent form runs while one direction's recurrent weights are at most this large: held in
+# registers where resident() says so, else re-read each step from the multiprocessor's L1 (256 KiB
+# with shared memory on Hopper), which holds them after the first step.
+PERSISTENT_BYTES = 64 * 1024
 BLOCK_B = 16  # batch rows per program (tl.dot needs 16)
 
 _state: dict[str, Any] = {"kernels": {}, "acts": {}, "last": None}  # kernels, activations by mode
@@ -190,14 +194,17 @@ def resident(gates: int, hidden: int, dtype: torch.dtype) -> bool:
 
 
 def form(gates: int, hidden: int, dtype: torch.dtype) -> str:
-    """Which form runs a direction: persistent while the recurrent weights fit on chip
-    (:func:`resident`), else per-step (``GATELAB_TRITON_FORM`` overrides)."""
+    """Which form runs a direction: persistent while the recurrent weights stay on chip (in registers,
+    :func:`resident`, or in L1: :data:`PERSISTENT_BYTES`), else per-step (``GATELAB_TRITON_FORM``
+    overrides)."""
     forced = os.environ.get("GATELAB_TRITON_FORM", "").strip().lower()
     if forced:
         if forced not in FORMS:
             raise ValueError(f"GATELAB_TRITON_FORM must be one of {', '.join(FORMS)}, got {forced!r}")
         return forced
-    return "persistent" if resident(gates, hidden, dtype) else "per_step"
+    size = torch.empty(0, dtype=dtype).element_size()
+    fits = resident(gates, hidden, dtype) or gates * hidden * hidden * size <= PERSISTENT_BYTES
+    return "persistent" if fits else "per_step"
 
 
 def triton_next_pow2(n: int) -> int:
@@ -301,7 +308,7 @@ def _forward(name: str, xw: Tensor, W_hh: Tensor, b_hh: Tensor | None, states: S
                _placeholder(K if K.numel() else None, xw), HR, _placeholder(X2 if X2.numel() else None, xw),
                _placeholder(lengths, HS), _placeholder(mask, HS), _placeholder(zh, HS), _placeholder(zc, HS)]
     grid = (triton_cdiv(B, BLOCK_B),)
-    _state["last"] = which if which == "per_step" or on_chip else "persistent (weights through the cache)"
+    _state["last"] = which if which == "per_step" or on_chip else "persistent (weights through L1)"
     if which == "persistent":
         K_.recurrent_forward[grid](*tensors, xw, T, B, H, 0, T, FUSED=True, RESIDENT=on_chip, **args)
     else:
@@ -455,8 +462,9 @@ def gated_state_backward(dout, dsT, Z, A, S, SN, s0, W_hh, lengths, mask, zs, ki
 
 
 def last_form() -> str | None:
-    """The form the last forward call on this loop ran: ``"persistent"``, ``"persistent (weights through the
-    cache)"`` (forced), ``"per_step"`` or ``"per_step+graph"`` (None before any; for benchmarks)."""
+    """The form the last forward call on this loop ran: ``"persistent"`` (weights in registers),
+    ``"persistent (weights through L1)"``, ``"per_step"`` or ``"per_step+graph"`` (None before any; for
+    benchmarks)."""
     return _state["last"]
 
 
@@ -466,8 +474,8 @@ def describe(cell: RecurrentCell) -> str:
     which = form(gates, cell.hidden_size, cell.weight_hh.dtype)
     where = "under Triton's interpreter on the CPU" if cell.weight_ih.device.type == "cpu" else "on CUDA"
     if which == "persistent":
-        held = ("the recurrent weights held on chip" if resident(gates, cell.hidden_size, cell.weight_hh.dtype)
-                else "the recurrent weights read through the cache each step")
+        held = ("the recurrent weights held in registers" if resident(gates, cell.hidden_size, cell.weight_hh.dtype)
+                else "the recurrent weights re-read each step through L1")
         how = f"persistent kernel (the time loop inside one launch, {held})"
     else:
         how = ("per-step form (one cuBLAS product and one fused elementwise kernel per step"
