@@ -173,9 +173,54 @@ def test_compile_with_inductor_runs_the_operator_as_one_node():
 
 
 def test_explain_says_what_runs_under_compile():
-    assert "Under torch.compile, torch.export and torch.func the fused engine, C++ loop" in gatelab.LSTM(3, 4).explain()
+    text = gatelab.LSTM(3, 4).explain()
+    assert "Under torch.compile on the CPU (float32, without lengths or dropout between layers) torch's oneDNN" in text
+    assert "under torch.export and torch.func, the fused engine, C++ loop" in text
+    assert "Under torch.compile, torch.export and torch.func the fused engine, C++ loop" in gatelab.GRU(3, 4).explain()
     assert "under torch.compile, torch.export and torch.func the reference loop" in gatelab.LSTM(3, 4, proj_size=2).explain()
     assert "Under torch.compile" not in gatelab.LSTM(3, 4, gate_activation="hard_sigmoid").explain()
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_compiled_default_lstm_runs_torchs_onednn_kernel_and_equals_eager(layers):
+    """torch.compile of a default-activation LSTM (eager: torch's kernel) runs torch's own oneDNN LSTM as
+    gatelab's operators, one per layer and direction, and gives eager's outputs and every gradient
+    exactly (the same kernel); with lengths, under export and in float64 the fused engine runs."""
+    torch.manual_seed(0)
+    model = gatelab.LSTM(3, 6, layers, bidirectional=True)
+    assert model.engine_name == "native"
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    h0 = tuple(torch.randn(2 * layers, 2, 6, requires_grad=True) for _ in range(2))
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
+
+    def run(m, **kw):
+        out, (h, c) = m(x, h0, **kw)
+        loss = (out * out.detach().cos()).sum() + h.sum() + c.sin().sum()
+        return out, torch.autograd.grad(loss, [x, *h0, *model.parameters()])
+
+    compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=False)
+    want, got = run(model), run(compiled)
+    assert sum(s.startswith("gatelab.onednn_lstm") for s in seen) == 2 * layers, seen
+    for a, b in zip((want[0], *want[1]), (got[0], *got[1])):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, h0)[0], model(x, h0)[0], rtol=0, atol=0)
+    seen.clear()
+    lengths = torch.tensor([5, 3])
+    torch.testing.assert_close(run(compiled, lengths=lengths)[0], run(model, lengths=lengths)[0], rtol=0, atol=1e-5)
+    assert any(s.startswith("gatelab.lstm") for s in seen) and not any("onednn" in s for s in seen), seen
+
+
+def test_the_onednn_operator_passes_opcheck():
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(*s, generator=g, requires_grad=True) for s in ((4, 3, 5), (24, 5), (24, 6), (24,), (24,),
+                                                                        (1, 3, 6), (1, 3, 6))]
+    torch.library.opcheck(torch.ops.gatelab.onednn_lstm, (*args, False, True, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 EXPORTED = ["lstm_per_gate_2x_bi", "lstm_default", "lstm_layer_norm", "gru", "rnn", "gated_state",

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from .. import engines
 from ..cells import RecurrentCell
 from ..cells.base import _check_size, check_flag
-from ..engines import export_op, reference
+from ..engines import export_op, native, reference
 from ..engines.base import Engine, OnStep, Stack, tracing_or_transforming
 from ..engines.native import WEIGHT_NAMES
 from ..init import SCHEMES, init_cell
@@ -361,7 +361,13 @@ class RecurrentLayer(nn.Module):
             engine, why = reference.ENGINE, (f"{len(self._step_hooks)} step hook(s) registered: the reference loop "
                                              f"runs, the only one that exposes every step's state (else: {why})")
         traced = engines.traceable(self, engine)
-        if traced is not engine:
+        if traced is not engine and engine is native.ENGINE and self._cells[0].torch_mode == "LSTM" \
+                and self.proj_size == 0:
+            why += (f". Under torch.compile on the CPU (float32, without lengths or dropout between layers) torch's "
+                    f"oneDNN LSTM kernel runs as gatelab operators (torch.ops.gatelab.onednn_lstm), as it does "
+                    f"eagerly; otherwise, and under torch.export and torch.func, {traced.describe(self)} runs "
+                    f"instead: {engine.untraceable}")
+        elif traced is not engine:
             why += (f". Under torch.compile, torch.export and torch.func {traced.describe(self)} runs instead: "
                     f"{getattr(engine, 'untraceable', 'it does not trace')}")
         from .. import onnx  # its form() needs no ONNX package
@@ -419,6 +425,10 @@ class RecurrentLayer(nn.Module):
                 raise ValueError(f"{owner}: input is {batch.data.dtype} on {batch.data.device}, parameters are "
                                  f"{ref.dtype} on {ref.device}")
             hx = self._check_hx(hx, batch)
+            traced = engine is self._traced_engine and engine is not self.engine
+            if traced and self.engine is native.ENGINE and native.onednn_compiles(
+                    cells[0], batch.data, batch.lengths, self.training, self.dropout, self.num_layers) is None:
+                engine = native.ONEDNN_COMPILED  # compiled: torch's own oneDNN LSTM, as gatelab operators
             if engine.whole_stack:
                 stack = Stack(cells, self.num_layers, self.bidirectional, self.bias, self.dropout, self.training)
                 out, hn = engine.run_stack(stack, batch.data, batch.lengths, hx)
