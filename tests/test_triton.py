@@ -17,7 +17,7 @@ from test_fused import LAYERS, SLOTS, max_error, run_pair
 from test_operators import OPTIONALS, _backward_args, _forward_args
 
 import gatelab
-from gatelab.activations import Activation, available
+from gatelab.activations import available
 from gatelab.activations import get as get_activation
 from gatelab.engines.fused import cpp, gpu, ops
 
@@ -324,11 +324,6 @@ def test_the_loop_off_the_cpu_by_default_and_without_triton(monkeypatch):
     monkeypatch.setenv("GATELAB_TRITON", "sometimes")
     with pytest.raises(ValueError, match="GATELAB_TRITON must be 'interpret', 'off' or unset, got 'sometimes'"):
         gpu.mode()
-
-
-def test_a_user_activation_without_a_triton_form_is_not_given_one():
-    entry = Activation("plain", torch.tanh)
-    assert entry.triton is None
 
 
 # -- on a GPU ---------------------------------------------------------------------------------------------

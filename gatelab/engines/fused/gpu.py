@@ -38,7 +38,7 @@ from torch.nn.utils.parametrize import type_before_parametrizations
 
 from ...activations import Activation
 from ...cells import LSTMCell, RecurrentCell
-from . import cpp
+from . import cpp, ops
 
 CPU_BLOCKER = "the Triton loop runs on CUDA (on the CPU under Triton's interpreter with GATELAB_TRITON=interpret)"
 EXTRA_HINT = "pip install 'gatelab[triton]' (on a CUDA machine the torch wheel brings triton)"
@@ -157,16 +157,17 @@ def cell_blockers(cell: RecurrentCell) -> list[str]:
 def activation_functions(kind: int, param: float) -> tuple[Any, Any]:
     """The ``@triton.jit`` forward ``f(x)`` and derivative ``d(x, y)`` of a kernel kind, generated from
     the registry entry's Triton form into a small module under the cache (written atomically, keyed
-    by its text) and imported: each slot's activation is compiled into the kernels."""
-    act = cpp.activation(kind, param)
-    if act.triton is None:
-        raise ValueError(f"gatelab: activation {act.key!r} has no Triton form")
-    forward, derivative = act.triton
-    source = ("import triton\nimport triton.language as tl\n\n\n@triton.jit\ndef forward(x):\n"
-              f"    return {forward}\n\n\n@triton.jit\ndef derivative(x, y):\n    return {derivative}\n")
-    key = hashlib.sha256(source.encode()).hexdigest()[:20]
-    cached = (_which(), key)
+    by its text) and imported: each slot's activation is compiled into the kernels. Looked up per call
+    of the loop: the source is built and hashed once per kind, parameter and mode."""
+    cached = (_which(), kind, param)
     if cached not in _state["acts"]:
+        act = cpp.activation(kind, param)
+        if act.triton is None:
+            raise ValueError(f"gatelab: activation {act.key!r} has no Triton form")
+        forward, derivative = act.triton
+        source = ("import triton\nimport triton.language as tl\n\n\n@triton.jit\ndef forward(x):\n"
+                  f"    return {forward}\n\n\n@triton.jit\ndef derivative(x, y):\n    return {derivative}\n")
+        key = hashlib.sha256(source.encode()).hexdigest()[:20]
         path = cpp.cache_dir().parent / "triton" / f"act_{key}.py"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,7 @@ def _slots(kinds: Sequence[int], params: Sequence[float], n: int, which: int) ->
 def resident(gates: int, hidden: int, dtype: torch.dtype) -> bool:
     """Whether one tile of each gate block's recurrent weights fits on chip (see RESIDENT_BYTES)."""
     tile = max(16, triton_next_pow2(hidden))
-    size = torch.empty(0, dtype=dtype).element_size()
+    size = dtype.itemsize
     return gates * tile * tile * size <= RESIDENT_BYTES and (size == 2 or tile <= RESIDENT_TILE_32BIT)
 
 
@@ -202,7 +203,7 @@ def form(gates: int, hidden: int, dtype: torch.dtype) -> str:
         if forced not in FORMS:
             raise ValueError(f"GATELAB_TRITON_FORM must be one of {', '.join(FORMS)}, got {forced!r}")
         return forced
-    size = torch.empty(0, dtype=dtype).element_size()
+    size = dtype.itemsize
     fits = resident(gates, hidden, dtype) or gates * hidden * hidden * size <= PERSISTENT_BYTES
     return "persistent" if fits else "per_step"
 
@@ -239,7 +240,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _CELL = {"lstm": 0, "gru": 1, "elman": 2, "gated_state": 3}
-_GATES = {"lstm": 4, "gru": 3, "elman": 1, "gated_state": 4}
+_GATES = {op.name: op.width for op in ops.CELL_OPS}  # gate blocks per cell, as the operators define them
 
 
 def _lengths(lengths: Tensor | None, device: torch.device) -> Tensor | None:
