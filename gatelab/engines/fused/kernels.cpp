@@ -21,6 +21,11 @@
 
 #include "vmath.h"
 
+// Before an elementwise loop whose iterations are independent (every array read and written at the same
+// index j; arrays may be the same buffer but never overlap at other offsets): vectorise it without the
+// aliasing checks the compiler cannot prove away (several stores per iteration defeat them).
+#define SIMD _Pragma("omp simd")
+
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -327,8 +332,11 @@ void recurrent_grad(T* dh, const T* dG, const T* W, const T* mask, std::vector<T
 // HR_row = h_row ⊙ mask_row: the recurrent input of the next step.
 template <typename T>
 inline void write_rec(T* hr, const T* h, const T* mask, int64_t n) {
-  if (mask == nullptr) for (int64_t j = 0; j < n; ++j) hr[j] = h[j];
-  else for (int64_t j = 0; j < n; ++j) hr[j] = h[j] * mask[j];
+  if (mask == nullptr) {
+    SIMD for (int64_t j = 0; j < n; ++j) hr[j] = h[j];
+  } else {
+    SIMD for (int64_t j = 0; j < n; ++j) hr[j] = h[j] * mask[j];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -609,7 +617,7 @@ inline void lstm_gates_forward(at::IntArrayRef kinds, const T* a, const T* zr, T
 // c' = f c + i g.
 template <typename T>
 inline void lstm_cell_update(const T* ar, const T* c, T* cn, int64_t H, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) cn[j] = ar[H + j] * c[j] + ar[j] * ar[2 * H + j];
+  SIMD for (int64_t j = 0; j < n; ++j) cn[j] = ar[H + j] * c[j] + ar[j] * ar[2 * H + j];
 }
 
 // h' = o k, then the state handed on: c <- m_c c + (1 - m_c) c', h <- m_h h + (1 - m_h) h' (no
@@ -617,7 +625,14 @@ inline void lstm_cell_update(const T* ar, const T* c, T* cn, int64_t H, int64_t 
 template <typename T>
 inline void lstm_hand_on(const T* ar, const T* k, const T* cn, const T* mh, const T* mc, T* c, T* h, T* out,
                          int64_t H, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
+  if (!mh && !mc) {
+    SIMD for (int64_t j = 0; j < n; ++j) {
+      c[j] = cn[j];
+      out[j] = h[j] = ar[3 * H + j] * k[j];
+    }
+    return;
+  }
+  SIMD for (int64_t j = 0; j < n; ++j) {
     const T hn = ar[3 * H + j] * k[j];
     c[j] = mc ? mc[j] * c[j] + (T(1) - mc[j]) * cn[j] : cn[j];
     out[j] = h[j] = mh ? mh[j] * h[j] + (T(1) - mh[j]) * hn : hn;
@@ -629,7 +644,7 @@ inline void lstm_hand_on(const T* ar, const T* k, const T* cn, const T* mh, cons
 template <typename T>
 inline void lstm_output_backward(const T* dor, const T* mh, const T* ar, const T* k, T* dh, T* gr, T* dk, int64_t H,
                                  int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
+  SIMD for (int64_t j = 0; j < n; ++j) {
     T d = dor[j] + dh[j];
     dh[j] = T(0);
     if (mh) { dh[j] = d * mh[j]; d *= T(1) - mh[j]; }
@@ -643,7 +658,7 @@ inline void lstm_output_backward(const T* dor, const T* mh, const T* ar, const T
 template <typename T>
 inline void lstm_cell_backward(const T* dcc, const T* mc, const T* ar, const T* cprev, T* dc, T* gr, int64_t H,
                                int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
+  SIMD for (int64_t j = 0; j < n; ++j) {
     const T keep_c = mc ? mc[j] : T(0);
     const T dcn = dc[j] * (T(1) - keep_c) + dcc[j];
     gr[j] = dcn * ar[2 * H + j];
@@ -658,13 +673,13 @@ inline void lstm_cell_backward(const T* dcc, const T* mc, const T* ar, const T* 
 template <typename T>
 inline void lstm_peep_if(const T* P, const T* c, T* zr, int64_t H, int64_t n) {
   if (!P) return;
-  for (int64_t j = 0; j < n; ++j) { zr[j] += P[j] * c[j]; zr[H + j] += P[H + j] * c[j]; }
+  SIMD for (int64_t j = 0; j < n; ++j) { zr[j] += P[j] * c[j]; zr[H + j] += P[H + j] * c[j]; }
 }
 
 template <typename T>
 inline void lstm_peep_o(const T* P, const T* c, T* zr, int64_t H, int64_t n) {
   if (!P) return;
-  for (int64_t j = 0; j < n; ++j) zr[3 * H + j] += P[2 * H + j] * c[j];
+  SIMD for (int64_t j = 0; j < n; ++j) zr[3 * H + j] += P[2 * H + j] * c[j];
 }
 
 template <typename T>
