@@ -1056,23 +1056,23 @@ std::vector<Tensor> gru_forward(const Tensor& xw, const Tensor& W_hh, const c10:
       T *hrow = hp + b * H + j0, *Sr = Sp + q * H + j0, *orow = Op + r * H + j0;
       if (L.live(t, b)) {
         if (bh)
-          for (int64_t g = 0; g < 3; ++g) for (int64_t j = 0; j < n; ++j) ghr[g * H + j] += bh[g * H + j0 + j];
-        for (int64_t g = 0; g < 2; ++g) for (int64_t j = 0; j < n; ++j) zr[g * H + j] += ghr[g * H + j];
+          for (int64_t g = 0; g < 3; ++g) { SIMD for (int64_t j = 0; j < n; ++j) ghr[g * H + j] += bh[g * H + j0 + j]; }
+        for (int64_t g = 0; g < 2; ++g) { SIMD for (int64_t j = 0; j < n; ++j) zr[g * H + j] += ghr[g * H + j]; }
         act_forward(kinds[0], ar_, zr, arow, n);
         act_forward(kinds[1], az_, zr + H, arow + H, n);
-        for (int64_t j = 0; j < n; ++j) {
+        SIMD for (int64_t j = 0; j < n; ++j) {
           nr[j] = ghr[2 * H + j];
           zr[2 * H + j] += arow[j] * nr[j];
         }
         act_forward(kinds[2], an_, zr + 2 * H, arow + 2 * H, n);
         const T* mz = MZ ? MZ + r * H + j0 : nullptr;
-        for (int64_t j = 0; j < n; ++j) {
+        SIMD for (int64_t j = 0; j < n; ++j) {
           const T z = arow[H + j], nn = arow[2 * H + j];
           const T hn = (T(1) - z) * nn + z * hrow[j];
           orow[j] = Sr[j] = hrow[j] = mz ? mz[j] * hrow[j] + (T(1) - mz[j]) * hn : hn;
         }
       } else {
-        for (int64_t j = 0; j < n; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
+        SIMD for (int64_t j = 0; j < n; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
       }
       if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
     };
@@ -1116,11 +1116,11 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
       const T *hpr = hprev + b * H + j0, *dor = dOp + r * H + j0;
       T *gxr = gxp + r * G + j0, *ghr = ghp + r * G + j0, *dhr = dhp + b * H + j0;
       if (!L.live(t, b)) {
-        for (int64_t g = 0; g < 3; ++g) for (int64_t j = 0; j < n; ++j) gxr[g * H + j] = ghr[g * H + j] = T(0);
+        for (int64_t g = 0; g < 3; ++g) { SIMD for (int64_t j = 0; j < n; ++j) gxr[g * H + j] = ghr[g * H + j] = T(0); }
         return;
       }
       const T* mz = MZ ? MZ + r * H + j0 : nullptr;
-      for (int64_t j = 0; j < n; ++j) {
+      SIMD for (int64_t j = 0; j < n; ++j) {
         const T z = arow[H + j], nn = arow[2 * H + j];
         T d = dor[j] + dhr[j], kept = T(0);  // dL/dh after the step (zoned out, if any)
         if (mz) { kept = d * mz[j]; d *= T(1) - mz[j]; }
@@ -1130,10 +1130,10 @@ std::vector<Tensor> gru_backward(const Tensor& dout, const Tensor& dhT, const Te
       }
       act_backward(kinds[2], an_, zr ? zr + 2 * H : nullptr, arow + 2 * H, gxr + 2 * H, gxr + 2 * H, n);
       act_backward(kinds[1], az_, zr ? zr + H : nullptr, arow + H, gxr + H, gxr + H, n);
-      for (int64_t j = 0; j < n; ++j) gxr[j] = gxr[2 * H + j] * nr[j];  // dL/dr
+      SIMD for (int64_t j = 0; j < n; ++j) gxr[j] = gxr[2 * H + j] * nr[j];  // dL/dr
       act_backward(kinds[0], ar_, zr, arow, gxr, gxr, n);
-      for (int64_t g = 0; g < 2; ++g) for (int64_t j = 0; j < n; ++j) ghr[g * H + j] = gxr[g * H + j];
-      for (int64_t j = 0; j < n; ++j) ghr[2 * H + j] = gxr[2 * H + j] * arow[j];
+      for (int64_t g = 0; g < 2; ++g) { SIMD for (int64_t j = 0; j < n; ++j) ghr[g * H + j] = gxr[g * H + j]; }
+      SIMD for (int64_t j = 0; j < n; ++j) ghr[2 * H + j] = gxr[2 * H + j] * arow[j];
     };
     if (kernel_backward(L, H, G, W, dhp, M, [&](int64_t t) { return ghp + t * B * G; },
                         [&](int64_t k, int64_t j0, int64_t n, T*) {
@@ -1183,13 +1183,13 @@ std::vector<Tensor> elman_forward(const Tensor& xw, const Tensor& W_hh, const Te
       if (L.live(t, b) && zone) {
         const T* mz = MZ + r * H + j0;
         act_forward(kind, a, zr, Sr, n);
-        for (int64_t j = 0; j < n; ++j) orow[j] = hrow[j] = mz[j] * hrow[j] + (T(1) - mz[j]) * Sr[j];
+        SIMD for (int64_t j = 0; j < n; ++j) orow[j] = hrow[j] = mz[j] * hrow[j] + (T(1) - mz[j]) * Sr[j];
       } else if (L.live(t, b)) {
         act_forward(kind, a, zr, hrow, n);
-        for (int64_t j = 0; j < n; ++j) orow[j] = hrow[j];
-        if (Sp != Op) for (int64_t j = 0; j < n; ++j) Sr[j] = hrow[j];
+        SIMD for (int64_t j = 0; j < n; ++j) orow[j] = hrow[j];
+        if (Sp != Op) { SIMD for (int64_t j = 0; j < n; ++j) Sr[j] = hrow[j]; }
       } else {
-        for (int64_t j = 0; j < n; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
+        SIMD for (int64_t j = 0; j < n; ++j) { Sr[j] = hrow[j]; orow[j] = T(0); }
       }
       if (hr_next) write_rec(hr_next + b * H + j0, hrow, M ? M + b * H + j0 : nullptr, n);
     };
@@ -1229,18 +1229,18 @@ std::vector<Tensor> elman_backward(const Tensor& dout, const Tensor& dhT, const 
       T *gr = dZp + r * H + j0, *dhr = dhp + b * H + j0;
       const T* dor = dOp + r * H + j0;
       if (!L.live(t, b)) {
-        for (int64_t j = 0; j < n; ++j) gr[j] = T(0);
+        SIMD for (int64_t j = 0; j < n; ++j) gr[j] = T(0);
         return;
       }
       if (MZ) {  // kept share -> old h; the rest -> through phi
         const T* mz = MZ + r * H + j0;
-        for (int64_t j = 0; j < n; ++j) {
+        SIMD for (int64_t j = 0; j < n; ++j) {
           const T d = dor[j] + dhr[j];
           gr[j] = d * (T(1) - mz[j]);
           dhr[j] = d * mz[j];
         }
       } else {
-        for (int64_t j = 0; j < n; ++j) { gr[j] = dor[j] + dhr[j]; dhr[j] = T(0); }
+        SIMD for (int64_t j = 0; j < n; ++j) { gr[j] = dor[j] + dhr[j]; dhr[j] = T(0); }
       }
       act_backward(kind, a, Zp ? Zp + r * H + j0 : nullptr, Sp + r * H + j0, gr, gr, n);
     };
@@ -1294,20 +1294,20 @@ std::vector<Tensor> gated_state_forward(const Tensor& xw, const Tensor& W_hh, co
         for (int64_t g = 0; g < 4; ++g) act_forward(kinds[g], T(params[g]), zr + g * H, ar + g * H, n);
         if (MZ) {
           const T* mz = MZ + r * H + j0;
-          for (int64_t j = 0; j < n; ++j) {
+          SIMD for (int64_t j = 0; j < n; ++j) {
             const T sn = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
             orow[j] = ar[2 * H + j] * sn;
             Sr[j] = sr[j] = mz[j] * sr[j] + (T(1) - mz[j]) * sn;
             if (SNp) SNp[q * H + j0 + j] = sn;
           }
         } else {
-          for (int64_t j = 0; j < n; ++j) {
+          SIMD for (int64_t j = 0; j < n; ++j) {
             Sr[j] = sr[j] = ar[j] * sr[j] + ar[H + j] * ar[3 * H + j];
             orow[j] = ar[2 * H + j] * sr[j];
           }
         }
       } else {
-        for (int64_t j = 0; j < n; ++j) { Sr[j] = sr[j]; orow[j] = T(0); }
+        SIMD for (int64_t j = 0; j < n; ++j) { Sr[j] = sr[j]; orow[j] = T(0); }
       }
       if (hr_next) write_rec(hr_next + b * H + j0, sr, M ? M + b * H + j0 : nullptr, n);
     };
@@ -1351,10 +1351,10 @@ std::vector<Tensor> gated_state_backward(const Tensor& dout, const Tensor& dsT, 
       const T *spr = sprev + b * H + j0, *dor = dOp + r * H + j0, *mz = MZ ? MZ + r * H + j0 : nullptr;
       T *gr = dZp + r * G + j0, *dsr = dsp + b * H + j0;
       if (!L.live(t, b)) {
-        for (int64_t g = 0; g < 4; ++g) for (int64_t j = 0; j < n; ++j) gr[g * H + j] = T(0);
+        for (int64_t g = 0; g < 4; ++g) { SIMD for (int64_t j = 0; j < n; ++j) gr[g * H + j] = T(0); }
         return;
       }
-      for (int64_t j = 0; j < n; ++j) {
+      SIMD for (int64_t j = 0; j < n; ++j) {
         const T keep_s = mz ? mz[j] : T(0);  // kept share of the handed-on state -> old s
         const T dst = dsr[j] * (T(1) - keep_s) + dor[j] * ar[2 * H + j];
         gr[2 * H + j] = dor[j] * Sr[j];      // dL/do
