@@ -625,13 +625,6 @@ inline void lstm_cell_update(const T* ar, const T* c, T* cn, int64_t H, int64_t 
 template <typename T>
 inline void lstm_hand_on(const T* ar, const T* k, const T* cn, const T* mh, const T* mc, T* c, T* h, T* out,
                          int64_t H, int64_t n) {
-  if (!mh && !mc) {
-    SIMD for (int64_t j = 0; j < n; ++j) {
-      c[j] = cn[j];
-      out[j] = h[j] = ar[3 * H + j] * k[j];
-    }
-    return;
-  }
   SIMD for (int64_t j = 0; j < n; ++j) {
     const T hn = ar[3 * H + j] * k[j];
     c[j] = mc ? mc[j] * c[j] + (T(1) - mc[j]) * cn[j] : cn[j];

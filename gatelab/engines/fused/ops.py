@@ -561,7 +561,7 @@ def run(cell: RecurrentCell, x: Tensor, state: tuple[Tensor, ...], lengths: Tens
     # operator's registered autograd costs about 0.1 ms more per call in torch 2.13 (its fill_defaults
     # rebuilds the schema's argument list once per argument). Traced (compile, export, jit.trace), the
     # operator itself, so that graphs hold it with its autograd.
-    outs = _TRANSFORMABLE[namespace, op.name].apply(*args) if a["train"] and (_transforms_active() or _eager()) else \
+    outs = _TRANSFORMABLE[namespace, op.name].apply(*args) if a["train"] and (_eager() or _transforms_active()) else \
         getattr(getattr(torch.ops, namespace), op.name)(*args)
     return outs[0], tuple(outs[1:1 + n])
 
@@ -574,10 +574,12 @@ def _keeps(tensors: Sequence[Tensor | None]) -> bool:
                                                                         for t in tensors))
 
 
+_non_strict_tracing = getattr(torch.compiler, "_is_non_strict_tracing", lambda: False)  # absent in some torch versions
+
+
 def _eager() -> bool:
     """Whether this call runs eagerly, not traced by torch.compile, torch.export or torch.jit.trace."""
-    non_strict = getattr(torch.compiler, "_is_non_strict_tracing", None)
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or (non_strict is not None and non_strict()))
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _non_strict_tracing())
 
 
 def _transforms_active() -> bool:
