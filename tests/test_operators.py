@@ -215,12 +215,38 @@ def test_a_compiled_default_lstm_runs_torchs_onednn_kernel_and_equals_eager(laye
     assert any(s.startswith("gatelab.lstm") for s in seen) and not any("onednn" in s for s in seen), seen
 
 
-def test_the_onednn_operator_passes_opcheck():
+@pytest.mark.parametrize("given_state", [True, False])
+def test_the_onednn_operator_passes_opcheck(given_state):
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(*s, generator=g, requires_grad=True) for s in ((4, 3, 5), (24, 5), (24, 6), (24,), (24,),
                                                                         (1, 3, 6), (1, 3, 6))]
+    if not given_state:  # None: a zero initial state, made inside the operator
+        args[5:] = [None, None]
     torch.library.opcheck(torch.ops.gatelab.onednn_lstm, (*args, False, True, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_a_compiled_default_lstm_without_initial_state_has_no_fill_in_its_graph():
+    """hx=None: the operator makes the zero state itself, so the compiled graph is the operator alone
+    (no zeros kernel before it), and its outputs and gradients are eager's exactly."""
+    torch.manual_seed(0)
+    model = gatelab.LSTM(3, 6, 2)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+        return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
+
+    def run(m):
+        out, (h, c) = m(x)
+        return out, torch.autograd.grad(out.square().sum() + h.sum() + c.sin().sum(), [x, *model.parameters()])
+
+    want, got = run(model), run(torch.compile(model, fullgraph=True, backend=backend, dynamic=False))
+    assert sum(s.startswith("gatelab.onednn_lstm") for s in seen) == 2, seen
+    assert not any("zeros" in s or "fill" in s for s in seen), seen
+    for a, b in zip((want[0], *want[1]), (got[0], *got[1])):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 EXPORTED = ["lstm_per_gate_2x_bi", "lstm_default", "lstm_layer_norm", "gru", "rnn", "gated_state",

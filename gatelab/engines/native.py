@@ -72,7 +72,13 @@ ENGINE = NativeEngine()
 _ONEDNN_LSTM = 2  # ideep's rnn_kind::LSTM
 
 
+def _zero_state(h0, x, w_hh):
+    # no initial state given: zeros, made here so that a compiled graph holds no fill kernel for them
+    return x.new_zeros(1, x.shape[1], w_hh.shape[1]) if h0 is None else h0
+
+
 def _onednn_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, has_biases, train):
+    h0, c0 = _zero_state(h0, x, w_hh), _zero_state(c0, x, w_hh)
     # oneDNN keeps its workspace only with grad mode on (detached inputs: nothing is recorded)
     with torch.set_grad_enabled(train):
         out, hy, cy, workspace = torch.ops.aten.mkldnn_rnn_layer.default(
@@ -83,24 +89,26 @@ def _onednn_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, has_biases, trai
 
 def _onednn_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, has_biases, train):
     size = torch.library.get_ctx().new_dynamic_size() if train else 0
-    return (x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1]), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+    state = (1, x.shape[1], w_hh.shape[1])
+    return (x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1]), x.new_empty(state), x.new_empty(state),
             x.new_empty(size, dtype=torch.uint8))
 
 
 def _onednn_backward_kernel(x, w_ih, w_hh, b_ih, b_hh, h0, c0, out, hy, cy, dout, dhy, dcy, workspace, reverse,
                             has_biases):
     return torch.ops.aten.mkldnn_rnn_layer_backward.default(
-        x, w_ih, w_hh, b_ih, b_hh, h0, c0, out, hy, cy, dout, dhy, dcy, reverse, _ONEDNN_LSTM, w_hh.shape[1], 1,
-        has_biases, True, False, [], False, workspace)
+        x, w_ih, w_hh, b_ih, b_hh, _zero_state(h0, x, w_hh), _zero_state(c0, x, w_hh), out, hy, cy, dout, dhy, dcy,
+        reverse, _ONEDNN_LSTM, w_hh.shape[1], 1, has_biases, True, False, [], False, workspace)
 
 
 def _onednn_backward_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, out, hy, cy, dout, dhy, dcy, workspace, reverse,
                           has_biases):
-    return tuple(t.new_empty(t.shape) for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0))
+    state = (1, x.shape[1], w_hh.shape[1])
+    return (*(t.new_empty(t.shape) for t in (x, w_ih, w_hh, b_ih, b_hh)), x.new_empty(state), x.new_empty(state))
 
 
 def _onednn_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:7], *output)
+    ctx.save_for_backward(*inputs[:7], *output)  # h0, c0: None for zeros
     ctx.reverse, ctx.has_biases, ctx.train = inputs[7], inputs[8], inputs[9]
 
 
@@ -121,10 +129,10 @@ def _onednn_grad(ctx, dout, dhy, dcy, _dworkspace):
 
 
 torch.library.define("gatelab::onednn_lstm", "(Tensor x, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, "
-                     "Tensor h0, Tensor c0, bool reverse, bool has_biases, bool train) -> "
+                     "Tensor? h0, Tensor? c0, bool reverse, bool has_biases, bool train) -> "
                      "(Tensor out, Tensor hy, Tensor cy, Tensor workspace)")
 torch.library.define("gatelab::onednn_lstm_backward", "(Tensor x, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, "
-                     "Tensor h0, Tensor c0, Tensor out, Tensor hy, Tensor cy, Tensor dout, Tensor dhy, Tensor dcy, "
+                     "Tensor? h0, Tensor? c0, Tensor out, Tensor hy, Tensor cy, Tensor dout, Tensor dhy, Tensor dcy, "
                      "Tensor workspace, bool reverse, bool has_biases) -> (Tensor dx, Tensor dw_ih, Tensor dw_hh, "
                      "Tensor db_ih, Tensor db_hh, Tensor dh0, Tensor dc0)")
 torch.library.impl("gatelab::onednn_lstm", "cpu", _onednn_forward)
@@ -161,7 +169,8 @@ def onednn_compiles(stack_cell: RecurrentCell, x: Tensor, lengths: Tensor | None
 
 class OneDNNCompiled:
     """A default-activation LSTM under torch.compile on the CPU: torch's oneDNN kernel per layer and
-    direction, through ``torch.ops.gatelab.onednn_lstm`` (see above)."""
+    direction, through ``torch.ops.gatelab.onednn_lstm`` (see above). An empty ``hx`` stands for a zero
+    initial state, which the operator makes itself."""
 
     name = "native"
     title = "torch's oneDNN LSTM kernel, as gatelab operators"
@@ -182,9 +191,9 @@ class OneDNNCompiled:
                     b_ih, b_hh = cell.bias_ih, cell.bias_hh
                 else:  # oneDNN ignores them then, but takes tensors
                     b_ih = b_hh = cell.weight_hh.new_zeros(cell.weight_hh.shape[0])
+                h0, c0 = (hx[0][k:k + 1].contiguous(), hx[1][k:k + 1].contiguous()) if hx else (None, None)
                 out, hy, cy, _ = torch.ops.gatelab.onednn_lstm(
-                    layer_in, cell.weight_ih, cell.weight_hh, b_ih, b_hh, hx[0][k:k + 1].contiguous(),
-                    hx[1][k:k + 1].contiguous(), d == 1, stack.bias, train)
+                    layer_in, cell.weight_ih, cell.weight_hh, b_ih, b_hh, h0, c0, d == 1, stack.bias, train)
                 outs.append(out)
                 finals_h.append(hy)
                 finals_c.append(cy)

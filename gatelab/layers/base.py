@@ -424,11 +424,12 @@ class RecurrentLayer(nn.Module):
             if batch.data.dtype != ref.dtype or batch.data.device != ref.device:
                 raise ValueError(f"{owner}: input is {batch.data.dtype} on {batch.data.device}, parameters are "
                                  f"{ref.dtype} on {ref.device}")
-            hx = self._check_hx(hx, batch)
             traced = engine is self._traced_engine and engine is not self.engine
             if traced and self.engine is native.ENGINE and native.onednn_compiles(
                     cells[0], batch.data, batch.lengths, self.training, self.dropout, self.num_layers) is None:
                 engine = native.ONEDNN_COMPILED  # compiled: torch's own oneDNN LSTM, as gatelab operators
+            # no initial state for that one: its operator makes the zeros, the graph holds no fill kernel
+            hx = () if hx is None and engine is native.ONEDNN_COMPILED else self._check_hx(hx, batch)
             if engine.whole_stack:
                 stack = Stack(cells, self.num_layers, self.bidirectional, self.bias, self.dropout, self.training)
                 out, hn = engine.run_stack(stack, batch.data, batch.lengths, hx)
