@@ -90,7 +90,15 @@ def test_compile_speed_benchmark_runs_tiny(tmp_path, capsys):
     assert {r["case"] for r in rows} == set(bench.CASES) and {r["mode"] for r in rows} == {"fwd+bwd", "fwd (no grad)"}
     assert {r["eager_engine"] for r in rows if r["case"] == "LSTM default activations"} == {"native"}
     assert all(r["compiled_ms"] > 0 and r["compiled_over_eager"] > 0 for r in rows)
-    assert "| GRU hard_sigmoid/relu" in capsys.readouterr().out
+    fixed = json.loads(out.read_text())["fixed_cost"]
+    assert [(r["case"], r["mode"]) for r in fixed] == [(c, m) for c in bench.FIXED_CASES
+                                                       for m in ("fwd+bwd", "fwd (no grad)")]
+    timed = [r for r in fixed if r["compiled_us"] is not None]
+    assert all(r["eager_us"] > 0 and r["compiled_us"] > 0 for r in timed)
+    assert all(r["case"] == "torch.nn.LSTM (allow_rnn)" and r["mode"] == "fwd+bwd" and r["error"]
+               for r in fixed if r["compiled_us"] is None)  # torch cannot compile its own LSTM's training step
+    text = capsys.readouterr().out
+    assert "| GRU hard_sigmoid/relu" in text and "| gatelab.LSTM default activations | fwd+bwd |" in text
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
