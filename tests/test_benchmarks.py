@@ -93,8 +93,8 @@ def test_compile_speed_benchmark_runs_tiny(tmp_path, capsys):
     fixed = json.loads(out.read_text())["fixed_cost"]
     assert [(r["case"], r["mode"]) for r in fixed] == [(c, m) for c in bench.FIXED_CASES
                                                        for m in ("fwd+bwd", "fwd (no grad)")]
-    timed = [r for r in fixed if r["compiled_us"] is not None]
-    assert all(r["eager_us"] > 0 and r["compiled_us"] > 0 for r in timed)
+    assert all(r["eager_us"] > 0 for r in fixed)
+    assert all(r["compiled_us"] > 0 for r in fixed if r["compiled_us"] is not None)
     assert all(r["case"] == "torch.nn.LSTM (allow_rnn)" and r["mode"] == "fwd+bwd" and r["error"]
                for r in fixed if r["compiled_us"] is None)  # torch cannot compile its own LSTM's training step
     text = capsys.readouterr().out

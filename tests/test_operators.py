@@ -226,11 +226,12 @@ def test_the_onednn_operator_passes_opcheck(given_state):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_a_compiled_default_lstm_without_initial_state_has_no_fill_in_its_graph():
-    """hx=None: the operator makes the zero state itself, so the compiled graph is the operator alone
-    (no zeros kernel before it), and its outputs and gradients are eager's exactly."""
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_compiled_default_lstm_without_initial_state_has_no_fill_in_its_graph(bidirectional):
+    """hx=None: the operator makes the zero state itself, so the traced graph makes no zeros before
+    it, and its outputs and gradients (and its no-grad outputs) are eager's exactly."""
     torch.manual_seed(0)
-    model = gatelab.LSTM(3, 6, 2)
+    model = gatelab.LSTM(3, 6, 2, bidirectional=bidirectional)
     x = torch.randn(5, 2, 3, requires_grad=True)
     seen = []
 
@@ -242,11 +243,18 @@ def test_a_compiled_default_lstm_without_initial_state_has_no_fill_in_its_graph(
         out, (h, c) = m(x)
         return out, torch.autograd.grad(out.square().sum() + h.sum() + c.sin().sum(), [x, *model.parameters()])
 
-    want, got = run(model), run(torch.compile(model, fullgraph=True, backend=backend, dynamic=False))
-    assert sum(s.startswith("gatelab.onednn_lstm") for s in seen) == 2, seen
-    assert not any("zeros" in s or "fill" in s for s in seen), seen
+    compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=False)
+    want, got = run(model), run(compiled)
+    assert sum(s.startswith("gatelab.onednn_lstm") for s in seen) == 2 * (1 + bidirectional), seen
+    assert not any("zeros" in s for s in seen), seen
     for a, b in zip((want[0], *want[1]), (got[0], *got[1])):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+    seen.clear()
+    with torch.no_grad():
+        (out, (h, c)), (out2, (h2, c2)) = model(x), compiled(x)
+        for a, b in zip((out, h, c), (out2, h2, c2)):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert seen and not any("zeros" in s for s in seen), seen  # the no-grad graph, traced anew
 
 
 EXPORTED = ["lstm_per_gate_2x_bi", "lstm_default", "lstm_layer_norm", "gru", "rnn", "gated_state",
