@@ -72,9 +72,13 @@ ENGINE = NativeEngine()
 _ONEDNN_LSTM = 2  # ideep's rnn_kind::LSTM
 
 
+def _state_shape(x, w_hh):
+    return 1, x.shape[1], w_hh.shape[1]  # (one layer-direction, B, H)
+
+
 def _zero_state(h0, x, w_hh):
     # no initial state given: zeros, made here so that a compiled graph holds no fill kernel for them
-    return x.new_zeros(1, x.shape[1], w_hh.shape[1]) if h0 is None else h0
+    return x.new_zeros(_state_shape(x, w_hh)) if h0 is None else h0
 
 
 def _onednn_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, has_biases, train):
@@ -89,7 +93,7 @@ def _onednn_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, has_biases, trai
 
 def _onednn_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, reverse, has_biases, train):
     size = torch.library.get_ctx().new_dynamic_size() if train else 0
-    state = (1, x.shape[1], w_hh.shape[1])
+    state = _state_shape(x, w_hh)
     return (x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1]), x.new_empty(state), x.new_empty(state),
             x.new_empty(size, dtype=torch.uint8))
 
@@ -103,7 +107,7 @@ def _onednn_backward_kernel(x, w_ih, w_hh, b_ih, b_hh, h0, c0, out, hy, cy, dout
 
 def _onednn_backward_fake(x, w_ih, w_hh, b_ih, b_hh, h0, c0, out, hy, cy, dout, dhy, dcy, workspace, reverse,
                           has_biases):
-    state = (1, x.shape[1], w_hh.shape[1])
+    state = _state_shape(x, w_hh)
     return (*(t.new_empty(t.shape) for t in (x, w_ih, w_hh, b_ih, b_hh)), x.new_empty(state), x.new_empty(state))
 
 
